@@ -1,0 +1,165 @@
+"""PEFT LoRA adapters as stored on disk: config, per-module scaling, tensor key roles.
+
+Facts (see shared/reference/formats.md §1): ΔW = s·B·A with s = α/r (rsLoRA: α/√r);
+``rank_pattern``/``alpha_pattern`` keys are regexes matched against the module path inside the
+base model with ``re.match(rf"(.*\\.)?({key})$", path)``, first match in dict order. On disk,
+keys carry no adapter name; embedding LoRA and DoRA magnitude keys have no ``.weight``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from mwakit.errors import SourceError
+
+_PREFIX = "base_model.model."
+
+Role = Literal["A", "B", "bias"]
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias"
+    r"|lora_embedding_A|lora_embedding_B)$"
+)
+_ROLE: dict[str, Role] = {
+    "lora_A.weight": "A",
+    "lora_B.weight": "B",
+    "lora_B.bias": "bias",
+    "lora_embedding_A": "A",
+    "lora_embedding_B": "B",
+}
+
+
+def lora_role(key: str) -> tuple[str, Role, str] | None:
+    """Split a LoRA factor key into (module, role, suffix), or None for a full tensor.
+
+    ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` →
+    (``base_model.model.model.layers.0.self_attn.q_proj``, "A", ``lora_A.weight``).
+    """
+    m = _LORA_KEY.match(key)
+    if m is None:
+        return None
+    return m.group("module"), _ROLE[m.group("part")], m.group("part")
+
+
+def module_path(module: str) -> str:
+    """The module path PEFT matches patterns against (no ``base_model.model.`` prefix)."""
+    return module.removeprefix(_PREFIX)
+
+
+def _pattern_value(patterns: dict[str, Any], path: str) -> Any | None:
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return None
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The parts of ``adapter_config.json`` that decide how an adapter's tensors combine."""
+
+    raw: dict[str, Any]
+    path: Path
+
+    @property
+    def peft_type(self) -> str:
+        """``LORA``, ``ADALORA``, ``IA3``, … (only LORA is linear in its factors)."""
+        return str(self.raw.get("peft_type", "")).upper()
+
+    @property
+    def use_rslora(self) -> bool:
+        """rsLoRA scales by α/√r instead of α/r."""
+        return bool(self.raw.get("use_rslora", False))
+
+    @property
+    def use_dora(self) -> bool:
+        """DoRA adds per-output magnitude vectors that depend on the base weights."""
+        return bool(self.raw.get("use_dora", False))
+
+    @property
+    def base_model(self) -> str | None:
+        """``base_model_name_or_path``."""
+        v = self.raw.get("base_model_name_or_path")
+        return str(v) if v else None
+
+    def rank(self, module: str) -> int:
+        """The configured rank of a module (``rank_pattern`` over ``r``)."""
+        v = _pattern_value(self.raw.get("rank_pattern") or {}, module_path(module))
+        return int(v if v is not None else self.raw.get("r", 8))
+
+    def alpha(self, module: str) -> float:
+        """The configured alpha of a module (``alpha_pattern`` over ``lora_alpha``)."""
+        v = _pattern_value(self.raw.get("alpha_pattern") or {}, module_path(module))
+        return float(v if v is not None else self.raw.get("lora_alpha", 8))
+
+    def scaling(self, module: str, rank: int | None = None) -> float:
+        """s = α/r, or α/√r with rsLoRA, for a module."""
+        r = rank if rank is not None else self.rank(module)
+        a = self.alpha(module)
+        return a / math.sqrt(r) if self.use_rslora else a / r
+
+
+def read_adapter_config(folder: Path) -> AdapterConfig:
+    """Read ``adapter_config.json`` from a folder.
+
+    Raises:
+        SourceError: Missing, not JSON, or not an object.
+    """
+    path = folder / "adapter_config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise SourceError(
+            f"cannot read adapter_config.json: {err.strerror}", where=str(path)
+        ) from err
+    except json.JSONDecodeError as err:
+        raise SourceError(
+            f"adapter_config.json is not valid JSON ({err.msg}, line {err.lineno})",
+            where=str(path),
+            fix="restore the file PEFT wrote",
+        ) from err
+    if not isinstance(raw, dict):
+        raise SourceError("adapter_config.json is not a JSON object", where=str(path))
+    return AdapterConfig(raw=raw, path=path)
+
+
+def output_config(
+    first: AdapterConfig,
+    *,
+    module_ranks: dict[str, int] | None,
+    target_modules: Any,
+) -> dict[str, Any]:
+    """The merged adapter's ``adapter_config.json``.
+
+    Args:
+        first: The first checkpoint's config; everything not rewritten is inherited from it.
+        module_ranks: None to keep the first config's r/alpha/patterns (factor space, where the
+            merged B is expressed in the first checkpoint's scaling); else each module's output
+            rank, written with scaling 1 (α = r per module, rsLoRA off) because the merged
+            factors already carry every s_i.
+        target_modules: The union of the inputs' target modules.
+    """
+    cfg = dict(first.raw)
+    cfg["inference_mode"] = True
+    cfg["target_modules"] = target_modules
+    if module_ranks is not None:
+        counts: dict[int, int] = {}
+        for r in module_ranks.values():
+            counts[r] = counts.get(r, 0) + 1
+        # The most common rank becomes `r`; others go to rank_pattern with an equal alpha,
+        # so every module has scaling α/r = 1 exactly.
+        common = max(counts, key=lambda r: (counts[r], r))
+        pattern = {
+            re.escape(module_path(m)): r for m, r in sorted(module_ranks.items()) if r != common
+        }
+        cfg.update(
+            r=common,
+            lora_alpha=common,
+            use_rslora=False,
+            rank_pattern=pattern,
+            alpha_pattern=dict(pattern),
+        )
+    return cfg

@@ -1,0 +1,245 @@
+"""The command line: a thin layer over the API that turns errors into one-line messages.
+
+Exit codes: 0 success, 1 failure (any `MwakitError`), 2 usage, 130 interrupted. Heavy modules
+(torch, the planner) are imported inside commands so `mwakit --help` and `validate` stay fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from mwakit import __version__
+from mwakit.errors import MwakitError, RecipeError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(err: MwakitError) -> None:
+    if isinstance(err, RecipeError):
+        n = len(err.problems)
+        click.echo(f"error: {err.source or 'recipe'}: {n} problem{'s' if n != 1 else ''}", err=True)
+        for p in err.problems:
+            click.echo(f"  {p}", err=True)
+    else:
+        click.echo(f"error: {err.message}", err=True)
+
+
+def _handle_errors(fn: F) -> F:
+    """Map exceptions to one line and an exit code; tracebacks only with --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = bool(click.get_current_context().find_root().params.get("debug"))
+        try:
+            return fn(*args, **kwargs)
+        except MwakitError as err:
+            if debug:
+                raise
+            _fail(err)
+            sys.exit(err.exit_code)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            click.echo("interrupted: nothing was written", err=True)
+            sys.exit(130)
+        except Exception as err:
+            if debug:
+                raise
+            click.echo(
+                f"error: internal error: {type(err).__name__}: {err} "
+                "(re-run with --debug for the traceback, and please report it)",
+                err=True,
+            )
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mwakit")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def main(debug: bool) -> None:
+    """Merge checkpoints of a fine-tuning run (PEFT/LoRA first) from a YAML recipe.
+
+    \b
+    mwakit validate recipe.yaml   check the recipe, report every problem
+    mwakit plan recipe.yaml       dry run: weights per checkpoint, per-tensor plan
+    mwakit run recipe.yaml        merge into output.path (adapter + model card)
+    mwakit inspect PATH           describe a checkpoint or a run folder
+    mwakit methods                list merge methods and their params
+    """
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@_handle_errors
+def validate(recipe: Path) -> None:
+    """Check RECIPE and report every problem at once, with its location."""
+    from mwakit.recipe import load_recipe
+
+    r = load_recipe(recipe)
+    src = f"{len(r.checkpoints)} checkpoints" if r.checkpoints else f"select over {r.select.run}"  # type: ignore[union-attr]
+    click.echo(f"ok: {recipe}: method {r.method}, {src}, output {r.output.path}")
+
+
+def _plan_text(plan: Any) -> str:
+    doc = plan.to_json()
+    lines = [
+        f"method: {doc['method']} {json.dumps(doc['params'])}",
+        f"lora space: {doc['lora_space']} ({doc['lora_mode']})",
+        f"base model: {doc['base_model'] or 'unknown'}",
+        "",
+    ]
+    metric = doc["params"].get("metric")
+    header = ["checkpoint", "step", metric or "metrics", "weight"]
+    rows = []
+    for c in doc["checkpoints"]:
+        if metric:
+            mval = c["metrics"].get(metric)
+            mtxt = "" if mval is None else f"{mval:.6g}"
+        else:
+            mtxt = ", ".join(f"{k}={v:.4g}" for k, v in sorted(c["metrics"].items())[:3])
+        step = "" if c["step"] is None else str(c["step"])
+        rows.append([c["name"], step, mtxt, f"{c['weight']:.6f}"])
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    for row in [header, *rows]:
+        lines.append("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
+    s = doc["summary"]
+    lines += [
+        "",
+        f"tensors: {s['lora_modules']} LoRA modules, {s['full_tensors']} full tensors merged, "
+        f"{s['copied_tensors']} copied; read {s['input_bytes'] / 1e6:.1f} MB, "
+        f"write {s['output_bytes'] / 1e6:.1f} MB",
+    ]
+    ranks = sorted({t["rank"] for t in doc["tensors"] if t["kind"] == "lora"})
+    if ranks:
+        lines.append(f"output ranks: {', '.join(map(str, ranks))}")
+    ruled = [t for t in doc["tensors"] if t["rule"]]
+    if ruled:
+        lines.append(f"rules: {len(ruled)} tensor groups set by per-tensor rules")
+    for w in doc["warnings"]:
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole plan as JSON.")
+@_handle_errors
+def plan(recipe: Path, as_json: bool) -> None:
+    """Dry run: resolve weights and plan every tensor of RECIPE; writes nothing."""
+    from mwakit import api
+
+    p = api.plan(recipe)
+    click.echo(json.dumps(p.to_json(), indent=2) if as_json else _plan_text(p))
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Override output.path.")
+@click.option("-f", "--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@_handle_errors
+def run(recipe: Path, output: Path | None, force: bool, quiet: bool) -> None:
+    """Merge the checkpoints of RECIPE into its output folder."""
+    from mwakit import api
+
+    bar: Any = None
+
+    def on_plan(p: Any) -> None:
+        nonlocal bar
+        for w in p.warnings:
+            click.echo(f"warning: {w}", err=True)
+        if not quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(p.tasks), unit="group", desc="merging", leave=False)
+
+    def on_task(i: int, task: Any) -> None:
+        if bar is not None:
+            bar.update(1)
+
+    try:
+        res = api.run(
+            recipe,
+            output=output,
+            overwrite=True if force else None,
+            on_task=on_task,
+            on_plan=on_plan,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if not quiet:
+        s = res.stats
+        click.echo(
+            f"merged {len(res.plan.checkpoints)} checkpoints with {res.plan.method.name} "
+            f"({res.plan.lora_mode}) into {res.path} — {s.tasks} tensor groups, "
+            f"{s.bytes_written / 1e6:.1f} MB written in {s.seconds:.2f} s on {s.device}"
+        )
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+@_handle_errors
+def inspect(path: Path, as_json: bool) -> None:
+    """Describe a checkpoint folder or a run folder of checkpoint-<step>/ folders."""
+    from mwakit.inspect import describe, describe_text
+
+    doc = describe(path)
+    click.echo(json.dumps(doc, indent=2) if as_json else describe_text(doc))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print methods and params as JSON.")
+@_handle_errors
+def methods(as_json: bool) -> None:
+    """List the merge methods and their parameters."""
+    from mwakit.methods import get_method, method_names
+
+    docs: list[dict[str, Any]] = []
+    for name in method_names():
+        m = get_method(name)
+        schema = m.params.model_json_schema()
+        params = {
+            k: {
+                "type": v.get("type")
+                or " | ".join(
+                    str(x.get("type", x.get("enum", x.get("const")))) for x in v.get("anyOf", [])
+                )
+                or ("enum" if "enum" in v else "any"),
+                "default": v.get("default"),
+                **({"choices": v["enum"]} if "enum" in v else {}),
+                "description": v.get("description", ""),
+            }
+            for k, v in schema.get("properties", {}).items()
+        }
+        docs.append(
+            {
+                "name": name,
+                "summary": m.summary,
+                "formula": m.formula,
+                "spaces": list(m.spaces),
+                "reference": m.reference,
+                "params": params,
+            }
+        )
+    if as_json:
+        click.echo(json.dumps(docs, indent=2))
+        return
+    for d in docs:
+        click.echo(f"{d['name']}: {d['summary']}")
+        click.echo(f"  formula: {d['formula']}")
+        click.echo(f"  spaces: {', '.join(d['spaces'])}; reference: {d['reference']}")
+        for k, v in d["params"].items():
+            choices = f" ({'|'.join(map(str, v['choices']))})" if "choices" in v else ""
+            click.echo(f"  {k}{choices} = {json.dumps(v['default'])}: {v['description']}")
+        click.echo("")

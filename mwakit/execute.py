@@ -1,0 +1,223 @@
+"""Execute a plan by streaming: read a tensor group lazily, merge it, write it, drop it.
+
+Inputs are zero-copy views of mmapped files; while one group computes, the kernel is asked to
+read the next group ahead (madvise WILLNEED), and the pages of a finished group are dropped
+(MADV_DONTNEED), so resident memory is a few tensor groups whatever the adapter size. The output
+file's header is known from the plan, so each result is written at its final offset as soon as
+it is ready.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mwakit import __version__
+from mwakit.errors import PlanError, TensorError
+from mwakit.io.header import DTYPE_NAMES, TensorInfo
+from mwakit.io.reader import MmapReader
+from mwakit.io.writer import StreamingWriter
+from mwakit.lowrank import concat_factors, factors_average, refactor
+from mwakit.plan import FullTask, LoraTask, Plan, Task, TensorRef
+
+_TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclass
+class ExecStats:
+    """What an execution did.
+
+    Attributes:
+        tasks: Tensor groups processed.
+        seconds: Wall time of the execution.
+        bytes_read: Input tensor bytes read.
+        bytes_written: Output tensor bytes written.
+        device: The compute device.
+        rel_errors: Relative Frobenius error of each re-factorised module (delta_rank: N).
+        max_live_inputs: The most input tensors held at once (the streaming bound).
+    """
+
+    tasks: int = 0
+    seconds: float = 0.0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    device: str = "cpu"
+    rel_errors: dict[str, float] = field(default_factory=dict)
+    max_live_inputs: int = 0
+
+
+def resolve_device(name: str) -> torch.device:
+    """Map the recipe's ``device`` to a torch device.
+
+    Raises:
+        PlanError: CUDA was asked for but is not available.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PlanError(
+                "CUDA is not available on this machine",
+                where=f"device: {name}",
+                fix="use device: cpu or device: auto",
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise PlanError(
+                f"there are only {torch.cuda.device_count()} CUDA device(s)",
+                where=f"device: {name}",
+                fix="pick an existing device index, or device: auto",
+            )
+    return dev
+
+
+def torch_dtype(code: str) -> torch.dtype:
+    """The torch dtype for a safetensors dtype code."""
+    dtype: torch.dtype = getattr(torch, DTYPE_NAMES[code])
+    return dtype
+
+
+class _Loader:
+    """Reads a task's inputs as views and moves them to the compute device."""
+
+    def __init__(self, plan: Plan, reader: MmapReader, device: torch.device) -> None:
+        self.plan = plan
+        self.reader = reader
+        self.device = device
+
+    def get(self, refs: Sequence[TensorRef]) -> list[torch.Tensor]:
+        return [self.reader.get(r.info, r.path).to(self.device) for r in refs]
+
+    def check_finite(self, out: torch.Tensor, refs: Sequence[TensorRef], what: str) -> None:
+        # One reduction over the result catches any non-finite input with non-zero weight
+        # (and 0·inf = nan catches zero-weight ones too); only then look for the culprit.
+        if bool(torch.isfinite(out).all()):
+            return
+        for r in refs:
+            t = self.reader.get(r.info, r.path)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise TensorError(
+                    "input tensor holds NaN or Inf",
+                    where=f"{self.plan.checkpoints[r.ckpt].name} {r.info.name}",
+                    fix="the checkpoint is corrupt or training diverged; drop it from the recipe",
+                )
+        raise TensorError(
+            f"the merge produced NaN or Inf in {what} (weights or values overflow the dtype)",
+            where=what,
+            fix="use dtype: float32 (or float64) for computing",
+        )
+
+
+def _run_full(
+    task: FullTask, plan: Plan, ld: _Loader, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    if task.copy:
+        return {task.out.key: ld.reader.get(task.inputs[0].info, task.inputs[0].path)}
+    tensors = ld.get(task.inputs)
+    out = plan.method.merge(tensors, task.weights, task.params, dtype=dtype)
+    ld.check_finite(out, task.inputs, task.out.key)
+    return {task.out.key: out}
+
+
+def _run_lora(
+    task: LoraTask, ld: _Loader, dtype: torch.dtype, stats: ExecStats
+) -> dict[str, torch.Tensor]:
+    As, Bs = ld.get(task.a), ld.get(task.b)
+    if task.mode == "factors":
+        a, b = factors_average(As, Bs, task.weights, task.scalings, task.out_scaling, dtype=dtype)
+        coeffs = [
+            w * s / task.out_scaling for w, s in zip(task.weights, task.scalings, strict=True)
+        ]
+    else:
+        coeffs = [w * s for w, s in zip(task.weights, task.scalings, strict=True)]
+        a, b = concat_factors(As, Bs, coeffs, dtype=dtype)
+        if task.mode == "svd":
+            ref = refactor(a, b, task.rank, compute_dtype=dtype)
+            a, b = ref.A, ref.B
+            stats.rel_errors[task.module] = ref.rel_error
+    ld.check_finite(a, task.a, task.out_a.key)
+    ld.check_finite(b, task.b, task.out_b.key)
+    out = {task.out_a.key: a, task.out_b.key: b}
+    if task.bias is not None and task.out_bias is not None:
+        # lora_B's bias is scaled with B: it merges with the same coefficients as B.
+        bias = torch.zeros(task.out_bias.shape, dtype=dtype, device=ld.device)
+        for t, c in zip(ld.get(task.bias), coeffs, strict=True):
+            bias.add_(t, alpha=c)
+        ld.check_finite(bias, task.bias, task.out_bias.key)
+        out[task.out_bias.key] = bias
+    return out
+
+
+def execute(
+    plan: Plan,
+    out_file: Path,
+    *,
+    on_task: Callable[[int, Task], None] | None = None,
+) -> ExecStats:
+    """Stream every task of the plan into one safetensors file.
+
+    Args:
+        plan: The plan to run.
+        out_file: The safetensors file to write (inside the temporary output folder).
+        on_task: Called after each task is written with its index and the task (progress).
+
+    Raises:
+        TensorError: An input holds NaN/Inf, or the merge overflowed.
+        PlanError: The device is unavailable.
+    """
+    device = resolve_device(plan.recipe.device)
+    dtype = _TORCH_DTYPES[plan.recipe.dtype]
+    stats = ExecStats(device=str(device))
+    t0 = time.perf_counter()
+    entries = [(o.key, o.dtype, o.shape) for o in plan.outputs]
+    out_dtypes = {o.key: o.dtype for o in plan.outputs}
+    metadata = {"format": "pt", "mwakit_version": __version__, "mwakit_method": plan.method.name}
+    tasks = plan.tasks
+    with MmapReader() as reader, StreamingWriter(out_file, entries, metadata) as writer:
+        ld = _Loader(plan, reader, device)
+        for i, task in enumerate(tasks):
+            if i + 1 < len(tasks):
+                _prefetch(reader, tasks[i + 1].inputs)
+            if isinstance(task, FullTask):
+                results = _run_full(task, plan, ld, dtype)
+            else:
+                results = _run_lora(task, ld, dtype, stats)
+            stats.max_live_inputs = max(stats.max_live_inputs, len(task.inputs))
+            for key, t in results.items():
+                t = t.to(device="cpu", dtype=torch_dtype(out_dtypes[key])).contiguous()
+                writer.write(key, t)
+                stats.bytes_written += t.numel() * t.element_size()
+            stats.bytes_read += sum(r.info.nbytes for r in task.inputs)
+            del results
+            _release(reader, task.inputs)
+            stats.tasks += 1
+            if on_task is not None:
+                on_task(i, task)
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def _by_file(refs: Sequence[TensorRef]) -> dict[Path, list[TensorInfo]]:
+    by_file: dict[Path, list[TensorInfo]] = {}
+    for r in refs:
+        by_file.setdefault(r.path, []).append(r.info)
+    return by_file
+
+
+def _prefetch(reader: MmapReader, refs: Sequence[TensorRef]) -> None:
+    for path, infos in _by_file(refs).items():
+        reader.prefetch(path, infos)
+
+
+def _release(reader: MmapReader, refs: Sequence[TensorRef]) -> None:
+    for path, infos in _by_file(refs).items():
+        reader.release(path, infos)

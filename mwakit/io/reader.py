@@ -1,0 +1,111 @@
+"""Lazy tensor reads: zero-copy views of mmapped safetensors files.
+
+A view's pages fault in from the page cache only when the merge touches them. ``prefetch``
+asks the kernel to read a group ahead (MADV_WILLNEED) while the current group computes, and
+``release`` drops a finished group's pages from this process (MADV_DONTNEED) so resident memory
+stays at a few groups. The mapping is private copy-on-write: nothing is ever written back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+from mwakit.errors import SourceError
+from mwakit.io.header import DTYPE_NAMES, DTYPE_SIZES, TensorInfo
+
+_PAGE = mmap.PAGESIZE
+
+
+class MmapReader:
+    """Hands out zero-copy tensor views of safetensors files, one mapping per file."""
+
+    def __init__(self) -> None:
+        self._maps: dict[Path, mmap.mmap] = {}
+
+    def __enter__(self) -> MmapReader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _map(self, path: Path) -> mmap.mmap:
+        mm = self._maps.get(path)
+        if mm is None:
+            try:
+                with path.open("rb") as f:
+                    # ACCESS_COPY gives a writable (private) buffer, which torch.frombuffer
+                    # wants; pages are never written, so they stay shared with the page cache.
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError) as err:
+                raise SourceError(f"cannot map file: {err}", where=str(path)) from err
+            self._maps[path] = mm
+        return mm
+
+    def get(self, info: TensorInfo, path: Path) -> torch.Tensor:
+        """A tensor view of ``info`` in ``path`` (a copy only if misaligned for its dtype)."""
+        dtype = getattr(torch, DTYPE_NAMES[info.dtype])
+        if info.numel == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        mm = self._map(path)
+        if info.start % DTYPE_SIZES[info.dtype]:
+            raw = torch.frombuffer(mm, dtype=torch.uint8, count=info.nbytes, offset=info.start)
+            return raw.clone().view(dtype).reshape(info.shape)
+        t = torch.frombuffer(mm, dtype=dtype, count=info.numel, offset=info.start)
+        return t.reshape(info.shape)
+
+    def _advise(self, path: Path, infos: Sequence[TensorInfo], advice: int) -> None:
+        if not infos:
+            return
+        mm = self._map(path)
+        start = min(i.start for i in infos) // _PAGE * _PAGE
+        end = min(len(mm), -(-max(i.end for i in infos) // _PAGE) * _PAGE)
+        if end > start:
+            mm.madvise(advice, start, end - start)
+
+    def prefetch(self, path: Path, infos: Sequence[TensorInfo]) -> None:
+        """Ask the kernel to start reading these tensors now (asynchronous read-ahead)."""
+        if hasattr(mmap, "MADV_WILLNEED"):
+            self._advise(path, infos, mmap.MADV_WILLNEED)
+
+    def release(self, path: Path, infos: Sequence[TensorInfo]) -> None:
+        """Drop these tensors' pages from this process; they stay in the page cache."""
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self._advise(path, infos, mmap.MADV_DONTNEED)
+
+    def close(self) -> None:
+        """Unmap every file (views still alive keep their mapping until collected)."""
+        for mm in self._maps.values():
+            # A tensor view may still export the buffer; the mapping then goes when it is freed.
+            with contextlib.suppress(BufferError):
+                mm.close()
+        self._maps.clear()
+
+
+def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load a legacy ``.bin`` state dict with ``weights_only=True`` (no arbitrary code).
+
+    Raises:
+        SourceError: The file cannot be loaded safely.
+    """
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types here; the user needs one message
+        raise SourceError(
+            f"cannot load pickle weights safely: {err}",
+            where=str(path),
+            fix="convert the file to safetensors",
+        ) from err
+    if not isinstance(sd, dict):
+        raise SourceError("pickle file does not hold a state dict", where=str(path))
+    return sd

@@ -1,0 +1,17 @@
+"""Merge methods, registered by name.
+
+A method is one small module: a pydantic ``Params`` model (unknown keys rejected), a docstring
+with the formula, the space it works in and its reference, and one pure ``merge`` function over
+a tensor group. Importing this package must stay torch-free so `mwakit validate` and `--help`
+are fast: method modules import torch inside their functions only.
+"""
+
+from __future__ import annotations
+
+from mwakit.methods.registry import MergeMethod, get_method, method_names, register
+
+# Importing the method modules registers them; the order is the order `mwakit methods` lists.
+from mwakit.methods import linear as _linear  # noqa: F401  isort: skip
+from mwakit.methods import mwa as _mwa  # noqa: F401  isort: skip
+
+__all__ = ["MergeMethod", "get_method", "method_names", "register"]

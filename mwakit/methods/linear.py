@@ -1,0 +1,73 @@
+"""Linear / weighted average (model soup, checkpoint averaging).
+
+Formula: θ = Σ_i w_i θ_i / Σ_i w_i (``normalize: true``, the default), else θ = Σ_i w_i θ_i.
+Space: factors, delta or full — it is linear, so LoRA factors and low-rank forms are exact per
+checkpoint. Reference: Wortsman et al. 2022 (model soups); Schmidt et al. 2023 (checkpoint
+averaging). Each checkpoint's ``weight`` comes from the recipe (default 1: a uniform soup).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict
+
+from mwakit.methods.registry import CheckpointView, MergeMethod, register
+from mwakit.weights import normalize
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Params(BaseModel):
+    """Parameters of `linear`."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    normalize: bool = True
+    """Divide by Σ w_i so the weights sum to 1."""
+
+
+def weigh(params: Params, checkpoints: Sequence[CheckpointView]) -> list[float]:
+    """Per-checkpoint weights: the recipe's ``weight`` (default 1), normalised if asked."""
+    raw = [1.0 if c.weight is None else c.weight for c in checkpoints]
+    return normalize(raw, [c.name for c in checkpoints]) if params.normalize else raw
+
+
+def weighted_sum(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    params: Any = None,
+    *,
+    base: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    key: str = "",
+) -> torch.Tensor:
+    """Σ_i w_i t_i, accumulated in ``dtype`` (default float32).
+
+    Inputs may be bf16/fp16 views straight from the file: ``add_`` promotes each into the
+    float32 accumulator without materialising a float32 copy of every input.
+    """
+    import torch
+
+    acc = torch.zeros(tensors[0].shape, dtype=dtype or torch.float32, device=tensors[0].device)
+    for t, w in zip(tensors, weights, strict=True):
+        if w != 0.0:
+            acc.add_(t, alpha=w)
+    return acc
+
+
+METHOD = register(
+    MergeMethod(
+        name="linear",
+        params=Params,
+        merge=weighted_sum,
+        weigh=weigh,
+        summary="weighted average with explicit per-checkpoint weights (uniform soup by default)",
+        formula="θ = Σ w_i θ_i / Σ w_i",
+        reference="Wortsman et al. 2022, Model soups (arXiv 2203.05482)",
+        linear=True,
+        spaces=("factors", "delta", "full"),
+    )
+)

@@ -1,0 +1,251 @@
+"""The recipe: a YAML document validated by pydantic, every problem reported at once.
+
+Schema only: no torch import, no file reads beyond the YAML itself, so `mwakit validate` and
+`--help` stay fast. Method params are validated by the method's own ``Params`` model, and each
+rule's params are validated merged over the top-level params, each with its location.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from mwakit.errors import Problem, RecipeError
+from mwakit.methods import get_method
+
+DType = Literal["float32", "float64", "bfloat16", "float16"]
+_DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CheckpointSpec(_Strict):
+    """One input checkpoint."""
+
+    path: str = Field(min_length=1)
+    """Local folder (a Trainer ``checkpoint-<step>/`` or a PEFT adapter folder)."""
+    metrics: dict[str, float] | None = None
+    """Metrics for weighting; when absent they are read from trainer_state.json."""
+    weight: float | None = None
+    """Explicit weight (``linear``)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, v: Any) -> Any:
+        # `- runs/x/checkpoint-800` is the friendliest way to list checkpoints.
+        return {"path": v} if isinstance(v, str) else v
+
+
+class Select(_Strict):
+    """Discover ``checkpoint-<step>/`` folders of a run, sorted by step.
+
+    Filters apply in this order: ``steps`` range, then ``every`` n-th, then the ``last`` k.
+    """
+
+    run: str = Field(min_length=1)
+    last: PositiveInt | None = None
+    every: PositiveInt | None = None
+    steps: tuple[int, int] | None = None
+
+    @field_validator("steps")
+    @classmethod
+    def _ordered(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and v[0] > v[1]:
+            raise ValueError(f"steps range [{v[0]}, {v[1]}] is empty: write [low, high]")
+        return v
+
+
+class Rule(_Strict):
+    """Per-tensor parameter override; the first rule whose glob matches wins."""
+
+    match: str = Field(min_length=1)
+    """Anchored glob on the tensor or module name (``*`` also matches dots)."""
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Output(_Strict):
+    """Where and how the merged checkpoint is written."""
+
+    path: str = Field(min_length=1)
+    overwrite: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, v: Any) -> Any:
+        return {"path": v} if isinstance(v, str) else v
+
+
+class Recipe(_Strict):
+    """A whole merge recipe."""
+
+    name: str | None = None
+    method: str = "mwa"
+    params: dict[str, Any] = Field(default_factory=dict)
+    checkpoints: list[CheckpointSpec] | None = None
+    select: Select | None = None
+    rules: list[Rule] = Field(default_factory=list)
+    lora_space: Literal["factors", "delta"] = "factors"
+    """factors: average A and B (same rank); delta: merge ΔW exactly."""
+    delta_rank: Literal["concat"] | PositiveInt = "concat"
+    """With lora_space: delta — ``concat`` (exact, rank Σr) or a rank to re-factorise to."""
+    loss_window: PositiveInt = 1
+    """Mean of the last n logged training losses at each checkpoint (per-step loss is noisy)."""
+    dtype: DType = "float32"
+    out_dtype: DType | None = None
+    device: str = "auto"
+    allow_pickle: bool = False
+    """Allow legacy adapter_model.bin inputs (loaded with torch.load(weights_only=True))."""
+    output: Output
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not _DEVICE.match(v):
+            raise ValueError(f"device {v!r} is not one of cpu, cuda, cuda:N, auto")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Recipe:
+        problems = _cross_checks(self.model_dump())
+        if problems:
+            raise ValueError(problems[0].msg)
+        return self
+
+    def method_params(self, rule: Rule | None = None) -> BaseModel:
+        """The validated params of the method, with a rule's overrides merged on top."""
+        merged = {**self.params, **(rule.params if rule else {})}
+        return get_method(self.method).params.model_validate(merged)
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        """The recipe as plain data, without unset optional blocks."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def _cross_checks(data: dict[str, Any]) -> list[Problem]:
+    """Checks across fields, run on raw data too so they show beside field errors."""
+    out = []
+    cks, sel = data.get("checkpoints"), data.get("select")
+    if (cks is None) == (sel is None):
+        out.append(
+            Problem(
+                "checkpoints", "give exactly one of `checkpoints:` (a list) or `select:` (a run)"
+            )
+        )
+    elif isinstance(cks, list) and not cks:
+        out.append(Problem("checkpoints", "`checkpoints:` is empty: list at least one checkpoint"))
+    if data.get("delta_rank", "concat") != "concat" and data.get("lora_space") != "delta":
+        out.append(Problem("delta_rank", "delta_rank applies only with lora_space: delta"))
+    return out
+
+
+def _loc(parts: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in parts)
+
+
+def _problems(err: ValidationError, prefix: tuple[int | str, ...] = ()) -> list[Problem]:
+    out = []
+    for e in err.errors():
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check spelling; `mwakit methods` lists method params)"
+        out.append(Problem(_loc(prefix + tuple(e["loc"])), msg))
+    return out
+
+
+def parse_recipe(data: Any, *, source: str | None = None) -> Recipe:
+    """Validate recipe data, reporting every problem at once.
+
+    Args:
+        data: The parsed YAML document.
+        source: Where it came from, for messages.
+
+    Raises:
+        RecipeError: With one `Problem` per error, each with its location.
+    """
+    if not isinstance(data, dict):
+        raise RecipeError(
+            [Problem("", "a recipe is a YAML mapping (key: value lines)")], source=source
+        )
+    problems = _cross_checks(data)
+    recipe: Recipe | None = None
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        # The model validator repeats a cross-field problem at the root: keep the located one.
+        cross = {p.msg for p in problems}
+        problems += [p for p in _problems(err) if not (p.loc == "" and p.msg in cross)]
+
+    # Method params are checked even when the structure has other problems, so one run of
+    # `mwakit validate` reports everything.
+    method_name = data.get("method", "mwa")
+    if isinstance(method_name, str):
+        try:
+            method = get_method(method_name)
+        except KeyError as err:
+            problems.append(Problem("method", str(err.args[0])))
+        else:
+            params = data.get("params") or {}
+            if isinstance(params, dict):
+                try:
+                    method.params.model_validate(params)
+                except ValidationError as err:
+                    problems += _problems(err, ("params",))
+                rules = data.get("rules") or []
+                for i, rule in enumerate(rules if isinstance(rules, list) else []):
+                    rp = rule.get("params") if isinstance(rule, dict) else None
+                    if isinstance(rp, dict):
+                        try:
+                            method.params.model_validate({**params, **rp})
+                        except ValidationError as err:
+                            problems += [
+                                p
+                                for p in _problems(err, ("rules", i, "params"))
+                                if p.loc.removeprefix(f"rules.{i}.params.") in rp
+                                or p.loc == f"rules.{i}.params"
+                            ]
+    if problems:
+        raise RecipeError(problems, source=source)
+    assert recipe is not None
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file.
+
+    Raises:
+        RecipeError: The file is missing, is not YAML, or the recipe is invalid.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as err:
+        raise RecipeError(
+            [Problem("", f"cannot read recipe: {err.strerror}")], source=str(p)
+        ) from err
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise RecipeError([Problem(where, f"not valid YAML: {problem}")], source=str(p)) from err
+    return parse_recipe(data, source=str(p))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The recipe as YAML text (keys in schema order)."""
+    return yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,179 @@
+"""Sources: turn the recipe's checkpoint references into local folders with metrics.
+
+A reference is a local folder: a Trainer ``checkpoint-<step>/`` or any PEFT adapter folder.
+``select:`` discovers the ``checkpoint-<step>/`` folders of a run, sorted by step. Metrics come
+from the recipe when given, else from the checkpoint's ``trainer_state.json``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mwakit.errors import SourceError
+from mwakit.recipe import CheckpointSpec, Recipe, Select
+from mwakit.trainer_state import read_metrics, step_from_name
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_SAFETENSORS = "adapter_model.safetensors"
+ADAPTER_PICKLE = "adapter_model.bin"
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One resolved input checkpoint.
+
+    Attributes:
+        ref: The reference as written in the recipe.
+        path: The local folder.
+        name: A short, unique name for messages and tables.
+        step: Training step (trainer_state.json or folder name), if known.
+        metrics: Metrics for weighting (recipe values override trainer_state.json).
+        metrics_source: Where the metrics came from.
+        weight: The recipe's explicit weight, if any.
+        weights_file: The adapter weights file.
+    """
+
+    ref: str
+    path: Path
+    name: str
+    step: int | None
+    metrics: dict[str, float] = field(hash=False)
+    metrics_source: str
+    weight: float | None
+    weights_file: Path
+
+    @property
+    def is_pickle(self) -> bool:
+        """True for a legacy ``adapter_model.bin``."""
+        return self.weights_file.suffix == ".bin"
+
+
+def discover(select: Select) -> list[Path]:
+    """The ``checkpoint-<step>/`` folders of a run that ``select`` keeps, sorted by step.
+
+    Raises:
+        SourceError: The run folder is missing, or no checkpoint is left after filtering.
+    """
+    run = Path(select.run)
+    if not run.is_dir():
+        raise SourceError(
+            "run folder not found",
+            where=f"select.run {select.run}",
+            fix="point select.run at the Trainer output_dir that holds checkpoint-<step>/ folders",
+        )
+    found = sorted(
+        (int(m.group(1)), p)
+        for p in run.iterdir()
+        if p.is_dir() and (m := _CHECKPOINT_DIR.match(p.name))
+    )
+    if not found:
+        raise SourceError(
+            "no checkpoint-<step>/ folders in the run",
+            where=f"select.run {select.run}",
+            fix="check the path, or list the folders under `checkpoints:`",
+        )
+    if select.steps is not None:
+        lo, hi = select.steps
+        found = [(s, p) for s, p in found if lo <= s <= hi]
+    if select.every is not None:
+        found = found[:: select.every]
+    if select.last is not None:
+        found = found[-select.last :]
+    if not found:
+        raise SourceError(
+            "select kept no checkpoint",
+            where=f"select.run {select.run}",
+            fix="widen `steps:`, or lower `every:`",
+        )
+    return [p for _, p in found]
+
+
+def _weights_file(folder: Path, ref: str, allow_pickle: bool) -> Path:
+    st = folder / ADAPTER_SAFETENSORS
+    if st.is_file():
+        return st
+    pk = folder / ADAPTER_PICKLE
+    if pk.is_file():
+        if not allow_pickle:
+            raise SourceError(
+                "only a pickle adapter_model.bin found",
+                where=ref,
+                fix="convert it to safetensors, or set `allow_pickle: true` in the recipe "
+                "(it is loaded with torch.load(weights_only=True))",
+            )
+        return pk
+    raise SourceError(
+        f"no {ADAPTER_SAFETENSORS} in the folder",
+        where=ref,
+        fix="point at a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)",
+    )
+
+
+def _resolve_one(spec: CheckpointSpec, loss_window: int, allow_pickle: bool) -> Checkpoint:
+    folder = Path(spec.path)
+    if not folder.is_dir():
+        raise SourceError(
+            "checkpoint folder not found",
+            where=spec.path,
+            fix="check the path (relative paths are relative to the current directory)",
+        )
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise SourceError(
+            f"no {ADAPTER_CONFIG} in the folder",
+            where=spec.path,
+            fix="point at a PEFT adapter folder, e.g. a Trainer checkpoint-<step>/ of a LoRA run",
+        )
+    weights_file = _weights_file(folder, spec.path, allow_pickle)
+    read = read_metrics(folder, loss_window=loss_window)
+    metrics = dict(read.metrics)
+    if spec.metrics:
+        metrics.update(spec.metrics)
+        source = "recipe" if not read.metrics else f"recipe + {read.source or 'folder name'}"
+    else:
+        source = read.source or ("folder name" if read.metrics else "none")
+    step = read.step if read.step is not None else step_from_name(folder.name)
+    return Checkpoint(
+        ref=spec.path,
+        path=folder,
+        name=folder.name,
+        step=step,
+        metrics=metrics,
+        metrics_source=source,
+        weight=spec.weight,
+        weights_file=weights_file,
+    )
+
+
+def _unique_names(checkpoints: list[Checkpoint]) -> list[Checkpoint]:
+    # Checkpoints of different runs often share a folder name (checkpoint-500): prefix the
+    # parent folder until names are unique, so messages and tables stay unambiguous.
+    names = [c.name for c in checkpoints]
+    if len(set(names)) == len(names):
+        return checkpoints
+    out = []
+    for c in checkpoints:
+        parts = c.path.resolve().parts
+        out.append(
+            Checkpoint(**{**c.__dict__, "name": "/".join(parts[-2:]) if len(parts) > 1 else c.name})
+        )
+    if len({c.name for c in out}) != len(out):
+        return [Checkpoint(**{**c.__dict__, "name": c.ref}) for c in checkpoints]
+    return out
+
+
+def resolve(recipe: Recipe) -> list[Checkpoint]:
+    """Resolve every checkpoint of a recipe to a local folder with its metrics.
+
+    Raises:
+        SourceError: A folder or file is missing or unreadable.
+    """
+    if recipe.select is not None:
+        specs = [CheckpointSpec(path=str(p)) for p in discover(recipe.select)]
+    else:
+        assert recipe.checkpoints is not None
+        specs = recipe.checkpoints
+    resolved = [_resolve_one(s, recipe.loss_window, recipe.allow_pickle) for s in specs]
+    return _unique_names(resolved)

@@ -1,0 +1,161 @@
+"""Shared fixtures: real PEFT adapter folders and Trainer-layout checkpoints, built offline.
+
+Adapters come from `peft.get_peft_model` on a tiny random Llama made from a config and saved
+with `save_pretrained` — the very files a training run writes. `trainer_state.json` follows the
+Trainer's layout (sorted keys, log_history with train/eval/summary entries).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+LLAMA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def trainer_state(
+    global_step: int,
+    losses: Sequence[tuple[int, float]],
+    evals: Sequence[tuple[int, float]] = (),
+    *,
+    extra_train: dict[str, float] | None = None,
+    max_steps: int = 100,
+) -> dict[str, Any]:
+    """A trainer_state.json document laid out as `transformers.TrainerState` writes it."""
+    log: list[dict[str, Any]] = []
+    for step, loss in losses:
+        entry = {
+            "epoch": step / max_steps,
+            "grad_norm": 1.0 / step,
+            "learning_rate": 1e-4,
+            "loss": loss,
+            "step": step,
+        }
+        entry.update(extra_train or {})
+        log.append(entry)
+    for step, eval_loss in evals:
+        log.append(
+            {
+                "epoch": step / max_steps,
+                "eval_loss": eval_loss,
+                "eval_runtime": 0.5,
+                "eval_samples_per_second": 64.0,
+                "eval_steps_per_second": 8.0,
+                "step": step,
+            }
+        )
+    log.sort(key=lambda e: (e["step"], "eval_loss" in e))
+    return {
+        "best_global_step": None,
+        "best_metric": None,
+        "best_model_checkpoint": None,
+        "epoch": global_step / max_steps,
+        "eval_steps": 5,
+        "global_step": global_step,
+        "is_hyper_param_search": False,
+        "is_local_process_zero": True,
+        "is_world_process_zero": True,
+        "log_history": log,
+        "logging_steps": 1,
+        "max_steps": max_steps,
+        "num_input_tokens_seen": 0,
+        "num_train_epochs": 1,
+        "save_steps": 5,
+        "stateful_callbacks": {
+            "TrainerControl": {
+                "args": {
+                    "should_epoch_stop": False,
+                    "should_evaluate": False,
+                    "should_log": False,
+                    "should_save": True,
+                    "should_training_stop": False,
+                },
+                "attributes": {},
+            }
+        },
+        "total_flos": 1.0,
+        "train_batch_size": 4,
+        "trial_name": None,
+        "trial_params": None,
+    }
+
+
+def write_trainer_state(folder: Path, state: dict[str, Any]) -> None:
+    """Write trainer_state.json the way the Trainer does (sorted keys, indent 2)."""
+    (folder / "trainer_state.json").write_text(
+        json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama saved with save_pretrained (safetensors)."""
+    from make_run import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("base") / "tiny-llama", seed=0)
+
+
+MakeAdapter = Callable[..., Path]
+
+
+@pytest.fixture(scope="session")
+def make_adapter(tiny_base: Path) -> MakeAdapter:
+    """Build a real PEFT LoRA adapter folder with random (non-zero) A and B."""
+
+    def build(
+        out: Path,
+        *,
+        seed: int = 0,
+        r: int = 4,
+        lora_alpha: float = 8,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        modules_to_save: list[str] | None = None,
+        rank_pattern: dict[str, int] | None = None,
+        alpha_pattern: dict[str, float] | None = None,
+        lora_bias: bool = False,
+        target_modules: list[str] | None = None,
+        state: dict[str, Any] | None = None,
+    ) -> Path:
+        import torch
+        from make_run import load_base
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(seed)
+        model = load_base(tiny_base)
+        cfg = LoraConfig(
+            r=r,
+            lora_alpha=lora_alpha,
+            use_rslora=use_rslora,
+            use_dora=use_dora,
+            target_modules=target_modules or LLAMA_MODULES,
+            modules_to_save=modules_to_save,
+            rank_pattern=rank_pattern or {},
+            alpha_pattern=alpha_pattern or {},
+            lora_bias=lora_bias,
+            init_lora_weights=False,  # random B too, so every ΔW is non-zero
+            task_type="CAUSAL_LM",
+        )
+        peft_model = get_peft_model(model, cfg)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if p.requires_grad and ("lora_" in name or "modules_to_save" in name):
+                    p.copy_(torch.randn_like(p) * 0.1)
+        peft_model.save_pretrained(out)
+        if state is not None:
+            write_trainer_state(out, state)
+        return out
+
+    return build
