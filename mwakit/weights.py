@@ -61,12 +61,14 @@ def mwa_weights(
         values: The metric of each checkpoint.
         penalty: p ≥ 0. 0 gives the uniform average; p → ∞ selects the best checkpoint.
         transform: ``power`` (w ∝ q^p), ``softmax`` (w ∝ exp(∓p·m)) or ``rank``
-            (w ∝ p^rank, rank 0 = best, ties share the better rank).
+            (w ∝ p^rank, rank 0 = best, ties share the better rank; p ∈ [0, 1] is the decay
+            per rank, so 1 is uniform and 0 keeps the best only).
         higher_is_better: Direction of the metric.
         names: Checkpoint names, for messages.
 
     Raises:
-        MetricError: A value is NaN/Inf, p is negative, or a power transform meets m ≤ 0.
+        MetricError: A value is NaN/Inf, p is negative (or above 1 for rank), or a power
+            transform meets m ≤ 0.
     """
     if not math.isfinite(penalty) or penalty < 0:
         raise MetricError(
@@ -94,6 +96,13 @@ def mwa_weights(
     if transform == "softmax":
         sign = 1.0 if higher_is_better else -1.0
         return _softmax([penalty * sign * v for v in values])
+    if penalty > 1:
+        raise MetricError(
+            f"with transform: rank the penalty is the decay per rank (w ∝ p^rank) and must be "
+            f"in [0, 1], got {penalty}",
+            where="params.penalty",
+            fix="use a penalty between 0 (best checkpoint only) and 1 (uniform)",
+        )
     # rank: competition ranking, 0 = best; ties share the better rank so equal metrics get equal
     # weights.
     ranks = [sum(1 for u in values if (u > v if higher_is_better else u < v)) for v in values]

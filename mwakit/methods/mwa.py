@@ -29,7 +29,7 @@ class Params(BaseModel):
     metric: str = "loss"
     """Metric each checkpoint is weighted by: loss, eval_loss, step, or any logged key."""
     penalty: float = Field(default=0.7, ge=0.0)
-    """Penalty factor p ≥ 0: 0 = uniform, larger favours the best checkpoints."""
+    """Penalty factor p ≥ 0: 0 = uniform, larger favours the best (rank: decay in [0, 1])."""
     transform: Transform = "power"
     """How metric and penalty become weights: power (default), softmax or rank."""
     higher_is_better: bool | None = None
