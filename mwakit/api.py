@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from mwakit.card import RESOLVED_RECIPE, render_card, resolved_recipe
 from mwakit.io.atomic import atomic_output_dir, check_target
-from mwakit.plan import Plan, Task, build_plan
+from mwakit.planner import Plan, Task, build_plan
 from mwakit.recipe import Recipe, dump_recipe, load_recipe
 from mwakit.sources import resolve
 

@@ -7,7 +7,7 @@ from typing import Any
 import yaml
 
 from mwakit import __version__
-from mwakit.plan import Plan
+from mwakit.planner import Plan
 from mwakit.recipe import Recipe
 
 RESOLVED_RECIPE = "mwakit.yaml"

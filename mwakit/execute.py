@@ -22,7 +22,7 @@ from mwakit.io.header import DTYPE_NAMES, TensorInfo
 from mwakit.io.reader import MmapReader
 from mwakit.io.writer import StreamingWriter
 from mwakit.lowrank import concat_factors, factors_average, refactor
-from mwakit.plan import FullTask, LoraTask, Plan, Task, TensorRef
+from mwakit.planner import FullTask, LoraTask, Plan, Task, TensorRef
 
 _TORCH_DTYPES = {
     "float32": torch.float32,
