@@ -1,10 +1,13 @@
 """LoRA factor algebra: factor averaging, exact rank concatenation, QR + small-SVD truncation.
 
-Shapes: A is (r, in) — conv (r, in, kh, kw) — and B is (out, r) — conv (out, r, 1, 1); the
-embedding LoRA (lora_embedding_A (r, vocab), lora_embedding_B (dim, r)) has the same layout.
-Every function treats A as (r, prod(rest)) and B as (out, r) and restores trailing dims.
-Nothing here forms the out×in matrix except `dense_delta`/`dense_refactor`, which exist for
-task-vector methods (whose sparsified ΔW is no longer low rank) and for tests.
+Shapes follow PEFT: A is (r, in) — conv (r, in, kh, kw) — and B is (out, r) — conv
+(out, r, 1, 1); the embedding LoRA (lora_embedding_A (r, vocab), lora_embedding_B (dim, r))
+has the same layout. Every function treats A as the 2-D (r, prod(rest)) and B as (out, r) and
+restores the trailing dims on output.
+
+Nothing here forms the out×in matrix except `dense_delta` and `dense_refactor`, which exist for
+task-vector methods (their sparsified ΔW is no longer low rank) and for tests. The math is
+METHODS.md §2.
 """
 
 from __future__ import annotations
@@ -15,14 +18,31 @@ from dataclasses import dataclass
 
 import torch
 
+__all__ = [
+    "Refactored",
+    "concat_factors",
+    "dense_delta",
+    "dense_refactor",
+    "factors_average",
+    "refactor",
+]
 
-def _acc(ts: Sequence[torch.Tensor], ws: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
+
+def _weighted_sum(
+    ts: Sequence[torch.Tensor], ws: Sequence[float], dtype: torch.dtype, what: str
+) -> torch.Tensor:
+    if not ts:
+        raise ValueError(f"no {what} tensors to average")
+    if len(ts) != len(ws):
+        raise ValueError(f"{len(ts)} {what} tensors but {len(ws)} weights")
     acc = torch.zeros(ts[0].shape, dtype=dtype, device=ts[0].device)
     for t, w in zip(ts, ws, strict=True):
         if t.shape != acc.shape:
-            raise ValueError(f"shapes differ: {list(t.shape)} vs {list(acc.shape)}")
+            raise ValueError(f"{what} shapes differ: {list(t.shape)} vs {list(acc.shape)}")
+        # add_ promotes a bf16/fp16 input straight into the accumulator, so no float32 copy of
+        # each input is ever held; weight 0 skips the pass over memory entirely.
         if w != 0.0:
-            acc.add_(t, alpha=w)  # promotes bf16 into the accumulator, no float32 copy
+            acc.add_(t, alpha=w)
     return acc
 
 
@@ -35,16 +55,40 @@ def factors_average(
     *,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Average factors: Ā = Σ w_i A_i, B̄ = Σ w_i (s_i/s_out) B_i (equal ranks).
+    """Average the factors element-wise (PEFT's ``linear`` family, cross terms included).
 
-    Folding s_i/s_out into B keeps each checkpoint's own update exact, so checkpoints with
-    different α merge correctly; B̄Ā is still not Σ w_i ΔW_i (cross terms, METHODS.md §2).
+    Ā = Σ_i w_i A_i and B̄ = Σ_i w_i (s_i / s_out) B_i.
+
+    Folding s_i / s_out into B makes s_out·B̄Ā reduce to s_i B_i A_i when one checkpoint has
+    all the weight, so checkpoints trained with different α merge consistently. For K > 1
+    B̄Ā ≠ Σ w_i B_i A_i (cross terms B_i A_j, METHODS.md §2).
+
+    Args:
+        As: The A factors, (r, in) or (r, in, kh, kw), all of one shape.
+        Bs: The B factors, (out, r) or (out, r, 1, 1), all of one shape.
+        weights: w_i, one per checkpoint.
+        scalings: s_i = α_i / r_i (or α_i / √r_i with rsLoRA), one per checkpoint.
+        out_scaling: s_out, the scaling the merged adapter's config will imply.
+        dtype: The accumulator dtype (inputs of any floating dtype are promoted into it).
+
+    Returns:
+        (Ā, B̄) in ``dtype``, with the input shapes.
 
     Raises:
-        ValueError: Shapes (ranks) differ.
+        ValueError: No inputs, lengths differ, shapes (ranks) differ, or A's rank does not
+            match B's, or ``out_scaling`` is 0.
     """
-    a = _acc(As, weights, dtype)
-    b = _acc(Bs, [w * s / out_scaling for w, s in zip(weights, scalings, strict=True)], dtype)
+    if len(As) != len(Bs) or len(scalings) != len(weights):
+        raise ValueError(
+            f"{len(As)} A, {len(Bs)} B, {len(weights)} weights, {len(scalings)} scalings"
+        )
+    if out_scaling == 0.0:
+        raise ValueError("out_scaling must be non-zero")
+    a = _weighted_sum(As, weights, dtype, "A")
+    b_weights = [w * s / out_scaling for w, s in zip(weights, scalings, strict=True)]
+    b = _weighted_sum(Bs, b_weights, dtype, "B")
+    if a.shape[0] != b.shape[1]:
+        raise ValueError(f"A has rank {a.shape[0]} but B has {b.shape[1]} columns")
     return a, b
 
 
@@ -55,18 +99,56 @@ def concat_factors(
     *,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact rank concatenation: A* = [A_1; …; A_K], B* = [c_1 B_1, …, c_K B_K].
+    """Exact merge by stacking ranks (PEFT's ``cat``, with the coefficient on B).
 
-    B*A* = Σ c_i B_i A_i exactly (c_i = w_i s_i, output scaling 1); ranks may differ.
+    A* = [A_1; …; A_K] (rows stacked, Σr × in) and B* = [c_1 B_1, …, c_K B_K] (out × Σr), so
+    B*A* = Σ_i c_i B_i A_i exactly, with c_i = w_i s_i and output scaling 1 (α = r = Σr).
+
+    Args:
+        As: The A factors, (r_i, in) or (r_i, in, kh, kw); ranks may differ.
+        Bs: The B factors, (out, r_i) or (out, r_i, 1, 1).
+        coeffs: c_i, one per checkpoint.
+        dtype: The output dtype.
+
+    Returns:
+        (A*, B*): (Σr, in[, kh, kw]) and (out, Σr[, 1, 1]) in ``dtype``.
+
+    Raises:
+        ValueError: No inputs, lengths differ, or the non-rank dims differ.
     """
-    a = torch.cat([t.to(dtype) for t in As], dim=0)
-    b = torch.cat([t.to(dtype) * c for t, c in zip(Bs, coeffs, strict=True)], dim=1)
-    return a, b
+    if not As or len(As) != len(Bs) or len(As) != len(coeffs):
+        raise ValueError(f"{len(As)} A, {len(Bs)} B and {len(coeffs)} coefficients")
+    a_rest, b_out, b_rest = As[0].shape[1:], Bs[0].shape[0], Bs[0].shape[2:]
+    for a, b in zip(As, Bs, strict=True):
+        if a.shape[1:] != a_rest or b.shape[0] != b_out or b.shape[2:] != b_rest:
+            raise ValueError(f"factor shapes differ: A {list(a.shape)}, B {list(b.shape)}")
+        if a.shape[0] != b.shape[1]:
+            raise ValueError(f"A has rank {a.shape[0]} but B has {b.shape[1]} columns")
+    total = sum(a.shape[0] for a in As)
+    dev = As[0].device
+    # Write into preallocated outputs: copy_ casts in place, so a bf16 input never exists as a
+    # separate float32 temporary next to the output (torch.cat of casts would hold both).
+    a_out = torch.empty((total, *a_rest), dtype=dtype, device=dev)
+    b_out_t = torch.empty((b_out, total, *b_rest), dtype=dtype, device=dev)
+    off = 0
+    for a, b, c in zip(As, Bs, coeffs, strict=True):
+        r = a.shape[0]
+        a_out[off : off + r].copy_(a)
+        b_out_t[:, off : off + r].copy_(b).mul_(c)
+        off += r
+    return a_out, b_out_t
 
 
 @dataclass(frozen=True)
 class Refactored:
-    """A rank-``rank`` factorisation B·A and the relative Frobenius error of the truncation."""
+    """A rank-``rank`` factorisation B·A of a LoRA update and the error of the truncation.
+
+    Attributes:
+        A: (rank, in[, kh, kw]); rows beyond the available rank are zero.
+        B: (out, rank[, 1, 1]); columns beyond the available rank are zero.
+        rel_error: ‖M − BA‖_F / ‖M‖_F, in [0, 1]; 0.0 when M = 0.
+        rank: The requested rank (the shape, not the numerical rank).
+    """
 
     A: torch.Tensor
     B: torch.Tensor
@@ -74,58 +156,156 @@ class Refactored:
     rank: int
 
 
+def _check_rank(rank: int) -> None:
+    if rank < 1:
+        raise ValueError(f"rank must be at least 1, got {rank}")
+
+
 def _split(
     u: torch.Tensor,
     s: torch.Tensor,
     vh: torch.Tensor,
     rank: int,
-    a_shape: tuple[int, ...],
-    b_shape: tuple[int, ...],
+    a_rest: tuple[int, ...],
+    b_rest: tuple[int, ...],
 ) -> Refactored:
+    """Turn an SVD M = U diag(S) Vᵀ into rank-``rank`` factors with √S split across both."""
     k = min(rank, s.numel())
-    total = float(s.square().sum())
-    kept = float(s[:k].square().sum())
-    rel = math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0
+    # Tail from the discarded values directly (not total − kept, which cancels to noise when
+    # the tail is tiny); divide by s_0 first so squaring cannot overflow in float32.
+    top = float(s[0]) if s.numel() else 0.0
+    if top > 0.0:
+        sn = s / top
+        rel = math.sqrt(float(sn[k:].square().sum()) / float(sn.square().sum()))
+    else:
+        rel = 0.0
     root = s[:k].sqrt()
-    b = u[:, :k] * root  # B' = U_r √S_r
+    b = u[:, :k] * root  # B' = U_r √S_r  (balanced split keeps both factors well scaled)
     a = root[:, None] * vh[:k]  # A' = √S_r V_rᵀ
-    if k < rank:  # pad with zero rows/columns: same product, the rank the config promises
+    if k < rank:
+        # Pad with zero rows/columns: the product is unchanged and the shapes match the
+        # r the merged adapter_config promises for every module.
         a = torch.cat([a, a.new_zeros(rank - k, a.shape[1])], dim=0)
         b = torch.cat([b, b.new_zeros(b.shape[0], rank - k)], dim=1)
-    a = a.reshape(rank, *a_shape[1:])
-    b = b.reshape(b_shape[0], rank, *b_shape[2:])
-    return Refactored(A=a, B=b, rel_error=rel, rank=rank)
+    return Refactored(
+        A=a.reshape(rank, *a_rest),
+        B=b.reshape(b.shape[0], rank, *b_rest),
+        rel_error=min(rel, 1.0),
+        rank=rank,
+    )
+
+
+def _non_finite(
+    rank: int,
+    a_shape: tuple[int, ...],
+    b_shape: tuple[int, ...],
+    dtype: torch.dtype,
+    dev: torch.device,
+) -> Refactored:
+    # The SVD raises an opaque LinAlgError on NaN/Inf; NaN factors instead let the caller's
+    # finiteness check name the module and the checkpoint (TensorError).
+    nan = float("nan")
+    return Refactored(
+        A=torch.full(a_shape, nan, dtype=dtype, device=dev),
+        B=torch.full(b_shape, nan, dtype=dtype, device=dev),
+        rel_error=nan,
+        rank=rank,
+    )
 
 
 def refactor(
     A: torch.Tensor, B: torch.Tensor, rank: int, *, compute_dtype: torch.dtype = torch.float32
 ) -> Refactored:
-    """Best rank-``rank`` factorisation of M = B·A without forming M.
+    """Best rank-``rank`` approximation (Frobenius) of M = B·A without forming M.
 
-    QR(B) = Q_b R_b and QR(Aᵀ) = Q_a R_a, then the SVD of the small R_b R_aᵀ = U S Vᵀ gives
-    B' = Q_b U_r √S_r and A' = √S_r V_rᵀ Q_aᵀ. Cost O((out + in)·R²) for inner rank R, instead
-    of O(out·in·min(out, in)) for a dense SVD.
+    With reduced QRs B = Q_b R_b and Aᵀ = Q_a R_a, M = Q_b (R_b R_aᵀ) Q_aᵀ, so the SVD of the
+    small core R_b R_aᵀ = U S Vᵀ gives M's singular values and
+
+        B' = Q_b U_r √S_r,   A' = √S_r V_rᵀ Q_aᵀ,
+        rel_error = sqrt(Σ_{k>r} s_k²) / sqrt(Σ_k s_k²).
+
+    Cost O((out + in)·R²) for inner rank R, instead of O(out·in·min(out, in)) for a dense SVD.
+    If ``rank`` exceeds the available rank min(R, out, in), A' and B' are zero-padded to it.
+
+    Args:
+        A: (R, in) or (R, in, kh, kw).
+        B: (out, R) or (out, R, 1, 1).
+        rank: The output rank r (≥ 1).
+        compute_dtype: float32 or float64; the QR/SVD run in it and the outputs have it.
+
+    Returns:
+        The factors A' (r, in[, kh, kw]) and B' (out, r[, 1, 1]), the relative error and r.
+        A non-finite input gives NaN factors and a NaN error.
+
+    Raises:
+        ValueError: ``rank`` < 1, or A's rank does not match B's.
     """
+    _check_rank(rank)
+    if A.shape[0] != B.shape[1]:
+        raise ValueError(f"A has rank {A.shape[0]} but B has {B.shape[1]} columns")
+    a_rest, b_rest = tuple(A.shape[1:]), tuple(B.shape[2:])
     a2 = A.reshape(A.shape[0], -1).to(compute_dtype)
     b2 = B.reshape(B.shape[0], -1).to(compute_dtype)
-    qb, rb = torch.linalg.qr(b2)
-    qa, ra = torch.linalg.qr(a2.T)
-    u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
-    return _split(qb @ u, s, vh @ qa.T, rank, tuple(A.shape), tuple(B.shape))
+    qb, rb = torch.linalg.qr(b2)  # (out, p), (p, R) with p = min(out, R)
+    qa, ra = torch.linalg.qr(a2.T)  # (in, q), (q, R) with q = min(in, R)
+    core = rb @ ra.T  # (p, q): M = Q_b core Q_aᵀ
+    if not bool(torch.isfinite(core).all()):
+        return _non_finite(
+            rank, (rank, *a_rest), (B.shape[0], rank, *b_rest), compute_dtype, A.device
+        )
+    u, s, vh = torch.linalg.svd(core, full_matrices=False)
+    return _split(qb @ u, s, vh @ qa.T, rank, a_rest, b_rest)
 
 
 def dense_delta(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """ΔW = s·B·A as a dense (out, in[, kh, kw]) tensor — for task-vector methods and tests."""
+    """Form ΔW = s·B·A densely — for task-vector methods and tests only.
+
+    For conv factors ΔW = s·(B.flatten(1) @ A.flatten(1)).reshape(out, in, kh, kw).
+
+    Args:
+        A: (r, in) or (r, in, kh, kw).
+        B: (out, r) or (out, r, 1, 1), of A's dtype.
+        scaling: s.
+
+    Returns:
+        ΔW: (out, in) or (out, in, kh, kw).
+    """
     m = B.reshape(B.shape[0], -1) @ A.reshape(A.shape[0], -1)
-    return (scaling * m).reshape(B.shape[0], *A.shape[1:])
+    if scaling != 1.0:
+        m.mul_(scaling)  # in place: ΔW is the big tensor here, do not hold it twice
+    return m.reshape(B.shape[0], *A.shape[1:])
 
 
 def dense_refactor(
     delta: torch.Tensor, rank: int, *, compute_dtype: torch.dtype = torch.float32
 ) -> Refactored:
-    """Truncated SVD of a dense (out, in[, kh, kw]) update into rank-``rank`` factors."""
+    """Best rank-``rank`` factorisation of a dense update (after TIES/DARE/pruning).
+
+    With the thin SVD ΔW = U S Vᵀ (``full_matrices=False``: the full one would allocate
+    out×out and in×in for nothing), B' = U_r √S_r and A' = √S_r V_rᵀ; error, padding and
+    output shapes as in `refactor`.
+
+    Args:
+        delta: ΔW, (out, in) or (out, in, kh, kw).
+        rank: The output rank r (≥ 1).
+        compute_dtype: float32 or float64; the SVD runs in it and the outputs have it.
+
+    Returns:
+        A' (r, in[, kh, kw]), B' (out, r[, 1, 1]), the relative error and r. A non-finite
+        input gives NaN factors and a NaN error.
+
+    Raises:
+        ValueError: ``rank`` < 1 or ``delta`` has fewer than 2 dims.
+    """
+    _check_rank(rank)
+    if delta.dim() < 2:
+        raise ValueError(f"delta must be at least 2-D, got shape {list(delta.shape)}")
+    a_rest = tuple(delta.shape[1:])
+    b_rest = (1,) * (delta.dim() - 2)  # conv B is (out, r, 1, 1)
     m = delta.reshape(delta.shape[0], -1).to(compute_dtype)
+    if not bool(torch.isfinite(m).all()):
+        return _non_finite(
+            rank, (rank, *a_rest), (delta.shape[0], rank, *b_rest), compute_dtype, m.device
+        )
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
-    a_shape = (rank, *delta.shape[1:])
-    b_shape = (delta.shape[0], rank) + ((1,) * (delta.dim() - 2))
-    return _split(u, s, vh, rank, a_shape, b_shape)
+    return _split(u, s, vh, rank, a_rest, b_rest)
