@@ -243,3 +243,7 @@ def methods(as_json: bool) -> None:
             choices = f" ({'|'.join(map(str, v['choices']))})" if "choices" in v else ""
             click.echo(f"  {k}{choices} = {json.dumps(v['default'])}: {v['description']}")
         click.echo("")
+
+
+if __name__ == "__main__":
+    main()

@@ -252,12 +252,6 @@ def build_plan(recipe: Recipe, checkpoints: Sequence[Checkpoint]) -> Plan:
         MetricError: A weight cannot be computed from the metrics.
         SourceError: A header or config is unreadable.
     """
-    if any(c.is_pickle for c in checkpoints):
-        raise PlanError(
-            "planning a pickle adapter_model.bin is not supported by the streaming engine",
-            where=next(c.name for c in checkpoints if c.is_pickle),
-            fix="convert it to safetensors (safetensors.torch.save_file) and merge that",
-        )
     method = get_method(recipe.method)
     params = recipe.method_params()
     configs = [read_adapter_config(c.path) for c in checkpoints]

@@ -33,7 +33,8 @@ class Checkpoint:
         metrics: Metrics for weighting (recipe values override trainer_state.json).
         metrics_source: Where the metrics came from.
         weight: The recipe's explicit weight, if any.
-        weights_file: The adapter weights file.
+        weights_file: The adapter weights file (safetensors; a legacy ``.bin`` is converted
+            once into a cached safetensors file so planning and streaming work the same).
     """
 
     ref: str
@@ -44,11 +45,6 @@ class Checkpoint:
     metrics_source: str
     weight: float | None
     weights_file: Path
-
-    @property
-    def is_pickle(self) -> bool:
-        """True for a legacy ``adapter_model.bin``."""
-        return self.weights_file.suffix == ".bin"
 
 
 def discover(select: Select) -> list[Path]:
@@ -104,7 +100,9 @@ def _weights_file(folder: Path, ref: str, allow_pickle: bool) -> Path:
                 fix="convert it to safetensors, or set `allow_pickle: true` in the recipe "
                 "(it is loaded with torch.load(weights_only=True))",
             )
-        return pk
+        from mwakit.io.reader import pickle_as_safetensors  # torch, only for legacy inputs
+
+        return pickle_as_safetensors(pk)
     raise SourceError(
         f"no {ADAPTER_SAFETENSORS} in the folder",
         where=ref,

@@ -191,3 +191,26 @@ def test_cuda_requested_without_cuda(tmp_path: Path) -> None:
     with pytest.raises(PlanError, match="CUDA is not available"):
         mwakit.run(_recipe(tmp_path, [a], device="cuda"))
     assert not (tmp_path / "out").exists()
+
+
+def test_pickle_adapter_only_with_allow_pickle(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    ta = write_adapter(a, modules=2, seed=0, loss=1.0)
+    write_adapter(b, modules=2, seed=1, loss=0.5)
+    torch.save(ta, a / "adapter_model.bin")
+    (a / "adapter_model.safetensors").unlink()
+    with pytest.raises(mwakit.errors.SourceError, match="allow_pickle: true"):
+        mwakit.plan(_recipe(tmp_path, [a, b]))
+    res = mwakit.run(_recipe(tmp_path, [a, b], allow_pickle=True))
+    # Same result as merging the safetensors original.
+    from safetensors.torch import save_file as save
+
+    save(ta, a / "adapter_model.safetensors", metadata={"format": "pt"})
+    (a / "adapter_model.bin").unlink()
+    again = mwakit.run(_recipe(tmp_path, [a, b], output={"path": str(tmp_path / "o2")}))
+    assert (
+        load_file(res.path / "adapter_model.safetensors").keys()
+        == load_file(again.path / "adapter_model.safetensors").keys()
+    )
+    for k, t in load_file(res.path / "adapter_model.safetensors").items():
+        assert torch.equal(t, load_file(again.path / "adapter_model.safetensors")[k])

@@ -92,6 +92,33 @@ class MmapReader:
         self._maps.clear()
 
 
+def pickle_as_safetensors(path: Path) -> Path:
+    """Convert a legacy ``.bin`` state dict (loaded with ``weights_only=True``) to safetensors.
+
+    The copy lives in the system temp folder, keyed by the file's path, size and mtime, so a
+    plan and the run after it convert once. Adapters are small; full models should not be
+    pickles.
+
+    Raises:
+        SourceError: The file cannot be loaded safely.
+    """
+    import hashlib
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    out = Path(tempfile.gettempdir()) / "mwakit-pickle" / key[:16] / "adapter_model.safetensors"
+    if not out.is_file():
+        sd = load_pickle_state_dict(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".partial")
+        save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata={"format": "pt"})
+        tmp.rename(out)
+    return out
+
+
 def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Load a legacy ``.bin`` state dict with ``weights_only=True`` (no arbitrary code).
 

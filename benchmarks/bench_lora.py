@@ -1,0 +1,217 @@
+"""Benchmark: merging Llama-3-8B-shaped LoRA checkpoints, against a plain-PyTorch reference.
+
+Generates K adapter checkpoints shaped like a Llama-3-8B LoRA (hidden 4096, intermediate 14336,
+32 layers, kv 1024, all seven linear modules) for each rank and dtype, then, in the same run and
+on the same (page-cached) inputs, times in separate processes:
+
+- read floor: read every input file once (the least any merge can do);
+- plain reference: `safetensors.torch.load_file` every file whole, weighted sum in float32,
+  `save_file` (what a user would write by hand);
+- mwakit: `mwakit run` with MWA weights (factor space);
+
+and prints wall time, the ratios mwakit/reference and mwakit/read floor, and peak RSS of each.
+Targets (issue 2): wall ≤ 1.1× the reference; peak RSS ≤ ⅓ of it and flat as K grows.
+A second part times delta-space re-factorisation of 10 rank-16 adapters to rank 16 with
+QR + small SVD, against a dense SVD of one module extrapolated to all modules.
+
+Usage::
+
+    python benchmarks/bench_lora.py                  # full grid: r 16/64, K 5/10, fp32/bf16
+    python benchmarks/bench_lora.py --layers 4 --ranks 16 --ks 5 --dtypes bf16   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HIDDEN, INTER, KV = 4096, 14336, 1024
+MODULES = {  # name: (in, out)
+    "self_attn.q_proj": (HIDDEN, HIDDEN),
+    "self_attn.k_proj": (HIDDEN, KV),
+    "self_attn.v_proj": (HIDDEN, KV),
+    "self_attn.o_proj": (HIDDEN, HIDDEN),
+    "mlp.gate_proj": (HIDDEN, INTER),
+    "mlp.up_proj": (HIDDEN, INTER),
+    "mlp.down_proj": (INTER, HIDDEN),
+}
+
+
+def generate(folder: Path, *, r: int, layers: int, dtype: str, seed: int) -> None:
+    """Write one PEFT-layout adapter checkpoint with random factors."""
+    import torch
+    from safetensors.torch import save_file
+
+    if (folder / "adapter_model.safetensors").is_file():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    td = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    ts = {}
+    for layer in range(layers):
+        for m, (fin, fout) in MODULES.items():
+            key = f"base_model.model.model.layers.{layer}.{m}"
+            ts[f"{key}.lora_A.weight"] = (torch.randn(r, fin, generator=g) * 0.01).to(td)
+            ts[f"{key}.lora_B.weight"] = (torch.randn(fout, r, generator=g) * 0.01).to(td)
+    save_file(ts, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    cfg = {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": 2 * r,
+        "task_type": "CAUSAL_LM",
+        "target_modules": sorted(m.split(".")[1] for m in MODULES),
+        "base_model_name_or_path": "meta-llama/Meta-Llama-3-8B",
+        "use_rslora": False,
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
+_READ = """
+import sys
+buf = bytearray(1 << 24)
+for p in sys.argv[1:]:
+    with open(p, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+"""
+
+_REFERENCE = """
+import sys, json, torch
+from safetensors.torch import load_file, save_file
+weights = json.loads(sys.argv[1]); out = sys.argv[2]; files = sys.argv[3:]
+sds = [load_file(f) for f in files]
+merged = {}
+for k, t0 in sds[0].items():
+    acc = torch.zeros(t0.shape, dtype=torch.float32)
+    for w, sd in zip(weights, sds):
+        acc += w * sd[k].float()
+    merged[k] = acc.to(t0.dtype)
+save_file(merged, out, metadata={"format": "pt"})
+"""
+
+
+def measure(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of a child process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        assert proc.stderr is not None
+        raise SystemExit(f"failed: {' '.join(cmd[:3])}…\n{proc.stderr.read().decode()}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def best_of(n: int, cmd: list[str]) -> tuple[float, float]:
+    runs = [measure(cmd) for _ in range(n)]
+    return min(r[0] for r in runs), max(r[1] for r in runs)
+
+
+def recipe(path: Path, folders: list[Path], out: Path, **extra: object) -> Path:
+    import yaml
+
+    data = {
+        "method": "mwa",
+        "params": {"metric": "loss", "penalty": 0.7},
+        "checkpoints": [
+            {"path": str(f), "metrics": {"loss": 1.0 / (i + 1)}} for i, f in enumerate(folders)
+        ],
+        "device": "cpu",
+        "output": {"path": str(out), "overwrite": True},
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path, default=Path("benchmarks/data"))
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--ks", type=int, nargs="+", default=[5, 10])
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--repeat", type=int, default=2, help="best of n timings")
+    ap.add_argument("--skip-svd", action="store_true")
+    a = ap.parse_args()
+    mwakit = [sys.executable, "-m", "mwakit.cli"]
+    py = sys.executable
+    print(
+        f"Llama-3-8B-shaped LoRA, {a.layers} layers × 7 modules; best of {a.repeat}; "
+        f"{os.cpu_count()} CPUs"
+    )
+    header = (
+        f"{'r':>3} {'K':>3} {'dtype':>5} {'in MB':>7} | {'read s':>6} {'ref s':>6} "
+        f"{'mwakit s':>8} | {'mw/ref':>6} {'mw/read':>7} | {'ref MiB':>7} {'mw MiB':>6} "
+        f"{'mw/ref':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    with tempfile.TemporaryDirectory(dir=a.data.parent if a.data.parent.exists() else None) as tmp:
+        t = Path(tmp)
+        for r in a.ranks:
+            for dt in a.dtypes:
+                folders = [
+                    a.data / f"l{a.layers}-r{r}-{dt}" / f"checkpoint-{i}" for i in range(max(a.ks))
+                ]
+                for i, f in enumerate(folders):
+                    generate(f, r=r, layers=a.layers, dtype=dt, seed=i)
+                for k in a.ks:
+                    fs = folders[:k]
+                    files = [str(f / "adapter_model.safetensors") for f in fs]
+                    size = sum(os.path.getsize(x) for x in files) / 1e6
+                    rec = recipe(t / "r.yaml", fs, t / "mw-out")
+                    # Weights as mwakit resolves them, so both do the same arithmetic.
+                    weights = json.loads(
+                        subprocess.check_output([*mwakit, "plan", "--json", str(rec)])
+                    )["checkpoints"]
+                    w = json.dumps([c["weight"] for c in weights])
+                    measure([py, "-c", _READ, *files])  # warm the page cache
+                    read_s, _ = best_of(a.repeat, [py, "-c", _READ, *files])
+                    ref_s, ref_rss = best_of(
+                        a.repeat, [py, "-c", _REFERENCE, w, str(t / "ref.safetensors"), *files]
+                    )
+                    mw_s, mw_rss = best_of(a.repeat, [*mwakit, "run", "-q", str(rec)])
+                    print(
+                        f"{r:>3} {k:>3} {dt:>5} {size:>7.0f} | {read_s:>6.2f} {ref_s:>6.2f} "
+                        f"{mw_s:>8.2f} | {mw_s / ref_s:>6.2f} {mw_s / read_s:>7.1f} | "
+                        f"{ref_rss:>7.0f} {mw_rss:>6.0f} {mw_rss / ref_rss:>6.2f}",
+                        flush=True,
+                    )
+        if not a.skip_svd:
+            svd_part(a, t, mwakit)
+    return 0
+
+
+def svd_part(a: argparse.Namespace, t: Path, mwakit: list[str]) -> None:
+    import torch
+
+    folders = [a.data / f"l{a.layers}-r16-fp32" / f"checkpoint-{i}" for i in range(10)]
+    for i, f in enumerate(folders):
+        generate(f, r=16, layers=a.layers, dtype="fp32", seed=i)
+    rec = recipe(t / "svd.yaml", folders, t / "svd-out", lora_space="delta", delta_rank=16)
+    wall, rss = measure([*mwakit, "run", "-q", str(rec)])
+    n_modules = a.layers * len(MODULES)
+    # Dense reference: an SVD of one materialised 4096×4096 ΔW (the smallest module shape),
+    # extrapolated; the 4096×14336 MLP modules cost more, so this underestimates the total.
+    m = torch.randn(HIDDEN, HIDDEN)
+    t0 = time.perf_counter()
+    torch.linalg.svd(m, full_matrices=False)
+    one = time.perf_counter() - t0
+    print()
+    print(
+        f"delta re-factorisation, 10 × r16 → r16, {n_modules} modules: mwakit {wall:.1f} s "
+        f"(peak {rss:.0f} MiB, incl. start-up); one dense 4096×4096 SVD {one:.1f} s → "
+        f"≥ {one * n_modules / 60:.0f} min for all modules dense ({one * n_modules / wall:.0f}× "
+        "slower)"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
