@@ -20,6 +20,10 @@ from mwakit.errors import SourceError
 from mwakit.io.header import DTYPE_NAMES, DTYPE_SIZES, TensorInfo
 
 _PAGE = mmap.PAGESIZE
+# Page faults map neighbouring pages too ("fault-around", 64 KiB by default), including pages
+# of groups released earlier; releasing with a margin unmaps those as well. Unmapping is safe
+# beyond the group: the page cache keeps the pages, a later touch just maps them again.
+_RELEASE_MARGIN = 1 << 20
 
 
 class MmapReader:
@@ -64,12 +68,14 @@ class MmapReader:
         t = torch.frombuffer(mm, dtype=dtype, count=info.numel, offset=info.start)
         return t.reshape(info.shape)
 
-    def _advise(self, path: Path, infos: Sequence[TensorInfo], advice: int) -> None:
+    def _advise(
+        self, path: Path, infos: Sequence[TensorInfo], advice: int, margin: int = 0
+    ) -> None:
         if not infos:
             return
         mm = self._map(path)
-        start = min(i.start for i in infos) // _PAGE * _PAGE
-        end = min(len(mm), -(-max(i.end for i in infos) // _PAGE) * _PAGE)
+        start = max(0, min(i.start for i in infos) - margin) // _PAGE * _PAGE
+        end = min(len(mm), -(-(max(i.end for i in infos) + margin) // _PAGE) * _PAGE)
         if end > start:
             mm.madvise(advice, start, end - start)
 
@@ -81,7 +87,7 @@ class MmapReader:
     def release(self, path: Path, infos: Sequence[TensorInfo]) -> None:
         """Drop these tensors' pages from this process; they stay in the page cache."""
         if hasattr(mmap, "MADV_DONTNEED"):
-            self._advise(path, infos, mmap.MADV_DONTNEED)
+            self._advise(path, infos, mmap.MADV_DONTNEED, _RELEASE_MARGIN)
 
     def close(self) -> None:
         """Unmap every file (views still alive keep their mapping until collected)."""
