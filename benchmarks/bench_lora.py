@@ -153,7 +153,8 @@ def main() -> int:
     )
     print(header)
     print("-" * len(header))
-    with tempfile.TemporaryDirectory(dir=a.data.parent if a.data.parent.exists() else None) as tmp:
+    a.data.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=a.data) as tmp:  # same disk as the inputs
         t = Path(tmp)
         for r in a.ranks:
             for dt in a.dtypes:

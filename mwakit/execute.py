@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,8 +21,9 @@ from mwakit import __version__
 from mwakit.errors import PlanError, TensorError
 from mwakit.io.header import DTYPE_NAMES, TensorInfo
 from mwakit.io.reader import MmapReader
+from mwakit.io.shards import ShardedWriter
 from mwakit.io.writer import StreamingWriter
-from mwakit.lowrank import concat_factors, factors_average, refactor
+from mwakit.lowrank import concat_factors, dense_delta, dense_refactor, factors_average, refactor
 from mwakit.planner import FullTask, LoraTask, Plan, Task, TensorRef
 
 _TORCH_DTYPES = {
@@ -44,6 +46,8 @@ class ExecStats:
         device: The compute device.
         rel_errors: Relative Frobenius error of each re-factorised module (delta_rank: N).
         max_live_inputs: The most input tensors held at once (the streaming bound).
+        fisher_norms: Global L2 norm of each checkpoint's Fisher (normalize_fisher).
+        thresholds: Per-checkpoint magnitude thresholds for whole-model trimming, by task name.
     """
 
     tasks: int = 0
@@ -53,6 +57,8 @@ class ExecStats:
     device: str = "cpu"
     rel_errors: dict[str, float] = field(default_factory=dict)
     max_live_inputs: int = 0
+    fisher_norms: list[float] = field(default_factory=list)
+    thresholds: dict[str, list[float]] = field(default_factory=dict)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -117,26 +123,95 @@ class _Loader:
         )
 
 
+def _merge(
+    plan: Plan,
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    params: Any,
+    key: str,
+    dtype: torch.dtype,
+    **extra: Any,
+) -> torch.Tensor:
+    try:
+        return plan.method.merge(tensors, weights, params, dtype=dtype, key=key, **extra)
+    except ValueError as err:
+        # Methods raise ValueError on inputs they cannot take; say where, not a traceback.
+        raise PlanError(str(err), where=key, fix=f"check the {plan.method.name} params") from err
+
+
+def _aux(ld: _Loader, refs: Sequence[TensorRef] | None, stats: ExecStats) -> dict[str, Any]:
+    if refs is None:
+        return {}
+    out: dict[str, Any] = {"fishers": ld.get(refs)}
+    if stats.fisher_norms:
+        out["fisher_norms"] = stats.fisher_norms
+    return out
+
+
 def _run_full(
-    task: FullTask, plan: Plan, ld: _Loader, dtype: torch.dtype
+    task: FullTask, plan: Plan, ld: _Loader, dtype: torch.dtype, stats: ExecStats
 ) -> dict[str, torch.Tensor]:
     if task.copy:
         return {task.out.key: ld.reader.get(task.inputs[0].info, task.inputs[0].path)}
     tensors = ld.get(task.inputs)
-    out = plan.method.merge(tensors, task.weights, task.params, dtype=dtype)
+    base = ld.get([task.base])[0] if task.base is not None else None
+    extra = _aux(ld, task.aux, stats)
+    if task.out.key in stats.thresholds:
+        extra["thresholds"] = stats.thresholds[task.out.key]
+    out = _merge(plan, tensors, task.weights, task.params, task.out.key, dtype, base=base, **extra)
     ld.check_finite(out, task.inputs, task.out.key)
     return {task.out.key: out}
 
 
 def _run_lora(
-    task: LoraTask, ld: _Loader, dtype: torch.dtype, stats: ExecStats
+    task: LoraTask, plan: Plan, ld: _Loader, dtype: torch.dtype, stats: ExecStats
 ) -> dict[str, torch.Tensor]:
     As, Bs = ld.get(task.a), ld.get(task.b)
-    if task.mode == "factors":
+    fold = [w * s / task.out_scaling for w, s in zip(task.weights, task.scalings, strict=True)]
+    if task.mode == "factors" and plan.method.linear:
         a, b = factors_average(As, Bs, task.weights, task.scalings, task.out_scaling, dtype=dtype)
-        coeffs = [
-            w * s / task.out_scaling for w, s in zip(task.weights, task.scalings, strict=True)
+        coeffs = fold
+    elif task.mode == "factors":
+        # A non-linear method on the factors (e.g. Fisher-weighted): A and B separately, each
+        # B first brought to the output scaling so every checkpoint's own update is kept.
+        a = _merge(
+            plan,
+            As,
+            task.weights,
+            task.params,
+            task.out_a.key,
+            dtype,
+            **_aux(ld, task.aux_a, stats),
+        )
+        rescaled = [
+            t.to(dtype) * (s / task.out_scaling) for t, s in zip(Bs, task.scalings, strict=True)
         ]
+        b = _merge(
+            plan,
+            rescaled,
+            task.weights,
+            task.params,
+            task.out_b.key,
+            dtype,
+            **_aux(ld, task.aux_b, stats),
+        )
+        coeffs = fold
+    elif task.mode == "dense":
+        # Task-vector methods act on ΔW_i = s_i B_i A_i (base 0), never on A or B alone; the
+        # merged ΔW is sparse, no longer low rank, and is re-factorised by a truncated SVD.
+        deltas = [
+            dense_delta(A.to(dtype), B.to(dtype), s)
+            for A, B, s in zip(As, Bs, task.scalings, strict=True)
+        ]
+        extra: dict[str, Any] = {}
+        if task.module in stats.thresholds:
+            extra["thresholds"] = stats.thresholds[task.module]
+        merged = _merge(plan, deltas, task.weights, task.params, task.module, dtype, **extra)
+        del deltas
+        ref = dense_refactor(merged, task.rank, compute_dtype=dtype)
+        a, b = ref.A, ref.B
+        stats.rel_errors[task.module] = ref.rel_error
+        coeffs = [w * s for w, s in zip(task.weights, task.scalings, strict=True)]
     else:
         coeffs = [w * s for w, s in zip(task.weights, task.scalings, strict=True)]
         a, b = concat_factors(As, Bs, coeffs, dtype=dtype)
@@ -157,22 +232,30 @@ def _run_lora(
     return out
 
 
+def task_refs(task: Task) -> tuple[TensorRef, ...]:
+    """Every input a task reads: checkpoints, base and side inputs."""
+    if isinstance(task, LoraTask):
+        return task.inputs + (task.aux_a or ()) + (task.aux_b or ())
+    return task.inputs + ((task.base,) if task.base else ()) + (task.aux or ())
+
+
 def execute(
     plan: Plan,
-    out_file: Path,
+    out_dir: Path,
     *,
     on_task: Callable[[int, Task], None] | None = None,
 ) -> ExecStats:
-    """Stream every task of the plan into one safetensors file.
+    """Stream every task of the plan into the output folder's safetensors file(s).
 
     Args:
         plan: The plan to run.
-        out_file: The safetensors file to write (inside the temporary output folder).
+        out_dir: The (temporary) output folder: ``adapter_model.safetensors`` for adapters,
+            ``model.safetensors`` or shards + index for full models.
         on_task: Called after each task is written with its index and the task (progress).
 
     Raises:
         TensorError: An input holds NaN/Inf, or the merge overflowed.
-        PlanError: The device is unavailable.
+        PlanError: The device is unavailable, or the method rejects its inputs.
     """
     device = resolve_device(plan.recipe.device)
     dtype = _TORCH_DTYPES[plan.recipe.dtype]
@@ -182,28 +265,59 @@ def execute(
     out_dtypes = {o.key: o.dtype for o in plan.outputs}
     metadata = {"format": "pt", "mwakit_version": __version__, "mwakit_method": plan.method.name}
     tasks = plan.tasks
-    with MmapReader() as reader, StreamingWriter(out_file, entries, metadata) as writer:
+    writer: StreamingWriter | ShardedWriter = (
+        ShardedWriter(out_dir, entries, plan.shard_size, metadata)
+        if plan.kind == "full"
+        else StreamingWriter(out_dir / "adapter_model.safetensors", entries, metadata)
+    )
+    with MmapReader() as reader, writer:
         ld = _Loader(plan, reader, device)
+        _prepasses(plan, ld, stats, dtype)
         for i, task in enumerate(tasks):
             if i + 1 < len(tasks):
-                _prefetch(reader, tasks[i + 1].inputs)
+                _prefetch(reader, task_refs(tasks[i + 1]))
             if isinstance(task, FullTask):
-                results = _run_full(task, plan, ld, dtype)
+                results = _run_full(task, plan, ld, dtype, stats)
             else:
-                results = _run_lora(task, ld, dtype, stats)
-            stats.max_live_inputs = max(stats.max_live_inputs, len(task.inputs))
+                results = _run_lora(task, plan, ld, dtype, stats)
+            refs = task_refs(task)
+            stats.max_live_inputs = max(stats.max_live_inputs, len(refs))
             for key, t in results.items():
                 t = t.to(device="cpu", dtype=torch_dtype(out_dtypes[key])).contiguous()
                 writer.write(key, t)
                 stats.bytes_written += t.numel() * t.element_size()
-            stats.bytes_read += sum(r.info.nbytes for r in task.inputs)
+            stats.bytes_read += sum(r.info.nbytes for r in refs)
             del results
-            _release(reader, task.inputs)
+            _release(reader, refs)
             stats.tasks += 1
             if on_task is not None:
                 on_task(i, task)
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def _prepasses(plan: Plan, ld: _Loader, stats: ExecStats, dtype: torch.dtype) -> None:
+    """Whole-model statistics some methods need before the streaming pass."""
+    if getattr(plan.params, "normalize_fisher", False):
+        # Global L2 norm of each checkpoint's Fisher, streamed one tensor at a time.
+        sums = [0.0] * len(plan.checkpoints)
+        for task in plan.tasks:
+            for refs in _aux_groups(task):
+                for r in refs:
+                    t = ld.reader.get(r.info, r.path)
+                    sums[r.ckpt] += float(t.double().square().sum())
+                _release(ld.reader, refs)
+        stats.fisher_norms = [s**0.5 for s in sums]
+    if getattr(plan.params, "trim_scope", "tensor") == "model":
+        from mwakit.thresholds import model_thresholds
+
+        stats.thresholds = model_thresholds(plan, ld, dtype)
+
+
+def _aux_groups(task: Task) -> list[tuple[TensorRef, ...]]:
+    if isinstance(task, LoraTask):
+        return [g for g in (task.aux_a, task.aux_b) if g]
+    return [task.aux] if task.aux else []
 
 
 def _by_file(refs: Sequence[TensorRef]) -> dict[Path, list[TensorInfo]]:

@@ -3,6 +3,8 @@
 Reads ``adapter_config.json`` and safetensors headers (never tensor bytes), checks that the
 checkpoints fit together, resolves per-tensor rules and weights, and orders the work in input
 file order. Any mismatch fails here, naming checkpoint, key and fix, before a byte is read.
+Inputs are PEFT adapters (LoRA modules become one task each) or full models (one task per
+tensor, sharded inputs and output, an optional ``base_model`` for task-vector methods).
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ from pydantic import BaseModel
 
 from mwakit.adapters import AdapterConfig, lora_role, output_config, read_adapter_config
 from mwakit.errors import PlanError
-from mwakit.io.header import FileHeader, TensorInfo, dtype_code, is_float_code, read_header
+from mwakit.io.header import DTYPE_SIZES, TensorInfo, dtype_code, is_float_code, read_header
 from mwakit.methods import MergeMethod, get_method
 from mwakit.methods.registry import CheckpointView
-from mwakit.recipe import Recipe, Rule
+from mwakit.recipe import Recipe, Rule, parse_size
 from mwakit.sources import Checkpoint
 
-LoraMode = Literal["factors", "concat", "svd"]
+#: factors: average A and B; concat / svd: exact ΔW as rank concatenation, optionally
+#: re-factorised; dense: a non-linear method on dense ΔW_i, then a truncated SVD.
+LoraMode = Literal["factors", "concat", "svd", "dense"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,10 @@ class FullTask:
     rule: str | None
     copy: bool = False
     """Integer tensors and buffers are copied from the first checkpoint, never averaged."""
+    base: TensorRef | None = None
+    """θ_0 for task-vector methods on full models."""
+    aux: tuple[TensorRef, ...] | None = None
+    """Per-checkpoint side inputs of the same shape (the Fisher diagonal for `fisher`)."""
 
     @property
     def name(self) -> str:
@@ -81,6 +89,8 @@ class LoraTask:
     out_a: OutTensor
     out_b: OutTensor
     out_bias: OutTensor | None
+    aux_a: tuple[TensorRef, ...] | None = None
+    aux_b: tuple[TensorRef, ...] | None = None
 
     @property
     def name(self) -> str:
@@ -114,6 +124,10 @@ class Plan:
     adapter_config: dict[str, Any]
     lora_mode: LoraMode
     warnings: tuple[str, ...] = field(default=())
+    kind: Literal["adapter", "full"] = "adapter"
+    base: Checkpoint | None = None
+    """The recipe's base_model (full models)."""
+    shard_size: int = 5 * 10**9
 
     @property
     def outputs(self) -> list[OutTensor]:
@@ -125,7 +139,9 @@ class Plan:
 
     @property
     def base_model(self) -> str | None:
-        """The base model the adapters were trained on."""
+        """The base model: the adapters' base, or a full merge's ``base_model``."""
+        if self.kind == "full":
+            return self.recipe.base_model
         v = self.adapter_config.get("base_model_name_or_path")
         return str(v) if v else None
 
@@ -134,6 +150,7 @@ class Plan:
         in_bytes = sum(r.info.nbytes for t in self.tasks for r in t.inputs)
         return {
             "method": self.method.name,
+            "kind": self.kind,
             "params": self.params.model_dump(mode="json"),
             "lora_space": self.recipe.lora_space,
             "lora_mode": self.lora_mode,
@@ -164,8 +181,6 @@ class Plan:
 
 
 def _nbytes(o: OutTensor) -> int:
-    from mwakit.io.header import DTYPE_SIZES
-
     return math.prod(o.shape) * DTYPE_SIZES[o.dtype]
 
 
@@ -224,10 +239,28 @@ def _check_compatible(checkpoints: Sequence[Checkpoint], configs: Sequence[Adapt
                 )
 
 
-def _check_keys(checkpoints: Sequence[Checkpoint], headers: Sequence[FileHeader]) -> None:
-    keys0 = set(headers[0].tensors)
-    for c, h in zip(checkpoints[1:], headers[1:], strict=True):
-        keys = set(h.tensors)
+Index = dict[str, TensorRef]
+
+
+def _index(i: int, c: Checkpoint, files: Sequence[Path] | None = None) -> Index:
+    """Every tensor of a checkpoint (across its shards), from headers only."""
+    out: Index = {}
+    for f in files or c.files:
+        for key, info in read_header(f).tensors.items():
+            if key in out:
+                raise PlanError(
+                    f"tensor {key} appears in two shards ({out[key].path.name}, {f.name})",
+                    where=c.name,
+                    fix="the model's shards are inconsistent; re-save the model",
+                )
+            out[key] = TensorRef(i, f, info)
+    return out
+
+
+def _check_keys(checkpoints: Sequence[Checkpoint], indexes: Sequence[Index]) -> None:
+    keys0 = set(indexes[0])
+    for c, idx in zip(checkpoints[1:], indexes[1:], strict=True):
+        keys = set(idx)
         missing, extra = sorted(keys0 - keys), sorted(keys - keys0)
         if missing or extra:
             what = (
@@ -238,46 +271,254 @@ def _check_keys(checkpoints: Sequence[Checkpoint], headers: Sequence[FileHeader]
             raise PlanError(
                 what,
                 where=c.name,
-                fix="merge checkpoints of the same adapter layout (same target_modules and "
-                "modules_to_save)",
+                fix="merge checkpoints of the same layout (same model; for adapters the same "
+                "target_modules and modules_to_save)",
             )
 
 
-def build_plan(recipe: Recipe, checkpoints: Sequence[Checkpoint]) -> Plan:
+def _resolve_weights(
+    recipe: Recipe, method: MergeMethod, params: BaseModel, views: Sequence[CheckpointView]
+) -> tuple[float, ...]:
+    if recipe.weighting is not None:
+        from mwakit.methods import mwa
+
+        mwa_params = mwa.Params.model_validate(recipe.weighting.mwa)
+        ws = mwa.weigh(mwa_params, views)
+        views = [CheckpointView(v.name, v.metrics, w) for v, w in zip(views, ws, strict=True)]
+    return tuple(method.weigh(params, views))
+
+
+class _Builder:
+    """Shared state while planning: weights per rule, used rules, warnings, output dtype."""
+
+    def __init__(self, recipe: Recipe, method: MergeMethod, checkpoints: Sequence[Checkpoint]):
+        self.recipe = recipe
+        self.method = method
+        self.checkpoints = checkpoints
+        self.params = recipe.method_params()
+        views = [CheckpointView(c.name, c.metrics, c.weight) for c in checkpoints]
+        self.weights = _resolve_weights(recipe, method, self.params, views)
+        self.rule_params = [recipe.method_params(r) for r in recipe.rules]
+        self.rule_weights = [_resolve_weights(recipe, method, p, views) for p in self.rule_params]
+        self.used: set[int] = set()
+        self.warnings: list[str] = []
+        self.out_dtype = dtype_code(recipe.out_dtype) if recipe.out_dtype else None
+
+    def settings(self, names: Sequence[str]) -> tuple[tuple[float, ...], BaseModel, str | None]:
+        i = _rule_for(self.recipe.rules, names)
+        if i is None:
+            return self.weights, self.params, None
+        self.used.add(i)
+        return self.rule_weights[i], self.rule_params[i], self.recipe.rules[i].match
+
+    def full_task(
+        self,
+        key: str,
+        refs: Sequence[TensorRef],
+        base: TensorRef | None,
+        aux: tuple[TensorRef, ...] | None,
+    ) -> FullTask:
+        for c, r in zip(self.checkpoints[1:], refs[1:], strict=True):
+            if r.info.shape != refs[0].info.shape:
+                raise PlanError(
+                    f"shape {list(r.info.shape)} differs from {list(refs[0].info.shape)} in "
+                    f"{self.checkpoints[0].name}",
+                    where=f"{c.name} {key}",
+                    fix="merge checkpoints of the same model",
+                )
+        if base is not None and base.info.shape != refs[0].info.shape:
+            raise PlanError(
+                f"base_model has shape {list(base.info.shape)}, the checkpoints "
+                f"{list(refs[0].info.shape)}",
+                where=key,
+                fix="use the base model these checkpoints were fine-tuned from",
+            )
+        copy = not is_float_code(refs[0].info.dtype)
+        weights, p, rule = self.settings([key])
+        dtype = refs[0].info.dtype if copy or self.out_dtype is None else self.out_dtype
+        return FullTask(
+            OutTensor(key, dtype, refs[0].info.shape),
+            tuple(refs),
+            weights,
+            p,
+            rule,
+            copy,
+            None if copy else base,
+            None if copy else aux,
+        )
+
+    def unused_rules(self) -> list[str]:
+        return [
+            f"rule {r.match!r} matches no tensor"
+            for i, r in enumerate(self.recipe.rules)
+            if i not in self.used
+        ]
+
+
+def _aux_indexes(params: BaseModel, checkpoints: Sequence[Checkpoint]) -> list[Index] | None:
+    """Side inputs a method reads beside each checkpoint (the Fisher file for `fisher`)."""
+    name = getattr(params, "fisher_file", None)
+    if not name:
+        return None
+    out = []
+    for i, c in enumerate(checkpoints):
+        f = c.path / name
+        if not f.is_file():
+            raise PlanError(
+                f"no {name} (the diagonal Fisher) beside the checkpoint",
+                where=c.name,
+                fix=f"estimate it with `mwakit fisher {c.path} --base BASE --data DATA.jsonl`, "
+                "or set params.fisher_file",
+            )
+        out.append(_index(i, c, [f]))
+    return out
+
+
+def _aux_refs(
+    aux: list[Index] | None, key: str, shape: tuple[int, ...]
+) -> tuple[TensorRef, ...] | None:
+    if aux is None:
+        return None
+    refs = []
+    for idx in aux:
+        r = idx.get(key)
+        if r is None or r.info.shape != shape:
+            raise PlanError(
+                f"the Fisher file lacks {key} (or its shape differs)",
+                where=str(next(iter(idx.values())).path) if idx else "fisher file",
+                fix="re-estimate the Fisher for this checkpoint",
+            )
+        refs.append(r)
+    return tuple(refs)
+
+
+def _order_key(refs: Sequence[TensorRef], files: Sequence[Path]) -> tuple[int, int]:
+    # Input-file order of the first checkpoint: shard by shard, offset by offset.
+    r = refs[0]
+    return files.index(r.path), r.info.start
+
+
+def build_plan(
+    recipe: Recipe, checkpoints: Sequence[Checkpoint], base: Checkpoint | None = None
+) -> Plan:
     """Plan a merge from the recipe and resolved checkpoints, reading headers only.
+
+    Args:
+        recipe: The validated recipe.
+        checkpoints: The resolved inputs (all adapters, or all full models).
+        base: The resolved ``base_model`` for full-model task-vector methods.
 
     Raises:
         PlanError: Checkpoints do not fit together, or the recipe asks for something the
-            method or adapters cannot do.
+            method or the inputs cannot do.
         MetricError: A weight cannot be computed from the metrics.
         SourceError: A header or config is unreadable.
     """
     method = get_method(recipe.method)
-    params = recipe.method_params()
+    kinds = {c.kind for c in checkpoints}
+    if len(kinds) > 1:
+        raise PlanError(
+            "the checkpoints mix PEFT adapters and full models",
+            where="checkpoints",
+            fix="merge adapters with adapters and full models with full models",
+        )
+    lo, hi = method.inputs
+    if len(checkpoints) < lo or (hi is not None and len(checkpoints) > hi):
+        want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo}–{hi}"
+        raise PlanError(
+            f"method {method.name} takes {want} checkpoints, the recipe gives {len(checkpoints)}",
+            where="checkpoints",
+            fix="adjust the checkpoint list or select:",
+        )
+    b = _Builder(recipe, method, checkpoints)
+    indexes = [_index(i, c) for i, c in enumerate(checkpoints)]
+    _check_keys(checkpoints, indexes)
+    aux = _aux_indexes(b.params, checkpoints)
+    if next(iter(kinds)) == "full":
+        return _plan_full(b, indexes, base, aux)
+    return _plan_adapters(b, indexes, aux)
+
+
+def _plan_full(
+    b: _Builder, indexes: Sequence[Index], base: Checkpoint | None, aux: list[Index] | None
+) -> Plan:
+    recipe, method, checkpoints = b.recipe, b.method, b.checkpoints
+    if method.needs_base and base is None:
+        raise PlanError(
+            f"method {method.name} works on task vectors θ_i − θ_0 and needs the base model",
+            where="base_model",
+            fix="set base_model: <folder of the model the checkpoints were fine-tuned from>",
+        )
+    base_index = _index(len(checkpoints), base) if base is not None else None
+    if base_index is not None:
+        missing = sorted(set(indexes[0]) - set(base_index))
+        if missing:
+            raise PlanError(
+                f"base_model lacks {len(missing)} tensor(s) of the checkpoints, e.g. {missing[0]}",
+                where="base_model",
+                fix="use the base model these checkpoints were fine-tuned from",
+            )
+    files = checkpoints[0].files
+    tasks: list[tuple[tuple[int, int], Task]] = []
+    for key, ref0 in indexes[0].items():
+        refs = [idx[key] for idx in indexes]
+        bref = base_index[key] if base_index is not None and method.needs_base else None
+        task = b.full_task(key, refs, bref, _aux_refs(aux, key, ref0.info.shape))
+        tasks.append((_order_key(refs, files), task))
+    b.warnings += b.unused_rules()
+    return Plan(
+        recipe=recipe,
+        method=method,
+        params=b.params,
+        checkpoints=tuple(checkpoints),
+        weights=b.weights,
+        tasks=tuple(t for _, t in sorted(tasks, key=lambda kt: kt[0])),
+        adapter_config={},
+        lora_mode="factors",
+        warnings=tuple(b.warnings),
+        kind="full",
+        base=base,
+        shard_size=parse_size(recipe.output.shard_size),
+    )
+
+
+def _lora_mode(recipe: Recipe, method: MergeMethod) -> LoraMode:
+    if recipe.lora_space == "factors":
+        if not method.linear and "factors" not in method.spaces:
+            raise PlanError(
+                f"method {method.name} acts on ΔW, not on LoRA factors",
+                where="lora_space",
+                fix="use lora_space: delta with delta_rank: <rank>",
+            )
+        return "factors"
+    if "delta" not in method.spaces:
+        raise PlanError(
+            f"method {method.name} works on LoRA factors only",
+            where="lora_space",
+            fix="use lora_space: factors",
+        )
+    if method.linear:
+        return "concat" if recipe.delta_rank == "concat" else "svd"
+    if recipe.delta_rank == "concat":
+        raise PlanError(
+            f"method {method.name} makes ΔW sparse or non-linear, so it is no longer a sum of "
+            "low-rank updates and cannot be concatenated",
+            where="delta_rank",
+            fix="set delta_rank: <rank> to re-factorise each merged ΔW with an SVD",
+        )
+    return "dense"
+
+
+def _plan_adapters(b: _Builder, indexes: Sequence[Index], aux: list[Index] | None) -> Plan:
+    recipe, method, checkpoints = b.recipe, b.method, b.checkpoints
     configs = [read_adapter_config(c.path) for c in checkpoints]
     _check_compatible(checkpoints, configs)
-    headers = [read_header(c.weights_file) for c in checkpoints]
-    _check_keys(checkpoints, headers)
-
-    warnings: list[str] = []
     if configs[0].use_dora:
-        warnings.append(
+        b.warnings.append(
             "DoRA magnitude vectors are averaged linearly; an exact DoRA merge needs the base "
             "weights"
         )
-    if recipe.lora_space == "factors" and not method.linear:
-        raise PlanError(
-            f"method {method.name} acts on ΔW, not on LoRA factors",
-            where="lora_space",
-            fix="use lora_space: delta",
-        )
-    mode: LoraMode = (
-        "factors"
-        if recipe.lora_space == "factors"
-        else "concat"
-        if recipe.delta_rank == "concat"
-        else "svd"
-    )
+    mode = _lora_mode(recipe, method)
     if mode != "factors" and configs[0].raw.get("target_parameters"):
         raise PlanError(
             "target_parameters (MoE expert) adapters store A and B in an r·E layout that "
@@ -285,54 +526,25 @@ def build_plan(recipe: Recipe, checkpoints: Sequence[Checkpoint]) -> Plan:
             where=checkpoints[0].name,
             fix="use lora_space: factors",
         )
-
-    views = [CheckpointView(c.name, c.metrics, c.weight) for c in checkpoints]
-    rule_params = [recipe.method_params(r) for r in recipe.rules]
-    default_weights = tuple(method.weigh(params, views))
-    rule_weights = [tuple(method.weigh(p, views)) for p in rule_params]
-    used_rules: set[int] = set()
-    for c, w in zip(checkpoints, default_weights, strict=True):
+    for c, w in zip(checkpoints, b.weights, strict=True):
         if c.metrics.get("step") == 0 and w == 0 and recipe.method == "mwa":
-            warnings.append(f"{c.name}: step 0 gets weight 0 (a step-0 LoRA has B = 0)")
+            b.warnings.append(f"{c.name}: step 0 gets weight 0 (a step-0 LoRA has B = 0)")
 
-    def settings(names: Sequence[str]) -> tuple[tuple[float, ...], BaseModel, str | None]:
-        i = _rule_for(recipe.rules, names)
-        if i is None:
-            return default_weights, params, None
-        used_rules.add(i)
-        return rule_weights[i], rule_params[i], recipe.rules[i].match
-
-    out_dtype = dtype_code(recipe.out_dtype) if recipe.out_dtype else None
-    keys0 = headers[0].tensors
     modules: dict[str, dict[str, str]] = {}
     full_keys: list[str] = []
-    for key in keys0:
+    for key in indexes[0]:
         role = lora_role(key)
         if role is None:
             full_keys.append(key)
         else:
             modules.setdefault(role[0], {})[role[1]] = key
 
-    tasks: list[tuple[int, Task]] = []
+    files = checkpoints[0].files
+    tasks: list[tuple[tuple[int, int], Task]] = []
     for key in full_keys:
-        infos = [h.tensors[key] for h in headers]
-        for c, info in zip(checkpoints[1:], infos[1:], strict=True):
-            if info.shape != infos[0].shape:
-                raise PlanError(
-                    f"shape {list(info.shape)} differs from {list(infos[0].shape)} in "
-                    f"{checkpoints[0].name}",
-                    where=f"{c.name} {key}",
-                    fix="merge checkpoints of the same model",
-                )
-        copy = not is_float_code(infos[0].dtype)
-        weights, p, rule = settings([key])
-        refs = tuple(
-            TensorRef(i, c.weights_file, info)
-            for i, (c, info) in enumerate(zip(checkpoints, infos, strict=True))
-        )
-        dtype = infos[0].dtype if copy or out_dtype is None else out_dtype
-        task = FullTask(OutTensor(key, dtype, infos[0].shape), refs, weights, p, rule, copy)
-        tasks.append((infos[0].start, task))
+        refs = [idx[key] for idx in indexes]
+        task = b.full_task(key, refs, None, _aux_refs(aux, key, refs[0].info.shape))
+        tasks.append((_order_key(refs, files), task))
 
     module_ranks: dict[str, int] = {}
     for module, roles in modules.items():
@@ -342,40 +554,26 @@ def build_plan(recipe: Recipe, checkpoints: Sequence[Checkpoint]) -> Plan:
                 where=f"{checkpoints[0].name} {module}",
                 fix="the adapter file is incomplete; restore it from training",
             )
-        lora = _lora_task(
-            module,
-            roles,
-            checkpoints,
-            configs,
-            headers,
-            mode,
-            recipe,
-            settings,
-            out_dtype,
-            warnings,
-        )
+        lora = _lora_task(module, roles, checkpoints, configs, indexes, mode, b, aux)
         module_ranks[module] = lora.rank
-        tasks.append((lora.a[0].info.start, lora))
+        tasks.append((_order_key(lora.a, files), lora))
 
-    unused = [r.match for i, r in enumerate(recipe.rules) if i not in used_rules]
-    warnings += [f"rule {m!r} matches no tensor" for m in unused]
-    target_modules = _union_targets(configs)
+    b.warnings += b.unused_rules()
     cfg = output_config(
         configs[0],
         module_ranks=None if mode == "factors" else module_ranks,
-        target_modules=target_modules,
+        target_modules=_union_targets(configs),
     )
-    ordered = tuple(t for _, t in sorted(tasks, key=lambda st: st[0]))
     return Plan(
         recipe=recipe,
         method=method,
-        params=params,
+        params=b.params,
         checkpoints=tuple(checkpoints),
-        weights=default_weights,
-        tasks=ordered,
+        weights=b.weights,
+        tasks=tuple(t for _, t in sorted(tasks, key=lambda kt: kt[0])),
         adapter_config=cfg,
         lora_mode=mode,
-        warnings=tuple(warnings),
+        warnings=tuple(b.warnings),
     )
 
 
@@ -397,21 +595,19 @@ def _lora_task(
     roles: dict[str, str],
     checkpoints: Sequence[Checkpoint],
     configs: Sequence[AdapterConfig],
-    headers: Sequence[FileHeader],
+    indexes: Sequence[Index],
     mode: LoraMode,
-    recipe: Recipe,
-    settings: Any,
-    out_dtype: str | None,
-    warnings: list[str],
+    b: _Builder,
+    aux: list[Index] | None,
 ) -> LoraTask:
     a_key, b_key, bias_key = roles["A"], roles["B"], roles.get("bias")
     ranks, scalings = [], []
-    for c, cfg, h in zip(checkpoints, configs, headers, strict=True):
-        a, b = h.tensors[a_key], h.tensors[b_key]
+    for c, cfg, idx in zip(checkpoints, configs, indexes, strict=True):
+        a, bb = idx[a_key].info, idx[b_key].info
         r = a.shape[0]
-        if len(b.shape) < 2 or b.shape[1] != r:
+        if len(bb.shape) < 2 or bb.shape[1] != r:
             raise PlanError(
-                f"lora_A has rank {r} but lora_B has shape {list(b.shape)}",
+                f"lora_A has rank {r} but lora_B has shape {list(bb.shape)}",
                 where=f"{c.name} {module}",
                 fix="the adapter file is inconsistent; restore it from training",
             )
@@ -428,9 +624,9 @@ def _lora_task(
         # Everything but the rank: A is (r, in, ...), B is (out, r, ...).
         return shape[1:] if key == a_key else (shape[0], *shape[2:])
 
-    for c, h in zip(checkpoints[1:], headers[1:], strict=True):
+    for c, idx in zip(checkpoints[1:], indexes[1:], strict=True):
         for key in (a_key, b_key):
-            got, want = h.tensors[key].shape, headers[0].tensors[key].shape
+            got, want = idx[key].info.shape, indexes[0][key].info.shape
             if fixed_dims(key, got) != fixed_dims(key, want):
                 raise PlanError(
                     f"shape {list(got)} does not fit {list(want)} of {checkpoints[0].name}",
@@ -447,36 +643,29 @@ def _lora_task(
             )
         rank, out_scaling = ranks[0], scalings[0]
         if any(not math.isclose(s, out_scaling, rel_tol=1e-12) for s in scalings):
-            warnings.append(
+            b.warnings.append(
                 f"{module}: scalings differ across checkpoints; each B is rescaled by s_i/s_out "
                 "before averaging"
             )
     else:
-        rank = sum(ranks) if mode == "concat" else int(recipe.delta_rank)
+        rank = sum(ranks) if mode == "concat" else int(b.recipe.delta_rank)
         out_scaling = 1.0
-    weights, params, rule = settings([module, a_key, b_key])
-    a0, b0 = headers[0].tensors[a_key], headers[0].tensors[b_key]
-    out_a = OutTensor(a_key, out_dtype or a0.dtype, (rank, *a0.shape[1:]))
-    out_b = OutTensor(b_key, out_dtype or b0.dtype, (b0.shape[0], rank, *b0.shape[2:]))
+    weights, params, rule = b.settings([module, a_key, b_key])
+    a0, b0 = indexes[0][a_key].info, indexes[0][b_key].info
+    out_a = OutTensor(a_key, b.out_dtype or a0.dtype, (rank, *a0.shape[1:]))
+    out_b = OutTensor(b_key, b.out_dtype or b0.dtype, (b0.shape[0], rank, *b0.shape[2:]))
     bias_refs, out_bias = None, None
     if bias_key is not None:
-        bias_refs = tuple(
-            TensorRef(i, c.weights_file, h.tensors[bias_key])
-            for i, (c, h) in enumerate(zip(checkpoints, headers, strict=True))
-        )
-        bi = headers[0].tensors[bias_key]
-        out_bias = OutTensor(bias_key, out_dtype or bi.dtype, bi.shape)
-
-    def refs(key: str) -> tuple[TensorRef, ...]:
-        return tuple(
-            TensorRef(i, c.weights_file, h.tensors[key])
-            for i, (c, h) in enumerate(zip(checkpoints, headers, strict=True))
-        )
-
+        bias_refs = tuple(idx[bias_key] for idx in indexes)
+        bi = indexes[0][bias_key].info
+        out_bias = OutTensor(bias_key, b.out_dtype or bi.dtype, bi.shape)
+    a_refs = tuple(idx[a_key] for idx in indexes)
+    b_refs = tuple(idx[b_key] for idx in indexes)
+    use_aux = mode == "factors" and aux is not None
     return LoraTask(
         module=module,
-        a=refs(a_key),
-        b=refs(b_key),
+        a=a_refs,
+        b=b_refs,
         bias=bias_refs,
         scalings=tuple(scalings),
         out_scaling=out_scaling,
@@ -488,4 +677,6 @@ def _lora_task(
         out_a=out_a,
         out_b=out_b,
         out_bias=out_bias,
+        aux_a=_aux_refs(aux, a_key, a0.shape) if use_aux else None,
+        aux_b=_aux_refs(aux, b_key, b0.shape) if use_aux else None,
     )

@@ -77,11 +77,60 @@ class Rule(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size with its unit spelled out: "500MB", "5GB", "2GiB", "1.5 GB".
+
+    Raises:
+        ValueError: No unit, an unknown unit, or a size that is not positive.
+    """
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]+)\s*", text)
+    unit = m.group(2).upper() if m else ""
+    if m is None or unit not in _UNITS:
+        raise ValueError(
+            f"size {text!r} needs a number and a unit: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB"
+        )
+    n = int(float(m.group(1)) * _UNITS[unit])
+    if n <= 0:
+        raise ValueError(f"size {text!r} must be positive")
+    return n
+
+
+class Weighting(_Strict):
+    """Per-checkpoint weights from metrics, for any method (``weighting: {mwa: {...}}``).
+
+    The MWA weights replace each checkpoint's ``weight``; the method then applies its own λ
+    and normalisation, so ``method: ties`` + MWA weights is one recipe.
+    """
+
+    mwa: dict[str, Any]
+    """MWA params: metric, penalty, transform, higher_is_better (see `mwakit methods`)."""
+
+    @field_validator("mwa")
+    @classmethod
+    def _mwa(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from mwakit.methods.mwa import Params
+
+        Params.model_validate(v)
+        return v
+
+
 class Output(_Strict):
     """Where and how the merged checkpoint is written."""
 
     path: str = Field(min_length=1)
     overwrite: bool = False
+    shard_size: str = "5GB"
+    """Full models: the largest output shard, units spelled out ("500MB", "5GB", "2GiB")."""
+
+    @field_validator("shard_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        parse_size(v)
+        return v
 
     @model_validator(mode="before")
     @classmethod
@@ -109,6 +158,10 @@ class Recipe(_Strict):
     device: str = "auto"
     allow_pickle: bool = False
     """Allow legacy adapter_model.bin inputs (loaded with torch.load(weights_only=True))."""
+    weighting: Weighting | None = None
+    """Where per-checkpoint weights come from, for any method (default: the method's own)."""
+    base_model: str | None = None
+    """Full models: the base θ_0 that task-vector methods subtract (a model folder)."""
     output: Output
 
     @field_validator("device")

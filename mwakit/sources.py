@@ -7,9 +7,11 @@ from the recipe when given, else from the checkpoint's ``trainer_state.json``.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from mwakit.errors import SourceError
 from mwakit.recipe import CheckpointSpec, Recipe, Select
@@ -18,7 +20,69 @@ from mwakit.trainer_state import read_metrics, step_from_name
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"
+MODEL_SAFETENSORS = "model.safetensors"
+MODEL_INDEX = "model.safetensors.index.json"
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+Kind = Literal["adapter", "full"]
+
+
+def model_files(folder: Path) -> tuple[Path, ...] | None:
+    """The safetensors files of a full model folder (shards in index order), or None.
+
+    Raises:
+        SourceError: The index file is unreadable or names a missing shard.
+    """
+    index = folder / MODEL_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = list(dict.fromkeys(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise SourceError(
+                f"{MODEL_INDEX} is unreadable ({err})",
+                where=str(index),
+                fix="restore the index file save_pretrained wrote",
+            ) from err
+        files = tuple(folder / n for n in names)
+        for f in files:
+            if not f.is_file():
+                raise SourceError(
+                    f"shard {f.name} named in the index is missing",
+                    where=str(folder),
+                    fix="download or copy every shard of the model",
+                )
+        return files
+    single = folder / MODEL_SAFETENSORS
+    return (single,) if single.is_file() else None
+
+
+def resolve_base(recipe: Recipe) -> Checkpoint | None:
+    """The recipe's ``base_model`` as a full-model checkpoint, or None.
+
+    Raises:
+        SourceError: The folder is missing or holds no safetensors model.
+    """
+    if recipe.base_model is None:
+        return None
+    folder = Path(recipe.base_model)
+    files = model_files(folder) if folder.is_dir() else None
+    if files is None:
+        raise SourceError(
+            "base model folder not found or holds no model.safetensors[.index.json]",
+            where=f"base_model {recipe.base_model}",
+            fix="point base_model at a model folder saved with save_pretrained",
+        )
+    return Checkpoint(
+        ref=recipe.base_model,
+        path=folder,
+        name="base",
+        step=None,
+        metrics={},
+        metrics_source="none",
+        weight=None,
+        files=files,
+        kind="full",
+    )
 
 
 @dataclass(frozen=True)
@@ -33,8 +97,10 @@ class Checkpoint:
         metrics: Metrics for weighting (recipe values override trainer_state.json).
         metrics_source: Where the metrics came from.
         weight: The recipe's explicit weight, if any.
-        weights_file: The adapter weights file (safetensors; a legacy ``.bin`` is converted
-            once into a cached safetensors file so planning and streaming work the same).
+        files: The weights files: one for an adapter (a legacy ``.bin`` is converted once
+            into a cached safetensors file so planning and streaming work the same), the
+            shards in index order for a full model.
+        kind: ``adapter`` (PEFT folder) or ``full`` (a whole model's weights).
     """
 
     ref: str
@@ -44,7 +110,8 @@ class Checkpoint:
     metrics: dict[str, float] = field(hash=False)
     metrics_source: str
     weight: float | None
-    weights_file: Path
+    files: tuple[Path, ...]
+    kind: Kind = "adapter"
 
 
 def discover(select: Select) -> list[Path]:
@@ -118,13 +185,19 @@ def _resolve_one(spec: CheckpointSpec, loss_window: int, allow_pickle: bool) -> 
             where=spec.path,
             fix="check the path (relative paths are relative to the current directory)",
         )
-    if not (folder / ADAPTER_CONFIG).is_file():
-        raise SourceError(
-            f"no {ADAPTER_CONFIG} in the folder",
-            where=spec.path,
-            fix="point at a PEFT adapter folder, e.g. a Trainer checkpoint-<step>/ of a LoRA run",
-        )
-    weights_file = _weights_file(folder, spec.path, allow_pickle)
+    kind: Kind = "adapter"
+    if (folder / ADAPTER_CONFIG).is_file():
+        files: tuple[Path, ...] = (_weights_file(folder, spec.path, allow_pickle),)
+    else:
+        found = model_files(folder)
+        if found is None:
+            raise SourceError(
+                f"neither {ADAPTER_CONFIG} nor model.safetensors[.index.json] in the folder",
+                where=spec.path,
+                fix="point at a PEFT adapter folder (e.g. a Trainer checkpoint-<step>/ of a LoRA "
+                "run) or a model folder saved with save_pretrained(safe_serialization=True)",
+            )
+        kind, files = "full", found
     read = read_metrics(folder, loss_window=loss_window)
     metrics = dict(read.metrics)
     if spec.metrics:
@@ -141,7 +214,8 @@ def _resolve_one(spec: CheckpointSpec, loss_window: int, allow_pickle: bool) -> 
         metrics=metrics,
         metrics_source=source,
         weight=spec.weight,
-        weights_file=weights_file,
+        files=files,
+        kind=kind,
     )
 
 

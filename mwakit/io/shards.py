@@ -1,0 +1,86 @@
+"""Sharded output for full models: ``model-0000i-of-0000N.safetensors`` + the index file.
+
+Shards are cut in plan order (input-file order) so each is filled and finished in turn; every
+shard's layout is fixed up front, so tensors stream to their final offsets as they are made.
+One shard is written as plain ``model.safetensors`` (the Hugging Face convention).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+from mwakit.io.header import DTYPE_SIZES
+from mwakit.io.writer import Entry, StreamingWriter
+
+INDEX = "model.safetensors.index.json"
+
+
+def split_shards(entries: Sequence[Entry], shard_size: int) -> list[list[Entry]]:
+    """Cut entries, in order, into shards of at most ``shard_size`` bytes (a bigger tensor
+    gets a shard of its own)."""
+    shards: list[list[Entry]] = []
+    size = 0
+    for e in entries:
+        n = math.prod(e[2]) * DTYPE_SIZES[e[1]]
+        if not shards or (size + n > shard_size and shards[-1]):
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += n
+    return shards
+
+
+class ShardedWriter:
+    """Writes a full model's tensors into shards plus ``model.safetensors.index.json``."""
+
+    def __init__(
+        self,
+        folder: Path,
+        entries: Sequence[Entry],
+        shard_size: int,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        shards = split_shards(entries, shard_size)
+        n = len(shards)
+        self.folder = folder
+        self.names = (
+            ["model.safetensors"]
+            if n == 1
+            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
+        self._writers = [
+            StreamingWriter(folder / name, shard, metadata)
+            for name, shard in zip(self.names, shards, strict=True)
+        ]
+        self._route = {
+            e[0]: w for w, shard in zip(self._writers, shards, strict=True) for e in shard
+        }
+        self._weight_map = {
+            e[0]: name for name, shard in zip(self.names, shards, strict=True) for e in shard
+        }
+        self._total = sum(math.prod(e[2]) * DTYPE_SIZES[e[1]] for e in entries)
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for w in self._writers:
+            w.__exit__(exc_type, exc, tb)
+        if exc_type is None and len(self.names) > 1:
+            index = {"metadata": {"total_size": self._total}, "weight_map": self._weight_map}
+            (self.folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one tensor into its shard."""
+        self._route[name].write(name, tensor)
