@@ -1,0 +1,126 @@
+"""Full-model checkpoints: sharded inputs and outputs, base models, config and tokenizer files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mwakit
+from mwakit.errors import PlanError
+from mwakit.io.shards import split_shards
+from mwakit.recipe import parse_recipe
+
+
+def _model(folder: Path, seed: int, *, shard: str | None = None) -> dict[str, torch.Tensor]:
+    """A tiny random Llama saved by transformers (sharded when ``shard`` is given)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg)
+    kw: dict[str, Any] = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(folder, safe_serialization=True, **kw)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _state(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _recipe(tmp: Path, folders: list[Path], **kw: Any) -> Any:
+    return parse_recipe(
+        {
+            "checkpoints": [{"path": str(f)} for f in folders],
+            "output": {"path": str(tmp / "out"), "overwrite": True},
+            "device": "cpu",
+            **kw,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def models(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[list[Path], list[dict[str, torch.Tensor]]]:
+    root = tmp_path_factory.mktemp("full")
+    folders = [root / f"m{i}" for i in range(3)]
+    states = [_model(f, i, shard="20KB" if i == 1 else None) for i, f in enumerate(folders)]
+    return folders, states
+
+
+def test_linear_merge_of_full_models_is_exact_and_sharded(
+    tmp_path: Path, models: tuple[list[Path], list[dict[str, torch.Tensor]]]
+) -> None:
+    folders, states = models
+    assert (folders[1] / "model.safetensors.index.json").is_file(), "input 1 is sharded"
+    recipe = _recipe(
+        tmp_path,
+        folders,
+        method="linear",
+        checkpoints=[{"path": str(f), "weight": w} for f, w in zip(folders, [1, 2, 5])],
+        output={"path": str(tmp_path / "out"), "shard_size": "5KB"},
+    )
+    res = mwakit.run(recipe)
+    out = res.path
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all(s.startswith("model-0000") for s in shards)
+    assert sorted(p.name for p in out.glob("*.safetensors")) == shards
+    merged = _state(out)
+    assert set(merged) == set(states[0])
+    for k, t in merged.items():
+        want = (states[0][k] + 2 * states[1][k] + 5 * states[2][k]) / 8
+        torch.testing.assert_close(t, want, rtol=1e-6, atol=1e-6)
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in merged.values()
+    )
+    # The merged folder loads with transformers and has the config of the first checkpoint.
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.hidden_size == 16
+    card = (out / "README.md").read_text()
+    assert "library_name" in card
+
+
+def test_out_dtype_and_single_shard(
+    tmp_path: Path, models: tuple[list[Path], list[dict[str, torch.Tensor]]]
+) -> None:
+    folders, _ = models
+    res = mwakit.run(_recipe(tmp_path, folders[:2], method="linear", out_dtype="bfloat16"))
+    assert (res.path / "model.safetensors").is_file()
+    assert not (res.path / "model.safetensors.index.json").exists()
+    assert {t.dtype for t in _state(res.path).values()} == {torch.bfloat16}
+    assert json.loads((res.path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_mixing_adapters_and_models_is_refused(
+    tmp_path: Path, models: tuple[list[Path], list[dict[str, torch.Tensor]]], make_adapter: Any
+) -> None:
+    folders, _ = models
+    adapter = make_adapter(tmp_path / "adapter", seed=0)
+    with pytest.raises(PlanError, match="mix PEFT adapters and full models"):
+        mwakit.plan(_recipe(tmp_path, [folders[0], adapter], method="linear"))
+
+
+def test_shard_split_is_in_order_and_bounded() -> None:
+    entries = [(f"t{i}", "F32", (10,)) for i in range(7)]  # 40 bytes each
+    shards = split_shards(entries, 100)
+    assert [[e[0] for e in s] for s in shards] == [["t0", "t1"], ["t2", "t3"], ["t4", "t5"], ["t6"]]
+    assert split_shards([("big", "F32", (100,))], 100) == [[("big", "F32", (100,))]]
