@@ -73,7 +73,9 @@ def test_linear_merge_of_full_models_is_exact_and_sharded(
         tmp_path,
         folders,
         method="linear",
-        checkpoints=[{"path": str(f), "weight": w} for f, w in zip(folders, [1, 2, 5])],
+        checkpoints=[
+            {"path": str(f), "weight": w} for f, w in zip(folders, [1, 2, 5], strict=True)
+        ],
         output={"path": str(tmp_path / "out"), "shard_size": "5KB"},
     )
     res = mwakit.run(recipe)
