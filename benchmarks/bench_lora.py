@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import READ_FLOOR, REFERENCE, best_of, measure
+
 HIDDEN, INTER, KV = 4096, 14336, 1024
 MODULES = {  # name: (in, out)
     "self_attn.q_proj": (HIDDEN, HIDDEN),
@@ -70,47 +72,6 @@ def generate(folder: Path, *, r: int, layers: int, dtype: str, seed: int) -> Non
         "use_rslora": False,
     }
     (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-
-
-_READ = """
-import sys
-buf = bytearray(1 << 24)
-for p in sys.argv[1:]:
-    with open(p, "rb", buffering=0) as f:
-        while f.readinto(buf):
-            pass
-"""
-
-_REFERENCE = """
-import sys, json, torch
-from safetensors.torch import load_file, save_file
-weights = json.loads(sys.argv[1]); out = sys.argv[2]; files = sys.argv[3:]
-sds = [load_file(f) for f in files]
-merged = {}
-for k, t0 in sds[0].items():
-    acc = torch.zeros(t0.shape, dtype=torch.float32)
-    for w, sd in zip(weights, sds):
-        acc += w * sd[k].float()
-    merged[k] = acc.to(t0.dtype)
-save_file(merged, out, metadata={"format": "pt"})
-"""
-
-
-def measure(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB) of a child process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        assert proc.stderr is not None
-        raise SystemExit(f"failed: {' '.join(cmd[:3])}…\n{proc.stderr.read().decode()}")
-    return wall, usage.ru_maxrss / 1024
-
-
-def best_of(n: int, cmd: list[str]) -> tuple[float, float]:
-    runs = [measure(cmd) for _ in range(n)]
-    return min(r[0] for r in runs), max(r[1] for r in runs)
 
 
 def recipe(path: Path, folders: list[Path], out: Path, **extra: object) -> Path:
@@ -173,10 +134,10 @@ def main() -> int:
                         subprocess.check_output([*mwakit, "plan", "--json", str(rec)])
                     )["checkpoints"]
                     w = json.dumps([c["weight"] for c in weights])
-                    measure([py, "-c", _READ, *files])  # warm the page cache
-                    read_s, _ = best_of(a.repeat, [py, "-c", _READ, *files])
+                    measure([py, "-c", READ_FLOOR, *files])  # warm the page cache
+                    read_s, _ = best_of(a.repeat, [py, "-c", READ_FLOOR, *files])
                     ref_s, ref_rss = best_of(
-                        a.repeat, [py, "-c", _REFERENCE, w, str(t / "ref.safetensors"), *files]
+                        a.repeat, [py, "-c", REFERENCE, w, str(t / "ref.safetensors"), *files]
                     )
                     mw_s, mw_rss = best_of(a.repeat, [*mwakit, "run", "-q", str(rec)])
                     print(

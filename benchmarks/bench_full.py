@@ -1,0 +1,159 @@
+"""Benchmark: merging sharded full-model checkpoints, against a plain-PyTorch reference.
+
+Builds a base and K fine-tuned checkpoints shaped like a transformers `LlamaConfig` (default:
+TinyLlama-1.1B shapes, bf16, ~2.2 GB each, 1 GB shards) with random weights — the shapes come
+from a meta-device `LlamaForCausalLM`, the values from torch.randn, so building is fast — then,
+on the same page-cached inputs and each in its own process, times:
+
+- read floor: reading every input shard once;
+- plain reference: load every checkpoint whole, weighted sum in float32, save one file;
+- mwakit linear (MWA weights), and mwakit TIES / DARE-TIES against the base;
+
+printing wall time, ratios and peak RSS. Targets (issue 3): linear ≤ 1.2× the reference at a
+fraction of its RSS; TIES/DARE ≤ 3× mwakit's own linear (mergekit: 281 s vs 9.9 s, 28×).
+
+Usage::
+
+    python benchmarks/bench_full.py                       # 4 × TinyLlama-1.1B-shaped, bf16
+    python benchmarks/bench_full.py --layers 4 --k 3      # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+from common import READ_FLOOR, REFERENCE, best_of, measure
+
+
+def build(folder: Path, *, layers: int, seed: int, shard: str, base: Path | None) -> None:
+    """Write one checkpoint: base + small noise when ``base`` is given, else random."""
+    import torch
+    from huggingface_hub import save_torch_state_dict
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (folder / "config.json").is_file():
+        return
+    cfg = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+    )
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in LlamaForCausalLM(cfg).state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    base_sd: dict[str, torch.Tensor] = {}
+    if base is not None:
+        for f in sorted(base.glob("*.safetensors")):
+            base_sd.update(load_file(f))
+    sd = {}
+    for k, shape in shapes.items():
+        noise = torch.randn(shape, generator=g)
+        sd[k] = (base_sd[k].float() + 0.01 * noise if base_sd else 0.02 * noise).to(torch.bfloat16)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_torch_state_dict(sd, folder, max_shard_size=shard, metadata={"format": "pt"})
+    cfg.save_pretrained(folder)
+
+
+def shards(folder: Path) -> list[str]:
+    return [str(p) for p in sorted(folder.glob("*.safetensors"))]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path, default=Path("benchmarks/data"))
+    ap.add_argument("--layers", type=int, default=22)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--shard", default="1GB")
+    ap.add_argument("--repeat", type=int, default=1)
+    a = ap.parse_args()
+    py = sys.executable
+    mwakit = [py, "-m", "mwakit.cli"]
+    root = a.data / f"full-l{a.layers}"
+    base = root / "base"
+    build(base, layers=a.layers, seed=0, shard=a.shard, base=None)
+    folders = [root / f"ft{i}" for i in range(a.k)]
+    for i, f in enumerate(folders):
+        build(f, layers=a.layers, seed=i + 1, shard=a.shard, base=base)
+    files = [x for f in folders for x in shards(f)]
+    size = sum(os.path.getsize(x) for x in files) / 1e9
+    print(
+        f"{a.k} checkpoints × {size / a.k:.2f} GB (bf16, {len(shards(folders[0]))} shards "
+        f"each), {a.layers} layers; {os.cpu_count()} CPUs; best of {a.repeat}"
+    )
+    with tempfile.TemporaryDirectory(dir=a.data) as tmp:
+        t = Path(tmp)
+        ck = [{"path": str(f), "metrics": {"loss": 1.0 + 0.1 * i}} for i, f in enumerate(folders)]
+
+        def recipe(name: str, **kw: object) -> str:
+            data = {
+                "checkpoints": ck,
+                "device": "cpu",
+                "output": {"path": str(t / name), "overwrite": True, "shard_size": "1GB"},
+                **kw,
+            }
+            p = t / f"{name}.yaml"
+            p.write_text(yaml.safe_dump(data))
+            return str(p)
+
+        lin = recipe("linear", method="mwa", params={"metric": "loss", "penalty": 0.7})
+        plan = json.loads(subprocess.check_output([*mwakit, "plan", "--json", lin]))
+        weights = json.dumps([c["weight"] for c in plan["checkpoints"]])
+        measure([py, "-c", READ_FLOOR, *files])  # warm the page cache
+        read_s, _ = best_of(a.repeat, [py, "-c", READ_FLOOR, *files])
+        ref_s, ref_rss = best_of(
+            a.repeat,
+            [
+                py,
+                "-c",
+                REFERENCE,
+                weights,
+                str(t / "ref.safetensors"),
+                *(",".join(shards(f)) for f in folders),
+            ],
+        )
+        lin_s, lin_rss = best_of(a.repeat, [*mwakit, "run", "-q", lin])
+        rows = [
+            ("read floor", read_s, None),
+            ("plain reference", ref_s, ref_rss),
+            ("mwakit linear (MWA)", lin_s, lin_rss),
+        ]
+        for name, kw in (
+            (
+                "ties",
+                {
+                    "method": "ties",
+                    "params": {"density": 0.2},
+                    "weighting": {"mwa": {"metric": "loss", "penalty": 0.7}},
+                },
+            ),
+            ("dare_ties", {"method": "dare_ties", "params": {"drop_rate": 0.8, "seed": 0}}),
+        ):
+            s, rss = best_of(
+                a.repeat, [*mwakit, "run", "-q", recipe(name, base_model=str(base), **kw)]
+            )
+            rows.append((f"mwakit {name}", s, rss))
+        print(f"{'':22} {'wall s':>7} {'÷ read':>7} {'÷ ref':>6} {'÷ mw lin':>8} {'peak MiB':>9}")
+        for name, s, rss in rows:
+            print(
+                f"{name:22} {s:>7.2f} {s / read_s:>7.1f} {s / ref_s:>6.2f} {s / lin_s:>8.2f} "
+                f"{'' if rss is None else f'{rss:9.0f}'}"
+            )
+        print(f"peak RSS mwakit linear ÷ reference: {lin_rss / ref_rss:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
