@@ -49,13 +49,15 @@ def render_card(plan: Plan, recipe_yaml: str, rel_errors: dict[str, float]) -> s
     front: dict[str, Any] = {}
     if plan.base_model:
         front["base_model"] = plan.base_model
-    front["library_name"] = "peft"
-    front["tags"] = ["mwakit", "merge", "lora", plan.method.name]
+    full = plan.kind == "full"
+    front["library_name"] = "transformers" if full else "peft"
+    front["tags"] = ["mwakit", "merge", *([] if full else ["lora"]), plan.method.name]
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", ""]
-    title = plan.recipe.name or "Merged LoRA adapter"
+    title = plan.recipe.name or ("Merged model" if full else "Merged LoRA adapter")
     lines += [f"# {title}", ""]
     lines += [
-        f"This adapter was merged by [mwakit](https://pypi.org/project/mwakit/) {__version__} "
+        f"This {'model' if full else 'adapter'} was merged by "
+        f"[mwakit](https://pypi.org/project/mwakit/) {__version__} "
         f"from {len(plan.checkpoints)} checkpoints with **{plan.method.name}** "
         f"({plan.method.summary}).",
         "",
@@ -63,18 +65,30 @@ def render_card(plan: Plan, recipe_yaml: str, rel_errors: dict[str, float]) -> s
         f"- Reference: {plan.method.reference}",
     ]
     params = plan.params.model_dump(mode="json")
-    if plan.method.name == "mwa":
+    mwa = params if plan.method.name == "mwa" else None
+    if plan.recipe.weighting is not None:
+        from mwakit.methods.mwa import Params as MwaParams
+
+        mwa = MwaParams.model_validate(plan.recipe.weighting.mwa).model_dump(mode="json")
+        lines.append("- Weights: MWA (`weighting: {mwa: ...}`) feeding the method's weights")
+    if mwa is not None:
         lines.append(
-            f"- Reading of MWA: `transform: {params['transform']}` — "
-            f"{_READINGS[params['transform']]}; "
-            f"metric `{params['metric']}`, penalty p = {params['penalty']}"
+            f"- Reading of MWA: `transform: {mwa['transform']}` — "
+            f"{_READINGS[mwa['transform']]}; "
+            f"metric `{mwa['metric']}`, penalty p = {mwa['penalty']}"
         )
-    space = {
-        "factors": "factors (A and B averaged; same rank; scalings folded into B)",
-        "concat": "delta, rank concatenation (the merged ΔW is exact)",
-        "svd": f"delta, re-factorised to rank {plan.recipe.delta_rank} with QR + small SVD",
-    }[plan.lora_mode]
-    lines.append(f"- LoRA space: {space}")
+    if full:
+        if plan.base is not None:
+            lines.append(f"- Base model (θ_0 of the task vectors): `{plan.base.ref}`")
+    else:
+        space = {
+            "factors": "factors (A and B merged; same rank; scalings folded into B)",
+            "concat": "delta, rank concatenation (the merged ΔW is exact)",
+            "svd": f"delta, re-factorised to rank {plan.recipe.delta_rank} with QR + small SVD",
+            "dense": f"delta: the method acts on each ΔW_i = s_i·B_i·A_i, the result is "
+            f"re-factorised to rank {plan.recipe.delta_rank} with a truncated SVD",
+        }[plan.lora_mode]
+        lines.append(f"- LoRA space: {space}")
     if rel_errors:
         worst = max(rel_errors.items(), key=lambda kv: kv[1])
         mean = sum(rel_errors.values()) / len(rel_errors)
