@@ -55,6 +55,25 @@ def make_tiny_llama(
     return out
 
 
+def lora_config(
+    *,
+    r: int = 4,
+    lora_alpha: float = 8,
+    target_modules: list[str] | None = None,
+    **options: Any,
+) -> Any:
+    """A causal-LM `LoraConfig` over every linear module of the tiny Llama by default."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        target_modules=target_modules or LLAMA_MODULES,
+        task_type="CAUSAL_LM",
+        **options,
+    )
+
+
 def load_base(base_dir: Path) -> Any:
     """Load the tiny base model in float32."""
     import torch
@@ -107,21 +126,20 @@ def make_run(
         ``out_dir``, holding the checkpoint folders.
     """
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import Trainer, TrainingArguments
 
     base = base_dir or make_tiny_llama(out_dir.parent / "base", seed=seed)
     torch.manual_seed(seed)
     model = load_base(base)
-    cfg = LoraConfig(
+    cfg = lora_config(
         r=r,
         lora_alpha=lora_alpha,
+        target_modules=target_modules,
         use_rslora=use_rslora,
         use_dora=use_dora,
-        target_modules=target_modules or LLAMA_MODULES,
         modules_to_save=modules_to_save,
         lora_dropout=0.0,
-        task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, cfg)
     args = TrainingArguments(

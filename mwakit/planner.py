@@ -347,12 +347,23 @@ class _Builder:
             None if copy else aux,
         )
 
-    def unused_rules(self) -> list[str]:
-        return [
+    def finish(self, tasks: list[tuple[tuple[int, int], Task]], **fields: Any) -> Plan:
+        """The plan, tasks in input-file order, with unused rules reported."""
+        unused = [
             f"rule {r.match!r} matches no tensor"
             for i, r in enumerate(self.recipe.rules)
             if i not in self.used
         ]
+        return Plan(
+            recipe=self.recipe,
+            method=self.method,
+            params=self.params,
+            checkpoints=tuple(self.checkpoints),
+            weights=self.weights,
+            tasks=tuple(t for _, t in sorted(tasks, key=lambda kt: kt[0])),
+            warnings=tuple(self.warnings + unused),
+            **fields,
+        )
 
 
 def _aux_indexes(params: BaseModel, checkpoints: Sequence[Checkpoint]) -> list[Index] | None:
@@ -465,17 +476,10 @@ def _plan_full(
         bref = base_index[key] if base_index is not None and method.needs_base else None
         task = b.full_task(key, refs, bref, _aux_refs(aux, key, ref0.info.shape))
         tasks.append((_order_key(refs, files), task))
-    b.warnings += b.unused_rules()
-    return Plan(
-        recipe=recipe,
-        method=method,
-        params=b.params,
-        checkpoints=tuple(checkpoints),
-        weights=b.weights,
-        tasks=tuple(t for _, t in sorted(tasks, key=lambda kt: kt[0])),
+    return b.finish(
+        tasks,
         adapter_config={},
         lora_mode="factors",
-        warnings=tuple(b.warnings),
         kind="full",
         base=base,
         shard_size=parse_size(recipe.output.shard_size),
@@ -558,23 +562,12 @@ def _plan_adapters(b: _Builder, indexes: Sequence[Index], aux: list[Index] | Non
         module_ranks[module] = lora.rank
         tasks.append((_order_key(lora.a, files), lora))
 
-    b.warnings += b.unused_rules()
     cfg = output_config(
         configs[0],
         module_ranks=None if mode == "factors" else module_ranks,
         target_modules=_union_targets(configs),
     )
-    return Plan(
-        recipe=recipe,
-        method=method,
-        params=b.params,
-        checkpoints=tuple(checkpoints),
-        weights=b.weights,
-        tasks=tuple(t for _, t in sorted(tasks, key=lambda kt: kt[0])),
-        adapter_config=cfg,
-        lora_mode=mode,
-        warnings=tuple(b.warnings),
-    )
+    return b.finish(tasks, adapter_config=cfg, lora_mode=mode)
 
 
 def _union_targets(configs: Sequence[AdapterConfig]) -> Any:

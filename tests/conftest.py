@@ -22,7 +22,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
-LLAMA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def trainer_state(
@@ -130,23 +129,22 @@ def make_adapter(tiny_base: Path) -> MakeAdapter:
         state: dict[str, Any] | None = None,
     ) -> Path:
         import torch
-        from make_run import load_base
-        from peft import LoraConfig, get_peft_model
+        from make_run import load_base, lora_config
+        from peft import get_peft_model
 
         torch.manual_seed(seed)
         model = load_base(tiny_base)
-        cfg = LoraConfig(
+        cfg = lora_config(
             r=r,
             lora_alpha=lora_alpha,
+            target_modules=target_modules,
             use_rslora=use_rslora,
             use_dora=use_dora,
-            target_modules=target_modules or LLAMA_MODULES,
             modules_to_save=modules_to_save,
             rank_pattern=rank_pattern or {},
             alpha_pattern=alpha_pattern or {},
             lora_bias=lora_bias,
             init_lora_weights=False,  # random B too, so every ΔW is non-zero
-            task_type="CAUSAL_LM",
         )
         peft_model = get_peft_model(model, cfg)
         with torch.no_grad():
