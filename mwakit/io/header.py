@@ -3,6 +3,10 @@
 Layout: ``<u64 LE N><N-byte JSON header><data>``; each entry holds dtype, shape and
 ``data_offsets`` relative to the data start. The planner needs only this, so `mwakit plan`
 reads a few kilobytes per checkpoint whatever the checkpoint's size.
+
+The checks are the ones the official loader makes (offsets fit shape × dtype size, tensors tile
+the data section with no hole or overlap, metadata values are strings), so a file that passes
+here is one ``safe_open`` accepts, and a bad file fails at plan time, before any merge work.
 """
 
 from __future__ import annotations
@@ -12,10 +16,11 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mwakit.errors import SourceError
 
-MAX_HEADER = 100_000_000  # the format's own limit
+MAX_HEADER = 100_000_000  # the format's own limit (safetensors MAX_HEADER_SIZE)
 
 DTYPE_SIZES: dict[str, int] = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
@@ -30,11 +35,22 @@ DTYPE_NAMES: dict[str, str] = {
     "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
 }  # fmt: skip
 _CODES = {name: code for code, name in DTYPE_NAMES.items()}
-_FLOATS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+_FLOATS = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
 
 def dtype_code(name: str) -> str:
-    """The safetensors code for a torch dtype name (``bfloat16`` → ``BF16``)."""
+    """The safetensors code for a torch dtype name.
+
+    Args:
+        name: A torch dtype name, with or without the ``torch.`` prefix (``str(torch.bfloat16)``
+            works as well as ``"bfloat16"``).
+
+    Returns:
+        The code, e.g. ``"BF16"``.
+
+    Raises:
+        KeyError: The dtype has no safetensors code (complex dtypes, for instance).
+    """
     return _CODES[name.removeprefix("torch.")]
 
 
@@ -45,7 +61,15 @@ def is_float_code(code: str) -> bool:
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """One tensor's entry, with absolute byte offsets in its file."""
+    """One tensor's entry, with absolute byte offsets in its file.
+
+    Attributes:
+        name: The tensor's key.
+        dtype: The safetensors dtype code (``"F32"``, ``"BF16"``, ...).
+        shape: The tensor's shape (``()`` for a scalar).
+        start: Absolute offset of the first data byte in the file.
+        end: Absolute offset one past the last data byte.
+    """
 
     name: str
     dtype: str
@@ -66,7 +90,14 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class FileHeader:
-    """A parsed safetensors header."""
+    """A parsed safetensors header.
+
+    Attributes:
+        path: The file it was read from.
+        tensors: Every tensor, in file offset order (the order that streams best).
+        metadata: The ``__metadata__`` strings, or None when the file has none.
+        data_start: Absolute offset of the data section (8 + header length).
+    """
 
     path: Path
     tensors: dict[str, TensorInfo]
@@ -82,11 +113,57 @@ def _bad(path: Path, what: str) -> SourceError:
     )
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of two equal keys silently; the format forbids duplicates and
+    # a duplicate name would make two planned inputs indistinguishable.
+    doc: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in doc:
+            raise _DuplicateKey(f"header names {key!r} twice")
+        doc[key] = value
+    return doc
+
+
+def _is_count(x: object) -> bool:
+    # JSON true/false parse as bool, a subclass of int; they are not sizes or offsets.
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _entry(path: Path, name: str, e: object, data_start: int) -> TensorInfo:
+    if not isinstance(e, dict):
+        raise _bad(path, f"entry {name!r} is not an object")
+    dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise _bad(path, f"entry {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise _bad(path, f"entry {name!r} has invalid shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
+        raise _bad(path, f"entry {name!r} has invalid data_offsets {offsets!r}")
+    b, e_ = offsets
+    if e_ - b != math.prod(shape) * DTYPE_SIZES[dtype]:
+        raise _bad(
+            path, f"entry {name!r}: data_offsets [{b}, {e_}] do not fit {dtype} {list(shape)}"
+        )
+    return TensorInfo(name, dtype, tuple(shape), data_start + b, data_start + e_)
+
+
 def read_header(path: Path) -> FileHeader:
     """Read and check a safetensors header; never reads tensor bytes.
 
+    Args:
+        path: The ``.safetensors`` file.
+
+    Returns:
+        The parsed header, tensors in file offset order.
+
     Raises:
-        SourceError: The file is missing, too short, or its header is inconsistent.
+        SourceError: The file is missing or unreadable, too short, its header is not valid
+            JSON, an entry is malformed, or the data section does not match the entries
+            (truncated file, holes, overlaps, trailing bytes).
     """
     try:
         size = path.stat().st_size
@@ -99,34 +176,47 @@ def read_header(path: Path) -> FileHeader:
                 raise _bad(path, f"header length {n} does not fit the file ({size} bytes)")
             raw = f.read(n)
     except OSError as err:
-        raise SourceError(f"cannot read file: {err.strerror}", where=str(path)) from err
+        raise SourceError(
+            f"cannot read file: {err.strerror or err}",
+            where=str(path),
+            fix="check that the path exists and is readable",
+        ) from err
     try:
-        doc = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise _bad(path, "header is not JSON") from err
+        doc = json.loads(raw, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as err:
+        raise _bad(path, str(err)) from err
+    except (ValueError, RecursionError) as err:
+        # JSONDecodeError and UnicodeDecodeError are ValueErrors; absurd nesting recurses.
+        raise _bad(path, f"header is not JSON ({err})") from err
     if not isinstance(doc, dict):
         raise _bad(path, "header is not a JSON object")
     data_start = 8 + n
     meta = doc.pop("__metadata__", None)
-    if meta is not None and not isinstance(meta, dict):
-        raise _bad(path, "__metadata__ is not an object")
-    entries: list[TensorInfo] = []
-    for name, e in doc.items():
-        try:
-            dtype, shape, (b, e_) = e["dtype"], tuple(int(x) for x in e["shape"]), e["data_offsets"]
-        except (KeyError, TypeError, ValueError) as err:
-            raise _bad(path, f"entry {name!r} lacks dtype/shape/data_offsets") from err
-        if dtype not in DTYPE_SIZES:
-            raise _bad(path, f"entry {name!r} has unknown dtype {dtype!r}")
-        if e_ - b != math.prod(shape) * DTYPE_SIZES[dtype] or b < 0:
-            raise _bad(path, f"entry {name!r}: offsets [{b}, {e_}] do not fit shape {list(shape)}")
-        if data_start + e_ > size:
-            raise _bad(path, f"entry {name!r} ends past the end of the file")
-        entries.append(TensorInfo(name, dtype, shape, data_start + b, data_start + e_))
-    entries.sort(key=lambda t: (t.start, t.end))
+    if meta is not None and not (
+        isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())
+    ):
+        raise _bad(path, "__metadata__ is not an object of strings")
+    entries = sorted(
+        (_entry(path, name, e, data_start) for name, e in doc.items()),
+        key=lambda t: (t.start, t.end),
+    )
+    # Tensors must tile the data section exactly, as the official loader requires: a gap or
+    # overlap means a corrupt header, and a short file means a truncated download.
+    pos = data_start
+    for t in entries:
+        if t.start != pos:
+            at, want = t.start - data_start, pos - data_start
+            raise _bad(path, f"entry {t.name!r} starts at data offset {at}, expected {want}")
+        pos = t.end
+    if pos > size:
+        last = entries[-1].name
+        what = f"truncated: {last!r} ends past the end of the file ({size} of {pos} bytes)"
+        raise _bad(path, what)
+    if pos < size:
+        raise _bad(path, f"{size - pos} trailing bytes after the last tensor")
     return FileHeader(
         path=path,
         tensors={t.name: t for t in entries},
-        metadata={str(k): str(v) for k, v in meta.items()} if meta else None,
+        metadata=meta,
         data_start=data_start,
     )

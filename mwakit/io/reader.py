@@ -8,7 +8,6 @@ stays at a few groups. The mapping is private copy-on-write: nothing is ever wri
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +26,11 @@ _RELEASE_MARGIN = 1 << 20
 
 
 class MmapReader:
-    """Hands out zero-copy tensor views of safetensors files, one mapping per file."""
+    """Hands out zero-copy tensor views of safetensors files, one mapping per file.
+
+    Use it as a context manager; ``close`` unmaps every file. Not thread-safe: one executor
+    thread owns a reader.
+    """
 
     def __init__(self) -> None:
         self._maps: dict[Path, mmap.mmap] = {}
@@ -57,11 +60,39 @@ class MmapReader:
         return mm
 
     def get(self, info: TensorInfo, path: Path) -> torch.Tensor:
-        """A tensor view of ``info`` in ``path`` (a copy only if misaligned for its dtype)."""
+        """A tensor of ``info``'s data in ``path``.
+
+        The tensor is a zero-copy view of the mapping (its pages fault in on first touch),
+        except for empty tensors (a fresh empty tensor, as ``frombuffer`` refuses count 0) and
+        misaligned data, which is copied.
+
+        Args:
+            info: The tensor's header entry, from ``read_header(path)``.
+            path: The file the entry belongs to.
+
+        Returns:
+            A CPU tensor of ``info.dtype`` and ``info.shape``. Treat it as read-only: writes
+            land in private pages that ``release`` may drop.
+
+        Raises:
+            SourceError: The file cannot be mapped, or is shorter than its header said (it
+                changed after the header was read).
+        """
         dtype = getattr(torch, DTYPE_NAMES[info.dtype])
         if info.numel == 0:
             return torch.empty(info.shape, dtype=dtype)
         mm = self._map(path)
+        if info.end > len(mm):
+            raise SourceError(
+                f"tensor {info.name!r} ends at byte {info.end}, past the end of the file "
+                f"({len(mm)} bytes)",
+                where=str(path),
+                fix="the file changed while mwakit was reading it; run again",
+            )
+        # frombuffer accepts any byte offset and would hand back a tensor whose data pointer is
+        # misaligned for its dtype, which vectorised kernels do not expect. The mapping starts
+        # page-aligned, so the file offset decides; files from the official writer are always
+        # aligned, so the copy is for hand-made files only.
         if info.start % DTYPE_SIZES[info.dtype]:
             raw = torch.frombuffer(mm, dtype=torch.uint8, count=info.nbytes, offset=info.start)
             return raw.clone().view(dtype).reshape(info.shape)
@@ -80,21 +111,39 @@ class MmapReader:
             mm.madvise(advice, start, end - start)
 
     def prefetch(self, path: Path, infos: Sequence[TensorInfo]) -> None:
-        """Ask the kernel to start reading these tensors now (asynchronous read-ahead)."""
+        """Ask the kernel to start reading these tensors now (asynchronous read-ahead).
+
+        A no-op where the platform lacks ``MADV_WILLNEED``.
+
+        Args:
+            path: The file holding the tensors.
+            infos: Their header entries; the page-aligned range covering all of them is read.
+        """
         if hasattr(mmap, "MADV_WILLNEED"):
             self._advise(path, infos, mmap.MADV_WILLNEED)
 
     def release(self, path: Path, infos: Sequence[TensorInfo]) -> None:
-        """Drop these tensors' pages from this process; they stay in the page cache."""
+        """Drop these tensors' pages from this process; they stay in the page cache.
+
+        Resident memory falls right away instead of when the kernel gets round to it. Views
+        of the range stay valid: a later touch maps the pages again from the page cache. A
+        no-op where the platform lacks ``MADV_DONTNEED``.
+
+        Args:
+            path: The file holding the tensors.
+            infos: Their header entries; the covering range plus a margin is released.
+        """
         if hasattr(mmap, "MADV_DONTNEED"):
             self._advise(path, infos, mmap.MADV_DONTNEED, _RELEASE_MARGIN)
 
     def close(self) -> None:
-        """Unmap every file (views still alive keep their mapping until collected)."""
-        for mm in self._maps.values():
-            # A tensor view may still export the buffer; the mapping then goes when it is freed.
-            with contextlib.suppress(BufferError):
-                mm.close()
+        """Let go of every mapping; each is unmapped once no view of it is left.
+
+        Calling ``mmap.close()`` here would be a use-after-free: ``torch.frombuffer`` releases
+        its buffer export at once (so ``close`` would succeed) but keeps a reference to the
+        mmap object, and a view still alive would then read unmapped memory and crash the
+        process. Dropping our references instead leaves the unmapping to the last view.
+        """
         self._maps.clear()
 
 

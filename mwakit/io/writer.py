@@ -22,22 +22,52 @@ from mwakit.errors import OutputError
 from mwakit.io.header import DTYPE_NAMES, DTYPE_SIZES
 
 Entry = tuple[str, str, tuple[int, ...]]
+"""One planned tensor: (name, safetensors dtype code, shape)."""
+
+
+# The official writer sorts by its Dtype enum, descending, then by name. The enum lists dtypes
+# by size, so this is alignment descending; following its exact rank within a size (U64 before
+# I64 before F64) makes our files byte-identical to `safetensors.torch.save_file`'s.
+_OFFICIAL_ORDER = (
+    "BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16",
+    "I32", "U32", "F32", "F64", "I64", "U64",
+)  # fmt: skip
+_RANK = {code: i for i, code in enumerate(_OFFICIAL_ORDER)}
 
 
 def _order(entries: Sequence[Entry]) -> list[Entry]:
-    # The official writer's order: alignment descending, then name, so no tensor is misaligned.
-    return sorted(entries, key=lambda e: (-DTYPE_SIZES[e[1]], e[0]))
+    # With the header padded to 8 bytes, alignment-descending order starts every tensor
+    # aligned for its dtype, so readers get zero-copy views.
+    return sorted(entries, key=lambda e: (-_RANK[e[1]], e[0]))
+
+
+def _check_entries(entries: Sequence[Entry], metadata: dict[str, str] | None) -> None:
+    # A bad entry is a bug in the caller's plan, but it must still fail as one clear
+    # OutputError before the file is created, not as a KeyError halfway through.
+    seen: set[str] = set()
+    for name, code, shape in entries:
+        if name in seen:
+            raise OutputError(f"tensor {name!r} is planned twice", where="output")
+        seen.add(name)
+        if name == "__metadata__":
+            raise OutputError("a tensor cannot be named '__metadata__'", where="output")
+        if code not in DTYPE_SIZES:
+            raise OutputError(f"tensor {name!r} has unknown dtype code {code!r}", where="output")
+        if any(not isinstance(d, int) or d < 0 for d in shape):
+            raise OutputError(f"tensor {name!r} has invalid shape {list(shape)}", where="output")
+    if metadata and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        # safetensors loaders reject non-string metadata values outright.
+        raise OutputError("metadata keys and values must be strings", where="output")
 
 
 def _header_bytes(
     entries: Sequence[Entry], metadata: dict[str, str] | None
 ) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    _check_entries(entries, metadata)
     doc: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offsets: dict[str, tuple[int, int]] = {}
     pos = 0
     for name, code, shape in _order(entries):
-        if name in offsets:
-            raise OutputError(f"tensor {name!r} is planned twice", where="output")
         n = math.prod(shape) * DTYPE_SIZES[code]
         offsets[name] = (pos, pos + n)
         doc[name] = {"dtype": code, "shape": list(shape), "data_offsets": [pos, pos + n]}
@@ -48,7 +78,18 @@ def _header_bytes(
 
 
 def planned_size(entries: Sequence[Entry], metadata: dict[str, str] | None = None) -> int:
-    """The size in bytes of the file `StreamingWriter` will write."""
+    """The size in bytes of the file `StreamingWriter` will write for these entries.
+
+    Args:
+        entries: (name, dtype code, shape) of every tensor.
+        metadata: The metadata that will be passed to the writer (it changes the header size).
+
+    Returns:
+        Header plus data size, exactly the final file size.
+
+    Raises:
+        OutputError: An entry is invalid (duplicate name, unknown dtype, negative dimension).
+    """
     head, offsets = _header_bytes(entries, metadata)
     return len(head) + max((e for _, e in offsets.values()), default=0)
 
@@ -56,27 +97,40 @@ def planned_size(entries: Sequence[Entry], metadata: dict[str, str] | None = Non
 class StreamingWriter:
     """Writes one safetensors file whose layout is fixed at construction.
 
+    The header is written and the file preallocated to its final size on construction; each
+    `write` puts one tensor's bytes at its offset, in any order. Use it as a context manager:
+    on a clean exit it checks every tensor was written; on an exception it only closes the file
+    (the caller writes into an atomic output folder, which discards it).
+
     Args:
-        path: The file to create.
+        path: The file to create (truncated if it exists).
         entries: (name, dtype code, shape) of every tensor the file will hold.
-        metadata: ``__metadata__`` strings; ``format: pt`` is always included.
+        metadata: ``__metadata__`` strings; ``format: pt`` is included unless given.
+
+    Raises:
+        OutputError: An entry is invalid, or the file cannot be created.
     """
 
     def __init__(
         self, path: Path, entries: Sequence[Entry], metadata: dict[str, str] | None = None
     ) -> None:
         self.path = path
-        self._specs = {name: (code, tuple(shape)) for name, code, shape in entries}
         head, self._offsets = _header_bytes(entries, metadata)
+        self._specs = {name: (code, tuple(shape)) for name, code, shape in entries}
         self._data_start = len(head)
         self._written: set[str] = set()
+        self._fd: int | None = None
         total = self._data_start + max((e for _, e in self._offsets.values()), default=0)
         try:
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.pwrite(self._fd, head, 0)
+            # Sizing the file now means the data section reads as zeros until written, and a
+            # full disk shows up here rather than halfway through a long merge (on file
+            # systems that allocate eagerly; elsewhere the file is sparse until written).
             os.ftruncate(self._fd, total)
         except OSError as err:
-            raise OutputError(f"cannot write: {err.strerror}", where=str(path)) from err
+            self._abort()
+            raise OutputError(f"cannot write: {err.strerror or err}", where=str(path)) from err
 
     def __enter__(self) -> StreamingWriter:
         return self
@@ -90,14 +144,27 @@ class StreamingWriter:
         if exc_type is None:
             self.close()
         else:
-            os.close(self._fd)
+            self._abort()
+
+    def _abort(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write one tensor at its planned offset.
 
+        Args:
+            name: A planned tensor name, not yet written.
+            tensor: Its value, of the planned dtype and shape, on any device and with any
+                strides (it is made contiguous on the CPU first).
+
         Raises:
-            OutputError: The name is not planned, was written already, or dtype/shape differ.
+            OutputError: The writer is closed, the name is not planned or was written already,
+                the dtype or shape differ from the plan, or the write fails.
         """
+        if self._fd is None:
+            raise OutputError(f"tensor {name!r} written after close", where=str(self.path))
         if name not in self._specs:
             raise OutputError(f"tensor {name!r} is not in the planned layout", where=str(self.path))
         if name in self._written:
@@ -109,29 +176,42 @@ class StreamingWriter:
                 f"{DTYPE_NAMES[code]} {list(shape)}",
                 where=str(self.path),
             )
-        t = tensor.detach().to("cpu").contiguous()
         start, end = self._offsets[name]
+        if start == end:  # empty tensor: nothing to write
+            self._written.add(name)
+            return
+        t = tensor.detach().to("cpu").contiguous()
+        # Reinterpret as bytes inside torch (bf16 and fp8 have no numpy dtype); the uint8
+        # numpy array then shares the tensor's memory, so no copy is made.
+        mv: memoryview = t.reshape(-1).view(torch.uint8).numpy().data
         pos = self._data_start + start
-        # View the bytes as uint8 (bf16 has no numpy dtype) and write them straight out.
-        raw: bytes | memoryview = t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b""
-        mv = memoryview(raw)
-        while mv:
-            n = os.pwrite(self._fd, mv, pos)
-            mv, pos = mv[n:], pos + n
-        if pos != self._data_start + end:
-            raise OutputError(f"short write for {name!r}", where=str(self.path))
+        try:
+            while mv:
+                # pwrite may write less than asked (Linux caps one call near 2 GiB).
+                n = os.pwrite(self._fd, mv, pos)
+                if n <= 0:
+                    raise OSError(0, "no progress")
+                mv, pos = mv[n:], pos + n
+        except OSError as err:
+            raise OutputError(
+                f"cannot write tensor {name!r}: {err.strerror or err}", where=str(self.path)
+            ) from err
         self._written.add(name)
 
     def close(self) -> None:
-        """Finish the file.
+        """Finish the file; calling it again does nothing.
 
         Raises:
             OutputError: Some planned tensors were never written.
         """
-        os.close(self._fd)
+        if self._fd is None:
+            return
+        self._abort()
         missing = sorted(set(self._specs) - self._written)
         if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise OutputError(
-                f"{len(missing)} planned tensor(s) never written, e.g. {missing[0]}",
+                f"{len(missing)} planned tensor(s) never written, e.g. "
+                f"{', '.join(missing[:5])}{more}",
                 where=str(self.path),
             )

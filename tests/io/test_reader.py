@@ -1,0 +1,216 @@
+"""io.reader: zero-copy mmap views equal to safetensors' tensors; pickle loading kept safe."""
+
+from __future__ import annotations
+
+import json
+import struct
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from mwakit.errors import SourceError
+from mwakit.io.header import read_header
+from mwakit.io.reader import MmapReader, load_pickle_state_dict, pickle_as_safetensors
+
+ALL_DTYPES = [
+    torch.float64, torch.float32, torch.float16, torch.bfloat16,
+    torch.float8_e4m3fn, torch.float8_e5m2,
+    torch.int64, torch.int32, torch.int16, torch.int8,
+    torch.uint64, torch.uint32, torch.uint16, torch.uint8, torch.bool,
+]  # fmt: skip
+
+
+def _random(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    # Random bytes reinterpreted as the dtype cover every bit pattern (NaN payloads too).
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+    raw = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
+    if dtype == torch.bool:
+        raw %= 2
+    return raw.view(dtype).reshape(shape)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _sample(tmp: Path) -> Path:
+    ts = {f"w.{str(d).split('.')[1]}": _random(d, (4, 3, 5), i) for i, d in enumerate(ALL_DTYPES)}
+    ts["scalar"] = torch.tensor(2.5, dtype=torch.bfloat16)
+    ts["empty"] = torch.zeros(0, 4)
+    ts["big"] = _random(torch.float32, (300, 40), 99)  # spans several pages
+    path = tmp / "x.safetensors"
+    save_file(ts, path)
+    return path
+
+
+@pytest.mark.filterwarnings("error")  # no "non-writable buffer" warning from frombuffer
+def test_views_equal_safetensors_bit_for_bit(tmp_path: Path) -> None:
+    path = _sample(tmp_path)
+    ref = load_file(path)
+    h = read_header(path)
+    with MmapReader() as r:
+        for name, info in h.tensors.items():
+            t = r.get(info, path)
+            assert t.dtype == ref[name].dtype
+            assert t.shape == ref[name].shape
+            assert torch.equal(_bytes(t), _bytes(ref[name])), name
+
+
+def test_views_are_zero_copy(tmp_path: Path) -> None:
+    path = _sample(tmp_path)
+    h = read_header(path)
+    infos = [i for i in h.tensors.values() if i.numel]
+    with MmapReader() as r:
+        views = [r.get(i, path) for i in infos]
+        # Every view sits at its file offset inside one mapping of the whole file.
+        base = views[0].data_ptr() - infos[0].start
+        assert base % 4096 == 0, "the mapping starts on a page"
+        for v, i in zip(views, infos, strict=True):
+            assert v.data_ptr() - base == i.start
+        # A second get is the same memory, not a fresh copy.
+        again = r.get(infos[0], path)
+        assert again.data_ptr() == views[0].data_ptr()
+        # Writes stay private (copy-on-write): visible through the mapping, never in the file.
+        big = r.get(h.tensors["big"], path)
+        before = path.read_bytes()
+        big[0, 0] = 12345.0
+        assert r.get(h.tensors["big"], path)[0, 0] == 12345.0
+    assert path.read_bytes() == before
+
+
+def test_empty_and_scalar(tmp_path: Path) -> None:
+    path = _sample(tmp_path)
+    h = read_header(path)
+    with MmapReader() as r:
+        e = r.get(h.tensors["empty"], path)
+        assert e.shape == (0, 4) and e.dtype == torch.float32
+        s = r.get(h.tensors["scalar"], path)
+        assert s.shape == () and s.item() == 2.5
+
+
+def _misaligned(path: Path) -> Path:
+    # A hand-made (valid) file whose F32 tensor starts at an odd offset; the official writer
+    # never does this, but the format allows it.
+    doc = {
+        "u": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+        "f": {"dtype": "F32", "shape": [2], "data_offsets": [1, 9]},
+    }
+    raw = json.dumps(doc).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\x07" + struct.pack("<2f", 1.5, -2.0))
+    return path
+
+
+def test_misaligned_data_is_copied_aligned(tmp_path: Path) -> None:
+    path = _misaligned(tmp_path / "m.safetensors")
+    h = read_header(path)
+    assert h.tensors["f"].start % 4 == 1
+    with MmapReader() as r:
+        f = r.get(h.tensors["f"], path)
+        assert f.data_ptr() % 4 == 0
+        assert f.tolist() == [1.5, -2.0]
+        assert r.get(h.tensors["u"], path).tolist() == [7]
+    with safe_open(path, "pt") as sf:
+        assert torch.equal(sf.get_tensor("f"), f)
+
+
+def test_prefetch_and_release_keep_views_valid(tmp_path: Path) -> None:
+    path = _sample(tmp_path)
+    ref = load_file(path)
+    h = read_header(path)
+    infos = list(h.tensors.values())
+    with MmapReader() as r:
+        r.prefetch(path, infos)
+        r.prefetch(path, [])
+        views = {i.name: r.get(i, path) for i in infos}
+        # Release the first tensor's range (with its margin, past the end of the file here):
+        # pages go, the views refault them from the page cache with the same bytes.
+        r.release(path, infos[:1])
+        r.release(path, infos)
+        r.release(path, [])
+        for name, v in views.items():
+            assert torch.equal(_bytes(v), _bytes(ref[name]))
+
+
+def test_views_outlive_close(tmp_path: Path) -> None:
+    path = _sample(tmp_path)
+    h = read_header(path)
+    r = MmapReader()
+    v = r.get(h.tensors["big"], path)
+    expected = v.clone()
+    r.close()  # the view still holds the mapping: still readable, no crash
+    r.close()
+    assert torch.equal(_bytes(v), _bytes(expected))
+    maps = Path("/proc/self/maps")
+    if maps.exists():  # Linux: the file is unmapped once its last view is gone
+        assert str(path) in maps.read_text()
+        del v
+        assert str(path) not in maps.read_text()
+
+
+def test_file_changed_after_header(tmp_path: Path) -> None:
+    path = _sample(tmp_path)
+    h = read_header(path)
+    path.write_bytes(path.read_bytes()[: h.tensors["big"].start + 8])
+    with MmapReader() as r, pytest.raises(SourceError, match="past the end") as exc:
+        r.get(h.tensors["big"], path)
+    assert exc.value.where == str(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = _sample(tmp_path)
+    info = read_header(path).tensors["big"]
+    with MmapReader() as r, pytest.raises(SourceError, match="cannot map") as exc:
+        r.get(info, tmp_path / "gone.safetensors")
+    assert exc.value.where == str(tmp_path / "gone.safetensors")
+
+
+def test_load_pickle_state_dict(tmp_path: Path) -> None:
+    sd = {"a": torch.randn(3, 4), "b": torch.ones(2, dtype=torch.bfloat16)}
+    path = tmp_path / "adapter_model.bin"
+    torch.save(sd, path)
+    out = load_pickle_state_dict(path)
+    assert out.keys() == sd.keys()
+    for k in sd:
+        assert torch.equal(out[k], sd[k])
+
+
+class _Evil:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (print, ("pwned",))
+
+
+@pytest.mark.parametrize(
+    ("payload", "needle"),
+    [
+        (_Evil(), "cannot load pickle weights safely"),  # weights_only refuses the global
+        (torch.ones(2), "does not hold a state dict"),
+        (None, "cannot load"),  # garbage bytes, written below
+    ],
+)
+def test_load_pickle_refuses(tmp_path: Path, payload: object, needle: str) -> None:
+    path = tmp_path / "adapter_model.bin"
+    if payload is None:
+        path.write_bytes(b"not a pickle at all")
+    else:
+        torch.save(payload, path)
+    with pytest.raises(SourceError, match=needle) as exc:
+        load_pickle_state_dict(path)
+    assert exc.value.where == str(path)
+
+
+def test_pickle_as_safetensors(tmp_path: Path) -> None:
+    sd = {"a": torch.randn(3, 4), "b": torch.randn(4, 4)[:, 1]}  # a non-contiguous view
+    path = tmp_path / "adapter_model.bin"
+    torch.save(sd, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = pickle_as_safetensors(path)
+    assert out == pickle_as_safetensors(path), "converted once, then reused"
+    loaded = load_file(out)
+    assert all(torch.equal(loaded[k], sd[k]) for k in sd)
