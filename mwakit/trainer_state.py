@@ -1,11 +1,14 @@
 """Metrics of a Trainer checkpoint, read from its ``trainer_state.json``. No torch.
 
 Facts (shared/reference/formats.md §3): ``log_history`` holds train entries
-``{loss, grad_norm, learning_rate, epoch, step}`` (``loss`` is the mean since the previous log),
-eval entries ``{eval_loss, eval_*, epoch, step}`` and a final summary with ``train_loss``. Within
-a step the Trainer logs, then evaluates, then saves, so checkpoint-N already holds the step-N
-evaluation. A root ``trainer_state.json`` covers the whole run, hence the filter by step. The
-JSON may contain NaN/Infinity; those values are kept and rejected later with the checkpoint name.
+``{loss, grad_norm, learning_rate, epoch, step}`` (``loss`` is the mean since the previous log,
+so the last one may be older than the checkpoint), eval entries ``{eval_loss, eval_*, epoch,
+step}`` and a final summary with ``train_loss``. Within a step the Trainer logs, then
+evaluates, then saves, so checkpoint-N already holds the step-N evaluation. A root
+``trainer_state.json`` covers the whole run, hence every entry is filtered by step. TRL trainers
+add their keys (``rewards/accuracies``, ``eval_rewards/margins``) to the same entries. The JSON
+may contain NaN/Infinity; those values are kept here and rejected later by the weighting step,
+whose error names the checkpoint.
 """
 
 from __future__ import annotations
@@ -19,12 +22,22 @@ from typing import Any
 
 from mwakit.errors import SourceError
 
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_STATE_FILE = "trainer_state.json"
+
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+_FIX = "restore the file the Trainer wrote, or give the metrics in the recipe (metrics: {...})"
 
 
 def step_from_name(name: str) -> int | None:
-    """The step in a ``checkpoint-<step>`` folder name, else None."""
-    m = _CHECKPOINT.match(name)
+    """Parse the step out of a ``checkpoint-<step>`` folder name.
+
+    Args:
+        name: A folder name (not a path), e.g. ``checkpoint-500``.
+
+    Returns:
+        The step, or None when the whole name is not ``checkpoint-<digits>``.
+    """
+    m = _CHECKPOINT.fullmatch(name)
     return int(m.group(1)) if m else None
 
 
@@ -33,9 +46,11 @@ class CheckpointMetrics:
     """Metrics found for one checkpoint.
 
     Attributes:
-        step: The checkpoint's global step, if known.
-        metrics: Metric name → value (``step``, ``loss``, ``eval_*``, other logged keys).
-        source: The trainer_state.json used, or None.
+        step: The checkpoint's global step (``global_step``, else the folder name), if known.
+        metrics: Metric name → value: ``step``, ``epoch``, ``loss``, the other keys of the last
+            train log (``grad_norm``, ``learning_rate``, ``mean_token_accuracy``, …),
+            ``eval_*`` and ``train_loss``. Values may be NaN/Inf.
+        source: The trainer_state.json used, or None when there was none.
     """
 
     step: int | None
@@ -44,45 +59,106 @@ class CheckpointMetrics:
 
 
 def _num(v: Any) -> float | None:
+    """The value as a float when it is a JSON number (bools are not metrics), else None."""
     if isinstance(v, bool) or not isinstance(v, int | float):
         return None
     return float(v)
 
 
+def _mean(xs: list[float]) -> float:
+    # fsum raises on inf + -inf; plain sum gives the NaN the weighting step reports by name.
+    if all(math.isfinite(x) for x in xs):
+        return math.fsum(xs) / len(xs)
+    return sum(xs) / len(xs)
+
+
+def _load(path: Path) -> dict[str, Any]:
+    """Parse trainer_state.json (NaN/Infinity allowed) into its top-level object."""
+    try:
+        # json.loads accepts NaN/Infinity, which the Trainer writes for diverged runs.
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SourceError(
+            f"{_STATE_FILE} is unreadable ({err})", where=str(path), fix=_FIX
+        ) from err
+    if not isinstance(state, dict):
+        raise SourceError(
+            f"{_STATE_FILE} holds a JSON {type(state).__name__}, not an object",
+            where=str(path),
+            fix=_FIX,
+        )
+    return state
+
+
+def _history(state: dict[str, Any], path: Path) -> list[tuple[float, dict[str, Any]]]:
+    """Check ``log_history`` and pair each entry with its step."""
+    history = state.get("log_history")
+    if not isinstance(history, list):
+        raise SourceError(f"{_STATE_FILE} has no log_history list", where=str(path), fix=_FIX)
+    out: list[tuple[float, dict[str, Any]]] = []
+    for i, entry in enumerate(history):
+        # Trainer.log always adds "step"; without it an entry cannot be placed in time.
+        step = _num(entry.get("step")) if isinstance(entry, dict) else None
+        if step is None:
+            raise SourceError(
+                f"log_history[{i}] is not an object with a numeric step",
+                where=str(path),
+                fix=_FIX,
+            )
+        out.append((step, entry))
+    return out
+
+
+def _global_step(state: dict[str, Any], name_step: int | None, path: Path) -> int | None:
+    gs = state.get("global_step")
+    if gs is None:
+        return name_step
+    if isinstance(gs, bool) or not isinstance(gs, int) or gs < 0:
+        raise SourceError(
+            f"global_step is {gs!r}, not a non-negative integer", where=str(path), fix=_FIX
+        )
+    return gs
+
+
 def read_metrics(checkpoint_dir: Path, *, loss_window: int = 1) -> CheckpointMetrics:
     """Read a checkpoint's metrics from its ``trainer_state.json``.
 
+    The step is ``global_step``, else the ``checkpoint-<step>`` folder name. Log entries after
+    the step are ignored (a root trainer_state.json covers the whole run). ``loss`` is the last
+    logged train loss at or before the step (the mean of the last ``loss_window`` ones), and the
+    other numeric keys of that last train entry keep their names. ``eval_*`` keys come from the
+    evaluation at the step, else from the latest one before it; every entry logged at that
+    evaluation step is merged, since a dict ``eval_dataset`` logs one entry per dataset.
+    ``train_loss`` comes from the end-of-training summary. Non-numeric values are skipped;
+    NaN/Inf values are kept.
+
     Args:
-        checkpoint_dir: The ``checkpoint-<step>/`` folder.
-        loss_window: Average the last n logged training losses at or before the step.
+        checkpoint_dir: The ``checkpoint-<step>/`` folder (or any folder holding a
+            trainer_state.json).
+        loss_window: How many of the last logged training losses to average (≥ 1).
+
+    Returns:
+        The step, the metrics and the file they came from. Without trainer_state.json the
+        metrics hold only ``step`` (when the folder name gives one) and the source is None.
 
     Raises:
-        SourceError: trainer_state.json exists but is malformed.
+        SourceError: trainer_state.json exists but is not valid JSON, or its fields have the
+            wrong types.
+        ValueError: ``loss_window`` is below 1 (the recipe validates it first).
     """
+    if loss_window < 1:
+        raise ValueError(f"loss_window must be ≥ 1, got {loss_window}")
     name_step = step_from_name(checkpoint_dir.name)
-    path = checkpoint_dir / "trainer_state.json"
+    path = checkpoint_dir / _STATE_FILE
     if not path.is_file():
         found = {} if name_step is None else {"step": float(name_step)}
         return CheckpointMetrics(step=name_step, metrics=found, source=None)
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise SourceError(
-            f"trainer_state.json is unreadable ({err})",
-            where=str(path),
-            fix="restore the file the Trainer wrote, or give metrics in the recipe",
-        ) from err
-    history = state.get("log_history") if isinstance(state, dict) else None
-    if not isinstance(history, list) or not all(isinstance(e, dict) for e in history):
-        raise SourceError(
-            "trainer_state.json has no log_history list",
-            where=str(path),
-            fix="restore the file the Trainer wrote, or give metrics in the recipe",
-        )
-    gs = state.get("global_step")
-    step = int(gs) if isinstance(gs, int) and not isinstance(gs, bool) else name_step
-    limit = step if step is not None else math.inf
-    entries = [e for e in history if (_num(e.get("step")) or 0) <= limit]
+
+    state = _load(path)
+    history = _history(state, path)
+    step = _global_step(state, name_step, path)
+    limit = math.inf if step is None else step
+    entries = [(s, e) for s, e in history if s <= limit]
 
     metrics: dict[str, float] = {}
     if step is not None:
@@ -90,22 +166,25 @@ def read_metrics(checkpoint_dir: Path, *, loss_window: int = 1) -> CheckpointMet
     epoch = _num(state.get("epoch"))
     if epoch is not None:
         metrics["epoch"] = epoch
-    train = [e for e in entries if _num(e.get("loss")) is not None]
+
+    train = [e for _, e in entries if _num(e.get("loss")) is not None]
     if train:
-        last = train[-1]
-        for k, v in last.items():
+        for k, v in train[-1].items():
+            # step/epoch describe the log, not the checkpoint; loss is windowed below.
             if k not in ("step", "epoch", "loss") and (x := _num(v)) is not None:
                 metrics[k] = x
-        window = [float(e["loss"]) for e in train[-loss_window:]]
-        metrics["loss"] = math.fsum(window) / len(window)
-    evals = [e for e in entries if any(k.startswith("eval_") for k in e)]
+        metrics["loss"] = _mean([float(e["loss"]) for e in train[-loss_window:]])
+
+    evals = [(s, e) for s, e in entries if any(k.startswith("eval_") for k in e)]
     if evals:
-        at_step = [e for e in evals if _num(e.get("step")) == step]
-        chosen = at_step[-1] if at_step else evals[-1]
-        for k, v in chosen.items():
-            if k.startswith("eval_") and (x := _num(v)) is not None:
-                metrics[k] = x
-    for e in entries:
+        at = step if any(s == step for s, _ in evals) else max(s for s, _ in evals)
+        for s, e in evals:
+            if s == at:
+                for k, v in e.items():
+                    if k.startswith("eval_") and (x := _num(v)) is not None:
+                        metrics[k] = x
+
+    for _, e in entries:
         if (x := _num(e.get("train_loss"))) is not None:
             metrics["train_loss"] = x
     return CheckpointMetrics(step=step, metrics=metrics, source=str(path))
