@@ -10,13 +10,13 @@ low 16 bits of the values in that bucket, which pins the exact value.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
 
 from mwakit.lowrank import dense_delta
+from mwakit.methods.sparsify import keep_count
 from mwakit.planner import FullTask, LoraTask, Plan
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ def model_thresholds(plan: Plan, ld: _Loader, dtype: torch.dtype) -> dict[str, l
         bits = d.view(torch.int32)
         hi[i] += torch.bincount((bits >> 16).to(torch.int64), minlength=1 << 16)
         total[i] += d.numel()
-    ks = [max(1, math.ceil(density * t)) for t in total]
+    ks = [max(1, keep_count(density, t)) for t in total]
     buckets = [_kth_bucket(h, k) for h, k in zip(hi, ks, strict=True)]
     lo = [torch.zeros(1 << 16, dtype=torch.int64) for _ in range(n)]
     for i, d in _deltas(plan, ld, dtype):

@@ -13,5 +13,11 @@ from mwakit.methods.registry import MergeMethod, get_method, method_names, regis
 # Importing the method modules registers them; the order is the order `mwakit methods` lists.
 from mwakit.methods import linear as _linear  # noqa: F401  isort: skip
 from mwakit.methods import mwa as _mwa  # noqa: F401  isort: skip
+from mwakit.methods import task_arithmetic as _task_arithmetic  # noqa: F401  isort: skip
+from mwakit.methods import ties as _ties  # noqa: F401  isort: skip
+from mwakit.methods import dare as _dare  # noqa: F401  isort: skip
+from mwakit.methods import magnitude_prune as _magnitude_prune  # noqa: F401  isort: skip
+from mwakit.methods import breadcrumbs as _breadcrumbs  # noqa: F401  isort: skip
+from mwakit.methods import della as _della  # noqa: F401  isort: skip
 
 __all__ = ["MergeMethod", "get_method", "method_names", "register"]

@@ -1,0 +1,283 @@
+"""Pure helpers shared by the task-vector methods: trims, seeded drops, sign consensus.
+
+Every function here is a pure function of its arguments (randomness comes only from an explicit
+seed), works on any device, and never mutates its inputs unless its name ends in ``_``.
+Magnitude trims find the k-th largest |δ| with `torch.kthvalue` (O(n)), never a full sort.
+The only sort is in `della_keep_probs`: DELLA's keep probabilities are a function of each
+element's rank, and a rank is a full order by definition.
+
+This module imports torch at the top, so method modules import it inside ``merge`` only
+(`import mwakit.methods` must stay torch-free).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+# ---------------------------------------------------------------------------------------------
+# Counts and seeds
+
+
+def keep_count(fraction: float, n: int) -> int:
+    """How many of ``n`` elements the top ``fraction`` is: ⌈fraction·n⌉, at least 1 when n > 0.
+
+    The product is rounded to 6 decimals first so that 0.3·10 = 3.0000000000000004 counts as 3
+    and not 4 (float noise must not keep an extra element).
+    """
+    if n <= 0:
+        return 0
+    return min(n, max(1, math.ceil(round(fraction * n, 6))))
+
+
+def outlier_count(fraction: float, n: int) -> int:
+    """How many of ``n`` elements the top ``fraction`` of outliers is: ⌊fraction·n⌋ (may be 0)."""
+    return min(n, math.floor(round(fraction * n, 6)))
+
+
+def derive_seed(seed: int, key: str, index: int) -> int:
+    """A 63-bit seed from (recipe seed, tensor name, checkpoint index).
+
+    A stable hash (BLAKE2b), never Python's salted ``hash()``: the same recipe gives the same
+    masks in every process, and each tensor's masks do not depend on the order tensors are
+    processed in.
+    """
+    digest = hashlib.blake2b(f"{seed}\x1f{key}\x1f{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Task vectors
+
+
+def task_vectors(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor | None, dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """δ_i = θ_i − θ_0 in ``dtype`` (base None: the inputs already are the deltas).
+
+    Always returns fresh tensors the caller may modify in place: inputs may be memory-mapped
+    views of the files, and ``t.to(dtype)`` returns ``t`` itself when the dtype already matches.
+    The subtraction is done after the cast, exactly as `mwakit.thresholds` computes |δ| for
+    whole-model thresholds, so a threshold equal to an element compares exactly.
+    """
+    if base is None:
+        return [t.to(dtype, copy=True) for t in tensors]
+    b = base.to(dtype)
+    return [t.to(dtype) - b for t in tensors]
+
+
+def finish(
+    delta: torch.Tensor, base: torch.Tensor | None, dtype: torch.dtype, scale: float = 1.0
+) -> torch.Tensor:
+    """θ_0 + scale·δ in ``dtype`` (base None: scale·δ)."""
+    out = delta if scale == 1.0 else delta.mul_(scale)
+    return out if base is None else out.add_(base.to(dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Magnitude trims
+
+
+def kth_largest_abs(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest |x| (1 ≤ k ≤ numel) as a 0-d tensor, by `kthvalue` (no sort)."""
+    flat = x.abs().reshape(-1)
+    return torch.kthvalue(flat, flat.numel() - k + 1).values
+
+
+def magnitude_mask(
+    x: torch.Tensor, density: float, threshold: float | None = None
+) -> torch.Tensor | None:
+    """Keep mask of the top ``density`` fraction of |x|: |x| ≥ the ⌈density·n⌉-th largest.
+
+    Elements tied with the k-th largest are all kept, so the mask may keep a few more than k
+    (the same rule as a whole-model threshold, which cannot break ties either).
+
+    Args:
+        x: The task vector.
+        density: Fraction to keep, in (0, 1].
+        threshold: A precomputed threshold (``trim_scope: model``): keep |x| ≥ threshold.
+
+    Returns:
+        A bool mask, or None when everything is kept (density 1, no threshold).
+    """
+    if threshold is not None:
+        return x.abs() >= threshold
+    k = keep_count(density, x.numel())
+    if k >= x.numel():
+        return None
+    return x.abs() >= kth_largest_abs(x, k)
+
+
+def band_mask(
+    x: torch.Tensor, density: float, gamma: float, threshold: float | None = None
+) -> torch.Tensor | None:
+    """Breadcrumbs mask: the top ``density`` of |x| without its top ``gamma`` (the outliers).
+
+    Keeps kth(⌈density·n⌉) ≤ |x| < kth(⌊gamma·n⌋), i.e. the magnitude ranks in
+    [gamma, density). Elements tied with the outlier cut are dropped with it.
+
+    Args:
+        x: The task vector.
+        density: Top fraction the band starts from, in (0, 1].
+        gamma: Top fraction dropped as outliers, in [0, density).
+        threshold: A precomputed lower cut (``trim_scope: model``); the outlier cut stays per
+            tensor, since one whole-model cut could spend the whole outlier budget on one
+            tensor (embeddings).
+
+    Returns:
+        A bool mask, or None when everything is kept.
+    """
+    low = magnitude_mask(x, density, threshold)
+    n_top = outlier_count(gamma, x.numel())
+    if n_top == 0:
+        return low
+    high = x.abs() < kth_largest_abs(x, n_top)
+    return high if low is None else low.logical_and_(high)
+
+
+# ---------------------------------------------------------------------------------------------
+# Random drops (DARE, DELLA)
+
+
+def seeded_uniform(shape: torch.Size, seed: int, device: torch.device) -> torch.Tensor:
+    """U[0, 1) float32 draws from a CPU generator, moved to ``device``.
+
+    Drawn on the CPU so that a merge on a GPU gives the very same masks, bit for bit, as one on
+    the CPU (CUDA generators produce a different stream for the same seed).
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.rand(shape, generator=gen, dtype=torch.float32).to(device)
+
+
+def bernoulli_keep(
+    shape: torch.Size, keep_prob: float | torch.Tensor, seed: int, device: torch.device
+) -> torch.Tensor:
+    """A seeded keep mask: element j is kept with probability ``keep_prob`` (scalar or tensor).
+
+    u_j < p_j with u_j ~ U[0, 1), so p = 1 keeps everything and p = 0 nothing.
+    """
+    return seeded_uniform(shape, seed, device) < keep_prob
+
+
+def dare_rescale(delta: torch.Tensor, keep: torch.Tensor, drop_rate: float) -> torch.Tensor:
+    """DARE: zero the dropped elements and scale the kept ones by 1/(1 − p).
+
+    1/(1 − p) keeps the expectation of every element (the paper's rescale); mergekit instead
+    rescales to restore the L1 norm of the tensor.
+    """
+    return torch.where(keep, delta / (1.0 - drop_rate), 0.0)
+
+
+def della_keep_probs(x: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA keep probabilities: linear in each element's |x| rank within its row.
+
+    p = density − ε + 2ε · rank/(m − 1), rank 0 = smallest |x| of the row (m elements), so the
+    largest magnitudes get density + ε. Rows are the first dimension (a 1-D tensor is one row;
+    higher dimensions are flattened after the first). Ties are ranked by position (stable), so
+    the result is the same on every device.
+
+    Returns:
+        float32 probabilities of x's shape, on x's device.
+    """
+    rows = x.reshape(1, -1) if x.dim() < 2 else x.reshape(x.shape[0], -1)
+    m = rows.shape[1]
+    if epsilon == 0.0 or m < 2:
+        # Constant probability: no ranks needed (and m = 1 has no spread to rank over).
+        return torch.full(x.shape, density, dtype=torch.float32, device=x.device)
+    # A rank is a full order: this is the one sort in the task-vector code (not a trim).
+    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    ranks = torch.empty_like(order).scatter_(
+        1, order, torch.arange(m, device=x.device).expand(rows.shape[0], m)
+    )
+    probs = (density - epsilon) + (2.0 * epsilon / (m - 1)) * ranks.to(torch.float32)
+    return probs.clamp_(0.0, 1.0).reshape(x.shape)
+
+
+def della_rescale(delta: torch.Tensor, keep: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Zero the dropped elements and scale each kept one by 1/p_keep (its own probability)."""
+    # where() picks the kept branch only, so a p = 0 element (never kept) cannot leak inf/NaN.
+    return torch.where(keep, delta / probs.to(delta.dtype), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# TIES consensus
+
+
+def _sign(w: float) -> float:
+    return 1.0 if w > 0 else -1.0
+
+
+def elect_signs(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """TIES sign election by mass: γ = sign(Σ_i w_i δ̂_i), in {−1, +1}.
+
+    Where the mass is exactly zero, γ is the majority sign of the tensor, sign(Σ_j γ_j) over the
+    non-zero elections (the paper's ``resolve_zero_signs``), and +1 on a tie. Such elements
+    either are zero in every δ̂_i (the mean is 0 whatever γ is) or cancel exactly.
+    PEFT elects on the unweighted Σ δ̂_i; weighting by w_i lets a checkpoint with a larger weight
+    carry more of the vote, and makes a zero-weight checkpoint vote for nothing.
+    """
+    mass = torch.zeros_like(deltas[0])
+    for d, w in zip(deltas, weights, strict=True):
+        if w != 0.0:
+            mass.add_(d, alpha=w)
+    gamma = torch.sign(mass)
+    majority = 1.0 if float(gamma.sum(dtype=torch.float64)) >= 0 else -1.0
+    return gamma.masked_fill_(gamma == 0, majority)
+
+
+def disjoint_mean(
+    deltas: Sequence[torch.Tensor], weights: Sequence[float], signs: torch.Tensor
+) -> torch.Tensor:
+    """TIES disjoint mean: Σ_i w_i δ̂_i [agree_i] / Σ_i |w_i| [agree_i], 0 where none agree.
+
+    Checkpoint i agrees where sign(w_i δ̂_i) = γ and δ̂_i ≠ 0 (trimmed or dropped zeros never
+    count in the denominator). For w ≥ 0 this is the paper's Σ w δ̂ [agree] / Σ w [agree]; the
+    |w_i| and sign(w_i) only matter for negative weights (a negated task vector then agrees
+    where its negation does, and the denominator cannot cancel to 0).
+    """
+    num = torch.zeros_like(deltas[0])
+    den = torch.zeros_like(deltas[0])
+    for d, w in zip(deltas, weights, strict=True):
+        if w == 0.0:
+            continue
+        agree = torch.sign(d).mul_(_sign(w)) == signs
+        num.add_(torch.where(agree, d, 0.0), alpha=w)
+        den.add_(agree.to(den.dtype), alpha=abs(w))
+    # den > 0 exactly where some checkpoint agrees; elsewhere num is 0 too.
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
+
+
+def ties_consensus(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Sign election then disjoint mean of already sparsified task vectors."""
+    return disjoint_mean(deltas, weights, elect_signs(deltas, weights))
+
+
+def sparse_sum(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    base: torch.Tensor | None,
+    dtype: torch.dtype,
+    sparsify: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Σ_i w_i s_i(δ_i), holding one task vector at a time; zero weights are skipped.
+
+    Args:
+        tensors: θ_i (or the task vectors when ``base`` is None), any float dtype.
+        weights: w_i.
+        base: θ_0 or None.
+        dtype: Compute dtype.
+        sparsify: s_i(δ) given the checkpoint index; it must not modify δ in place (δ may be
+            the caller's input tensor). None: the identity.
+    """
+    acc = torch.zeros(tensors[0].shape, dtype=dtype, device=tensors[0].device)
+    b = None if base is None else base.to(dtype)
+    for i, (t, w) in enumerate(zip(tensors, weights, strict=True)):
+        if w == 0.0:
+            # Skipped, not multiplied by 0: a zero weight cannot even turn an inf into NaN.
+            continue
+        d = t.to(dtype) if b is None else t.to(dtype) - b
+        acc.add_(d if sparsify is None else sparsify(i, d), alpha=w)
+    return acc
