@@ -245,5 +245,62 @@ def methods(as_json: bool) -> None:
         click.echo("")
 
 
+@main.command()
+@click.argument("checkpoint", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--base",
+    "base",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder of the base model the adapter was trained on.",
+)
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help='JSONL: {"text": ...}, {"prompt": ..., "completion": ...} or {"input_ids": [...]}.',
+)
+@click.option("--max-examples", default=64, show_default=True, help="Examples to average over.")
+@click.option(
+    "--sampled",
+    is_flag=True,
+    help="Sample labels from the model (true Fisher) instead of the data's (empirical).",
+)
+@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--out-name",
+    default="fisher.safetensors",
+    show_default=True,
+    help="File written beside the checkpoint (the fisher method's fisher_file).",
+)
+@_handle_errors
+def fisher(
+    checkpoint: Path,
+    base: Path,
+    data: Path,
+    max_examples: int,
+    sampled: bool,
+    seed: int,
+    out_name: str,
+) -> None:
+    """Estimate the diagonal Fisher of CHECKPOINT's trainable tensors for `method: fisher`.
+
+    The Fisher is the mean over examples of the squared gradient of log p(y|x), saved beside
+    the checkpoint with the adapter's own keys.
+    """
+    from mwakit.fisher_estimate import estimate_fisher
+
+    out = estimate_fisher(
+        base,
+        checkpoint,
+        data,
+        max_examples=max_examples,
+        empirical=not sampled,
+        seed=seed,
+        out_name=out_name,
+    )
+    click.echo(f"wrote {out}")
+
+
 if __name__ == "__main__":
     main()

@@ -19,5 +19,9 @@ from mwakit.methods import dare as _dare  # noqa: F401  isort: skip
 from mwakit.methods import magnitude_prune as _magnitude_prune  # noqa: F401  isort: skip
 from mwakit.methods import breadcrumbs as _breadcrumbs  # noqa: F401  isort: skip
 from mwakit.methods import della as _della  # noqa: F401  isort: skip
+from mwakit.methods import slerp as _slerp  # noqa: F401  isort: skip
+from mwakit.methods import model_stock as _model_stock  # noqa: F401  isort: skip
+from mwakit.methods import fisher as _fisher  # noqa: F401  isort: skip
+from mwakit.methods import sparse as _sparse  # noqa: F401  isort: skip
 
 __all__ = ["MergeMethod", "get_method", "method_names", "register"]

@@ -1,0 +1,128 @@
+"""SLERP: spherical linear interpolation between two checkpoints.
+
+Formula, per tensor flattened to a vector, with cos Ω = ⟨θ_1, θ_2⟩ / (‖θ_1‖ ‖θ_2‖):
+θ = sin((1 − t)Ω)/sin Ω · θ_1 + sin(tΩ)/sin Ω · θ_2, and the plain lerp
+θ = (1 − t) θ_1 + t θ_2 where the vectors are nearly colinear (|cos Ω| > 1 − ``eps``: sin Ω
+would be ~0) or either has norm 0 (no direction to rotate). t = 0 gives θ_1 and t = 1 gives
+θ_2, bit for bit.
+Space: delta (adapters: on ΔW_i, then re-factorised by SVD) or full. It is not linear in the
+inputs, so LoRA factors cannot be interpolated directly.
+Reference: Shoemake 1985, Animating rotation with quaternion curves (SIGGRAPH); the
+model-merging use follows mergekit's ``slerp``.
+
+Where mwakit deliberately differs from mergekit:
+- Computed with torch on the tensors' own device in the recipe's ``dtype``; mergekit
+  round-trips every tensor through numpy float32 on the CPU, even with ``--cuda``.
+- The two checkpoints are the two ends; mergekit requires ``base_model`` to be one of them
+  (its t = 0 end). A ``base`` passed here is ignored: SLERP does not use task vectors.
+- The colinearity cut-off is ``eps`` = 1e-6 on |cos Ω| (mergekit: 0.9995, i.e. 5e-4). The
+  cut-off only has to keep sin Ω away from 0: the SLERP coefficients depend on Ω at second
+  order, so a rounded Ω near colinear barely moves them (the sines are taken in float64), and
+  the lerp fallback differs from SLERP by O(Ω²) there.
+- A zero-norm tensor gives the lerp; mergekit leaves it unnormalised, so its cosine is 0 and
+  it rotates by 90° (θ = sin(tπ/2)·θ_2 when θ_1 = 0).
+- ``t`` is one number per recipe (or per ``rules:`` entry), not a layer gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mwakit.methods.registry import CheckpointView, MergeMethod, register
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Params(BaseModel):
+    """Parameters of `slerp`."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    t: float = Field(default=0.5, ge=0.0, le=1.0)
+    """Interpolation factor in [0, 1]: 0 gives the first checkpoint, 1 the second."""
+    eps: float = Field(default=1e-6, gt=0.0, lt=1.0)
+    """Fall back to lerp where |cos Ω| > 1 − eps (nearly colinear: sin Ω ≈ 0)."""
+
+
+def weigh(params: Params, checkpoints: Sequence[CheckpointView]) -> list[float]:
+    """The lerp weights (1 − t, t), for the card; `merge` reads ``t`` from the params."""
+    if len(checkpoints) != 2:
+        # The planner rejects other counts before weighing; stay total for other callers.
+        return [1.0] * len(checkpoints)
+    return [1.0 - params.t, params.t]
+
+
+def merge(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    params: Params,
+    *,
+    base: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    key: str = "",
+) -> torch.Tensor:
+    """SLERP of two tensors.
+
+    Args:
+        tensors: θ_1 and θ_2 (any float dtype, same shape).
+        weights: Unused: the interpolation factor is ``params.t``.
+        params: Validated `Params`.
+        base: Ignored (SLERP interpolates the checkpoints themselves).
+        dtype: Compute and result dtype (default float32).
+        key: Tensor name (unused).
+
+    Returns:
+        The interpolated tensor in ``dtype``.
+
+    Raises:
+        ValueError: Not exactly two tensors, or their shapes differ.
+    """
+    import torch
+
+    if len(tensors) != 2:
+        raise ValueError(f"slerp takes exactly 2 checkpoints, got {len(tensors)}")
+    a_in, b_in = tensors
+    if a_in.shape != b_in.shape:
+        raise ValueError(f"slerp needs equal shapes, got {list(a_in.shape)} and {list(b_in.shape)}")
+    dt = dtype or torch.float32
+    t = params.t
+    # The ends are returned as copies, not recomputed: sin(Ω)/sin(Ω) is not exactly 1 in floats.
+    if t == 0.0:
+        return a_in.to(dt, copy=True)
+    if t == 1.0:
+        return b_in.to(dt, copy=True)
+    a, b = a_in.to(dt), b_in.to(dt)
+    na = float(torch.linalg.vector_norm(a))
+    nb = float(torch.linalg.vector_norm(b))
+    if na > 0.0 and nb > 0.0 and math.isfinite(na * nb):
+        cos = float(torch.dot(a.reshape(-1), b.reshape(-1))) / (na * nb)
+        cos = min(1.0, max(-1.0, cos))  # rounding can push |cos| just past 1
+        if abs(cos) <= 1.0 - params.eps:
+            omega = math.acos(cos)
+            sin_omega = math.sin(omega)
+            s_a = math.sin((1.0 - t) * omega) / sin_omega
+            s_b = math.sin(t * omega) / sin_omega
+            return a.mul(s_a).add_(b, alpha=s_b)
+    # Colinear, antipodal or zero-norm: no well-defined rotation plane, interpolate linearly.
+    return a.mul(1.0 - t).add_(b, alpha=t)
+
+
+METHOD = register(
+    MergeMethod(
+        name="slerp",
+        params=Params,
+        merge=merge,
+        weigh=weigh,
+        summary="spherical interpolation between exactly two checkpoints (lerp when colinear)",
+        formula="θ = sin((1−t)Ω)/sin Ω · θ_1 + sin(tΩ)/sin Ω · θ_2, cos Ω = ⟨θ_1,θ_2⟩/‖θ_1‖‖θ_2‖",
+        reference="Shoemake 1985 (SLERP); as in mergekit's slerp",
+        linear=False,
+        spaces=("delta", "full"),
+        inputs=(2, 2),
+    )
+)
