@@ -414,3 +414,17 @@ def test_finite_inputs_give_finite_outputs(
     for b in (None, base):
         out = _merge(name, TYPICAL[name], xs, weights=ws, base=b, key="k")
         assert out.shape == xs[0].shape and bool(torch.isfinite(out).all())
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.floats(-1e6, 1e6, allow_nan=False, width=32), min_size=1, max_size=300),
+    st.data(),
+)
+def test_radix_select_equals_kthvalue(values: list[float], data: st.DataObject) -> None:
+    from mwakit.methods.sparsify import kth_largest_abs
+
+    x = torch.tensor(values, dtype=torch.float32)
+    k = data.draw(st.integers(1, x.numel()))
+    want = torch.kthvalue(x.abs(), x.numel() - k + 1).values
+    assert kth_largest_abs(x, k) == want
