@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mwakit.card import RESOLVED_RECIPE, render_card, resolved_recipe
+from mwakit.card import RESOLVED_RECIPE, resolved_recipe, write_card
+from mwakit.errors import UsageError
 from mwakit.io.atomic import atomic_output_dir, check_target
 from mwakit.planner import Plan, Task, build_plan
-from mwakit.recipe import Recipe, dump_recipe, load_recipe
+from mwakit.recipe import HubTarget, Recipe, dump_recipe, load_recipe
 from mwakit.sources import resolve, resolve_base
 
 if TYPE_CHECKING:
@@ -61,6 +62,8 @@ class RunResult:
     path: Path
     plan: Plan
     stats: ExecStats
+    commit_url: str | None = None
+    """The Hub commit (or pull request) URL when the output was pushed."""
 
 
 def _as_recipe(recipe: Recipe | str | Path) -> Recipe:
@@ -87,6 +90,8 @@ def run(
     overwrite: bool | None = None,
     on_task: Callable[[int, Task], None] | None = None,
     on_plan: Callable[[Plan], None] | None = None,
+    push: bool | None = None,
+    hub: HubTarget | None = None,
 ) -> RunResult:
     """Plan and execute a merge into an output folder, atomically.
 
@@ -101,11 +106,23 @@ def run(
         overwrite: Overrides ``output.overwrite``.
         on_task: Progress callback, called after each tensor group is written.
         on_plan: Called once with the plan, before any tensor byte is read.
+        push: Upload the finished folder to the Hub; None (default) pushes iff a target is
+            set (``hub`` or ``output.hub``), False never pushes.
+        hub: Overrides ``output.hub`` (the push target).
 
     Raises:
-        MwakitError: Any recipe, source, metric, plan, tensor or output problem.
+        UsageError: ``push=True`` with no target.
+        MwakitError: Any recipe, source, metric, plan, tensor, output or Hub problem. A failed
+            upload leaves the output folder complete (`HubError`, with the retry command).
     """
     r = _as_recipe(recipe)
+    dest = None if push is False else (hub or r.output.hub)
+    if push and dest is None:
+        dest = hub_target(None)  # raises the usage error: nowhere to push
+    if dest is not None:
+        from mwakit.hub import preflight
+
+        preflight(dest)  # fail before the merge when pushing cannot work (no token)
     if output is not None or overwrite is not None:
         out = r.output.model_copy(
             update={
@@ -131,5 +148,71 @@ def run(
             )
         text = dump_recipe(resolved_recipe(p))
         (tmp / RESOLVED_RECIPE).write_text(text, encoding="utf-8")
-        (tmp / "README.md").write_text(render_card(p, text, stats.rel_errors), encoding="utf-8")
-    return RunResult(path=target, plan=p, stats=stats)
+        write_card(p, tmp, text, stats.rel_errors)
+    # The upload starts only once the local folder is complete; if it fails, the folder stays
+    # and the error says how to retry with `mwakit push`.
+    url = _push(target, dest) if dest is not None else None
+    return RunResult(path=target, plan=p, stats=stats, commit_url=url)
+
+
+def hub_target(
+    repo_id: str | None = None,
+    *,
+    base: HubTarget | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    create_pr: bool | None = None,
+) -> HubTarget:
+    """A push target from ``base`` (e.g. ``output.hub``) with the given fields overridden.
+
+    Raises:
+        UsageError: No repo id at all, or an invalid combination (create_pr with revision).
+    """
+    from pydantic import ValidationError
+
+    data = base.model_dump() if base is not None else {}
+    given = {
+        "repo_id": repo_id,
+        "private": private,
+        "revision": revision,
+        "commit_message": commit_message,
+        "create_pr": create_pr,
+    }
+    data.update({k: v for k, v in given.items() if v is not None})
+    if not data.get("repo_id"):
+        raise UsageError(
+            "no Hub repo to push to",
+            where="--push",
+            fix="set output.hub.repo_id in the recipe, or pass --repo-id org/name",
+        )
+    try:
+        return HubTarget.model_validate(data)
+    except ValidationError as err:
+        msgs = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'hub'}: {e['msg'].removeprefix('Value error, ')}"
+            for e in err.errors()
+        )
+        raise UsageError(msgs, where="push options", fix="correct the push options") from err
+
+
+def push(folder: str | Path, target: HubTarget | str) -> str:
+    """Upload a finished output folder to the Hub in one commit.
+
+    Args:
+        folder: An output folder written by `run` (or any folder to upload as is).
+        target: ``output.hub`` settings, or just a repo id (private repo, default branch).
+
+    Returns:
+        The URL of the commit, or of the pull request with ``create_pr``.
+
+    Raises:
+        HubError: No token, no access, network failure; the message says how to retry.
+    """
+    return _push(folder, hub_target(target) if isinstance(target, str) else target)
+
+
+def _push(folder: str | Path, target: HubTarget) -> str:
+    from mwakit import hub  # huggingface_hub is imported only when something is pushed
+
+    return hub.push(folder, target)

@@ -1,16 +1,51 @@
-"""The model card (README.md) and the resolved recipe written beside a merged checkpoint."""
+"""The model card (README.md) and the resolved recipe written beside a merged checkpoint.
+
+The card's YAML front matter is what the Hub reads for a merged adapter (``base_model``,
+``base_model_relation: adapter``, ``library_name: peft``, ``tags``, ``pipeline_tag``); the body
+says what was merged and how, with a table of checkpoints, the weights plot, the sha256 of every
+input file, and the recipe as run with the command that reproduces it.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import re
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from mwakit import __version__
 from mwakit.planner import Plan
+from mwakit.plot import PLOT_FILE, plot_metric, plot_weights
 from mwakit.recipe import Recipe
+from mwakit.sources import Checkpoint
 
 RESOLVED_RECIPE = "mwakit.yaml"
+CARD_FILE = "README.md"
+
+#: PEFT ``task_type`` → the Hub's ``pipeline_tag``.
+PIPELINE_TAGS = {
+    "CAUSAL_LM": "text-generation",
+    "SEQ_2_SEQ_LM": "text2text-generation",
+    "SEQ_CLS": "text-classification",
+    "TOKEN_CLS": "token-classification",
+    "QUESTION_ANS": "question-answering",
+    "FEATURE_EXTRACTION": "feature-extraction",
+}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_CHUNK = 1 << 20
+#: Logged values that say nothing about a checkpoint's quality, left out of the table.
+_NOISE = (
+    "epoch",
+    "grad_norm",
+    "learning_rate",
+    "eval_runtime",
+    "eval_samples_per_second",
+    "eval_steps_per_second",
+)
 
 _READINGS = {
     "power": "w_i = q_i^p / Σ_j q_j^p with q = 1/metric for lower-is-better metrics, q = metric "
@@ -21,16 +56,21 @@ _READINGS = {
 
 
 def resolved_recipe(plan: Plan) -> Recipe:
-    """The recipe as run: explicit checkpoints (absolute paths) with the metrics used.
+    """The recipe as run: explicit checkpoints with the metrics used.
 
-    Re-running it reproduces the merge even when ``select:`` would now find other folders or
-    trainer_state.json files are gone.
+    Local checkpoints get absolute paths, Hub ones ``hf://org/repo@<sha>/subfolder`` pinned to
+    the commit they resolved to, so a re-run fetches exactly the same bytes. Re-running it
+    reproduces the merge even when ``select:`` would now find other folders or trainer_state.json
+    files are gone. ``output.hub`` is dropped: re-running a published recipe must not publish.
     """
     data = plan.recipe.to_yaml_dict()
     data.pop("select", None)
+    data["output"].pop("hub", None)
+    if plan.base is not None and plan.base.revision is not None:
+        data["base_model"] = plan.base.pinned_ref
     data["checkpoints"] = [
         {
-            "path": str(c.path.resolve()),
+            "path": c.pinned_ref,
             **({"metrics": dict(c.metrics)} if c.metrics else {}),
             **({"weight": c.weight} if c.weight is not None else {}),
         }
@@ -44,14 +84,89 @@ def _fmt(v: float | None) -> str:
     return "" if v is None else f"{v:.6g}"
 
 
-def render_card(plan: Plan, recipe_yaml: str, rel_errors: dict[str, float]) -> str:
-    """README.md for the merged adapter: Hub front matter, method, weights table, recipe."""
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB chunks.
+
+    A file in a Hub cache snapshot links to ``blobs/<sha256>`` when it is stored with LFS/Xet
+    (every weights file): that name is the sha256 the Hub checked at download, so it is used
+    as is instead of reading the file again.
+    """
+    if path.is_symlink():
+        target = path.resolve()
+        if target.parent.name == "blobs" and _SHA256.match(target.name):
+            return target.name
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _inputs(c: Checkpoint) -> list[Path]:
+    extra = [c.path / n for n in ("adapter_config.json", "trainer_state.json")]
+    return [*c.files, *(f for f in extra if f.is_file())]
+
+
+def fingerprints(plan: Plan) -> list[tuple[str, str, str, int]]:
+    """(checkpoint, file name, sha256, size) of every input file: weights, adapter config,
+    trainer state, and the base model's weights."""
+    cks = [*plan.checkpoints, *([plan.base] if plan.base is not None else [])]
+    return [(c.name, f.name, sha256_file(f), f.stat().st_size) for c in cks for f in _inputs(c)]
+
+
+def _front_matter(plan: Plan) -> dict[str, Any]:
     front: dict[str, Any] = {}
-    if plan.base_model:
-        front["base_model"] = plan.base_model
     full = plan.kind == "full"
+    base = plan.base_model
+    # The Hub accepts only repo ids here; a local path (the usual adapter base in tests or
+    # offline work) is named in the body instead.
+    if base and _REPO_ID.match(base) and not Path(base).exists():
+        front["base_model"] = base
+        front["base_model_relation"] = "merge" if full else "adapter"
     front["library_name"] = "transformers" if full else "peft"
     front["tags"] = ["mwakit", "merge", *([] if full else ["lora"]), plan.method.name]
+    task = plan.adapter_config.get("task_type") if not full else None
+    if isinstance(task, str) and task in PIPELINE_TAGS:
+        front["pipeline_tag"] = PIPELINE_TAGS[task]
+    return front
+
+
+def write_card(
+    plan: Plan, folder: Path, recipe_yaml: str, rel_errors: dict[str, float]
+) -> list[Path]:
+    """Write the weights plot and README.md into an output folder.
+
+    Returns:
+        The files written.
+    """
+    png = plot_weights(plan, folder / PLOT_FILE)
+    card = folder / CARD_FILE
+    text = render_card(
+        plan, recipe_yaml, rel_errors, plot=PLOT_FILE, fingerprints=fingerprints(plan)
+    )
+    card.write_text(text, encoding="utf-8")
+    return [png, card]
+
+
+def render_card(
+    plan: Plan,
+    recipe_yaml: str,
+    rel_errors: dict[str, float],
+    *,
+    plot: str | None = None,
+    fingerprints: Sequence[tuple[str, str, str, int]] = (),
+) -> str:
+    """README.md for the merged checkpoint: Hub front matter, method, checkpoints, recipe.
+
+    Args:
+        plan: The merge plan.
+        recipe_yaml: The resolved recipe text (``mwakit.yaml``).
+        rel_errors: Relative truncation error per module (delta space re-factorised).
+        plot: The weights plot's file name in the folder, to link.
+        fingerprints: (checkpoint, file, sha256, size) of each input file.
+    """
+    full = plan.kind == "full"
+    front = _front_matter(plan)
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", ""]
     title = plan.recipe.name or ("Merged model" if full else "Merged LoRA adapter")
     lines += [f"# {title}", ""]
@@ -64,6 +179,8 @@ def render_card(plan: Plan, recipe_yaml: str, rel_errors: dict[str, float]) -> s
         f"- Formula: `{plan.method.formula}`",
         f"- Reference: {plan.method.reference}",
     ]
+    if plan.base_model and "base_model" not in front:
+        lines.append(f"- Base model: `{plan.base_model}`")
     params = plan.params.model_dump(mode="json")
     mwa = params if plan.method.name == "mwa" else None
     if plan.recipe.weighting is not None:
@@ -97,15 +214,24 @@ def render_card(plan: Plan, recipe_yaml: str, rel_errors: dict[str, float]) -> s
             f"at `{worst[0]}`"
         )
     metric_names = sorted({k for c in plan.checkpoints for k in c.metrics})
-    shown = [m for m in ("step", "loss", "eval_loss") if m in metric_names] + [
-        m for m in metric_names if m not in ("step", "loss", "eval_loss")
+    # The weighting metric first, then the usual ones; step has its own column.
+    first = list(dict.fromkeys([plot_metric(plan) or "loss", "loss", "eval_loss"]))
+    shown = [m for m in first if m in metric_names and m != "step"] + [
+        m for m in metric_names if m not in (*first, "step", *_NOISE)
     ][:3]
     lines += ["", "## Checkpoints", ""]
-    lines.append("| checkpoint | " + " | ".join(shown) + " | weight |")
-    lines.append("|---" * (len(shown) + 2) + "|")
+    lines.append("| checkpoint | source | revision | step | " + " | ".join(shown) + " | weight |")
+    lines.append("|---" * (len(shown) + 5) + "|")
     for c, w in zip(plan.checkpoints, plan.weights, strict=True):
         cells = [_fmt(c.metrics.get(m)) for m in shown]
-        lines.append(f"| `{c.ref}` | " + " | ".join(cells) + f" | {w:.6f} |")
+        step = "" if c.step is None else str(c.step)
+        rev = f"`{c.revision}`" if c.revision else "local"
+        lines.append(
+            f"| {c.name} | `{c.ref}` | {rev} | {step} | " + " | ".join(cells) + f" | {w:.6f} |"
+        )
+    if plot:
+        metric = plot_metric(plan) or "step"
+        lines += ["", f"![Weight of each checkpoint against {metric}]({plot})"]
     if plan.recipe.rules:
         lines += [
             "",
@@ -114,6 +240,10 @@ def render_card(plan: Plan, recipe_yaml: str, rel_errors: dict[str, float]) -> s
         ]
     if plan.warnings:
         lines += ["", "## Notes", ""] + [f"- {w}" for w in plan.warnings]
+    if fingerprints:
+        lines += ["", "## Input fingerprints", "", "| checkpoint | file | bytes | sha256 |"]
+        lines.append("|---|---|---|---|")
+        lines += [f"| {c} | {f} | {n} | `{h}` |" for c, f, h, n in fingerprints]
     lines += [
         "",
         "## Reproduce",
@@ -123,7 +253,8 @@ def render_card(plan: Plan, recipe_yaml: str, rel_errors: dict[str, float]) -> s
         f"mwakit run {RESOLVED_RECIPE}",
         "```",
         "",
-        f"The recipe as run (`{RESOLVED_RECIPE}` in this folder):",
+        f"The recipe as run (`{RESOLVED_RECIPE}` in this folder; Hub inputs pinned to the "
+        "commit they resolved to, `output.hub` left out so a re-run does not publish):",
         "",
         "```yaml",
         recipe_yaml.rstrip(),

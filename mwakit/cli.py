@@ -72,6 +72,8 @@ def main(debug: bool) -> None:
     mwakit validate recipe.yaml   check the recipe, report every problem
     mwakit plan recipe.yaml       dry run: weights per checkpoint, per-tensor plan
     mwakit run recipe.yaml        merge into output.path (adapter + model card)
+    mwakit init RUN_DIR|hf://REPO print a commented recipe for a run's checkpoints
+    mwakit push DIR --repo-id ID  upload a merged folder to the Hub
     mwakit inspect PATH           describe a checkpoint or a run folder
     mwakit methods                list merge methods and their params
     """
@@ -132,13 +134,25 @@ def _plan_text(plan: Any) -> str:
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the whole plan as JSON.")
+@click.option(
+    "--plot",
+    "plot_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also draw the weights against the metric into this PNG (the model card's plot).",
+)
 @_handle_errors
-def plan(recipe: Path, as_json: bool) -> None:
-    """Dry run: resolve weights and plan every tensor of RECIPE; writes nothing."""
+def plan(recipe: Path, as_json: bool, plot_file: Path | None) -> None:
+    """Dry run: resolve weights and plan every tensor of RECIPE; writes nothing but --plot."""
     from mwakit import api
 
     p = api.plan(recipe)
     click.echo(json.dumps(p.to_json(), indent=2) if as_json else _plan_text(p))
+    if plot_file is not None:
+        from mwakit.plot import plot_weights
+
+        plot_weights(p, plot_file)
+        if not as_json:
+            click.echo(f"plot: {plot_file}")
 
 
 @main.command()
@@ -146,11 +160,28 @@ def plan(recipe: Path, as_json: bool) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Override output.path.")
 @click.option("-f", "--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option(
+    "--push/--no-push",
+    default=None,
+    help="Upload the finished folder to the Hub (default: push iff output.hub or --repo-id "
+    "is set).",
+)
+@click.option("--repo-id", help="Hub repo to push to (overrides output.hub.repo_id).")
 @_handle_errors
-def run(recipe: Path, output: Path | None, force: bool, quiet: bool) -> None:
-    """Merge the checkpoints of RECIPE into its output folder."""
+def run(
+    recipe: Path,
+    output: Path | None,
+    force: bool,
+    quiet: bool,
+    push: bool | None,
+    repo_id: str | None,
+) -> None:
+    """Merge the checkpoints of RECIPE into its output folder (then push it, see --push)."""
     from mwakit import api
+    from mwakit.recipe import load_recipe
 
+    r = load_recipe(recipe)
+    hub = api.hub_target(repo_id, base=r.output.hub) if repo_id else None
     bar: Any = None
 
     def on_plan(p: Any) -> None:
@@ -168,11 +199,13 @@ def run(recipe: Path, output: Path | None, force: bool, quiet: bool) -> None:
 
     try:
         res = api.run(
-            recipe,
+            r,
             output=output,
             overwrite=True if force else None,
             on_task=on_task,
             on_plan=on_plan,
+            push=push,
+            hub=hub,
         )
     finally:
         if bar is not None:
@@ -184,6 +217,81 @@ def run(recipe: Path, output: Path | None, force: bool, quiet: bool) -> None:
             f"({res.plan.lora_mode}) into {res.path} — {s.tasks} tensor groups, "
             f"{s.bytes_written / 1e6:.1f} MB written in {s.seconds:.2f} s on {s.device}"
         )
+    if res.commit_url:
+        click.echo(f"pushed: {res.commit_url}")
+
+
+@main.command()
+@click.argument("output_dir", type=click.Path(path_type=Path))
+@click.option("--repo-id", required=True, help="Hub repo, org/name (created if missing).")
+@click.option(
+    "--private/--public",
+    default=None,
+    help="Visibility of a new repo (default: private); an existing repo keeps its own.",
+)
+@click.option("--revision", help="Branch to commit to (created if missing; default: main).")
+@click.option("--create-pr", is_flag=True, default=None, help="Open a pull request instead.")
+@click.option("-m", "--commit-message", help="Commit message.")
+@_handle_errors
+def push(
+    output_dir: Path,
+    repo_id: str,
+    private: bool | None,
+    revision: str | None,
+    create_pr: bool | None,
+    commit_message: str | None,
+) -> None:
+    """Upload OUTPUT_DIR (a folder `mwakit run` wrote) to the Hub in one commit.
+
+    The token comes from HF_TOKEN or `hf auth login`; it is never printed or written.
+    """
+    from mwakit import api
+
+    target = api.hub_target(
+        repo_id,
+        private=private,
+        revision=revision,
+        commit_message=commit_message,
+        create_pr=create_pr,
+    )
+    click.echo(f"pushed: {api.push(output_dir, target)}")
+
+
+@main.command()
+@click.argument("target")
+@click.option("--method", default="mwa", show_default=True, help="Merge method.")
+@click.option("--metric", default="loss", show_default=True, help="Metric that weighs.")
+@click.option("--penalty", default=0.7, show_default=True, type=float, help="MWA penalty p.")
+@click.option(
+    "--last",
+    default=10,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Keep the last N checkpoints.",
+)
+@click.option("--output", "output_path", help="output.path in the recipe [out/<run>-<method>].")
+@_handle_errors
+def init(
+    target: str,
+    method: str,
+    metric: str,
+    penalty: float,
+    last: int,
+    output_path: str | None,
+) -> None:
+    """Print a commented recipe for the checkpoints of TARGET (a run folder or hf://org/repo).
+
+    Each checkpoint's metrics are shown as comments; redirect to a file and run it:
+    `mwakit init runs/x > recipe.yaml && mwakit run recipe.yaml`.
+    """
+    from mwakit.scaffold import scaffold
+
+    click.echo(
+        scaffold(
+            target, method=method, metric=metric, penalty=penalty, last=last, output=output_path
+        ),
+        nl=False,
+    )
 
 
 @main.command()

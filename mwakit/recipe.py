@@ -33,11 +33,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _hub_ref(v: str | None) -> str | None:
+    """Check an ``hf://org/repo[@revision][/subfolder]`` reference (local paths pass as is)."""
+    from mwakit.hub import is_hf_ref, parse_hf_ref  # light: huggingface_hub is not imported
+
+    if v is not None and is_hf_ref(v):
+        parse_hf_ref(v)
+    return v
+
+
 class CheckpointSpec(_Strict):
     """One input checkpoint."""
 
     path: str = Field(min_length=1)
-    """Local folder (a Trainer ``checkpoint-<step>/`` or a PEFT adapter folder)."""
+    """Local folder (a Trainer ``checkpoint-<step>/`` or a PEFT adapter folder), or a Hub
+    reference ``hf://org/repo[@revision][/subfolder]``."""
     metrics: dict[str, float] | None = None
     """Metrics for weighting; when absent they are read from trainer_state.json."""
     weight: float | None = None
@@ -49,6 +59,8 @@ class CheckpointSpec(_Strict):
         # `- runs/x/checkpoint-800` is the friendliest way to list checkpoints.
         return {"path": v} if isinstance(v, str) else v
 
+    _path = field_validator("path")(_hub_ref)
+
 
 class Select(_Strict):
     """Discover ``checkpoint-<step>/`` folders of a run, sorted by step.
@@ -57,9 +69,12 @@ class Select(_Strict):
     """
 
     run: str = Field(min_length=1)
+    """A run folder, or a Hub repo (``hf://org/repo[@revision][/subfolder]``) holding them."""
     last: PositiveInt | None = None
     every: PositiveInt | None = None
     steps: tuple[int, int] | None = None
+
+    _run = field_validator("run")(_hub_ref)
 
     @field_validator("steps")
     @classmethod
@@ -118,6 +133,30 @@ class Weighting(_Strict):
         return v
 
 
+class HubTarget(_Strict):
+    """Where ``mwakit run`` (after a successful write) or ``mwakit push`` uploads the output."""
+
+    repo_id: str = Field(pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """``org/name`` (or ``name`` in your own namespace); created if missing."""
+    private: bool = True
+    """A new repo is private unless set to false; an existing repo keeps its visibility."""
+    revision: str | None = Field(default=None, min_length=1)
+    """Branch to commit to (created from the default branch if missing); default: main."""
+    commit_message: str | None = Field(default=None, min_length=1)
+    """Default: "Upload <folder> (merged with mwakit <version>)"."""
+    create_pr: bool = False
+    """Open a pull request instead of committing to the branch (not with ``revision``)."""
+
+    @model_validator(mode="after")
+    def _pr_or_branch(self) -> HubTarget:
+        if self.create_pr and self.revision:
+            raise ValueError(
+                "create_pr and revision cannot be combined: a pull request targets the "
+                "default branch"
+            )
+        return self
+
+
 class Output(_Strict):
     """Where and how the merged checkpoint is written."""
 
@@ -125,6 +164,8 @@ class Output(_Strict):
     overwrite: bool = False
     shard_size: str = "5GB"
     """Full models: the largest output shard, units spelled out ("500MB", "5GB", "2GiB")."""
+    hub: HubTarget | None = None
+    """Upload the output folder to the Hub after a successful write (``--no-push`` skips)."""
 
     @field_validator("shard_size")
     @classmethod
@@ -161,8 +202,11 @@ class Recipe(_Strict):
     weighting: Weighting | None = None
     """Where per-checkpoint weights come from, for any method (default: the method's own)."""
     base_model: str | None = None
-    """Full models: the base θ_0 that task-vector methods subtract (a model folder)."""
+    """Full models: the base θ_0 that task-vector methods subtract (a model folder, or
+    ``hf://org/repo[@revision][/subfolder]``)."""
     output: Output
+
+    _base_model = field_validator("base_model")(_hub_ref)
 
     @field_validator("device")
     @classmethod

@@ -1,8 +1,10 @@
 """Sources: turn the recipe's checkpoint references into local folders with metrics.
 
-A reference is a local folder: a Trainer ``checkpoint-<step>/`` or any PEFT adapter folder.
-``select:`` discovers the ``checkpoint-<step>/`` folders of a run, sorted by step. Metrics come
-from the recipe when given, else from the checkpoint's ``trainer_state.json``.
+A reference is a local folder (a Trainer ``checkpoint-<step>/`` or any PEFT adapter folder) or a
+Hub reference ``hf://org/repo[@revision][/subfolder]``, downloaded through `mwakit.hub` (only
+the files a checkpoint needs) and recorded with the commit sha it resolved to. ``select:``
+discovers the ``checkpoint-<step>/`` folders of a run, or of a Hub repo, sorted by step. Metrics
+come from the recipe when given, else from the checkpoint's ``trainer_state.json``.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
+from mwakit import hub
 from mwakit.errors import SourceError
 from mwakit.recipe import CheckpointSpec, Recipe, Select
 from mwakit.trainer_state import read_metrics, step_from_name
@@ -24,6 +27,7 @@ MODEL_SAFETENSORS = "model.safetensors"
 MODEL_INDEX = "model.safetensors.index.json"
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 Kind = Literal["adapter", "full"]
+_T = TypeVar("_T")
 
 
 def model_files(folder: Path) -> tuple[Path, ...] | None:
@@ -64,7 +68,11 @@ def resolve_base(recipe: Recipe) -> Checkpoint | None:
     """
     if recipe.base_model is None:
         return None
-    folder = Path(recipe.base_model)
+    revision = None
+    if hub.is_hf_ref(recipe.base_model):
+        folder, revision = hub.download(hub.parse_hf_ref(recipe.base_model))
+    else:
+        folder = Path(recipe.base_model)
     files = model_files(folder) if folder.is_dir() else None
     if files is None:
         raise SourceError(
@@ -82,6 +90,7 @@ def resolve_base(recipe: Recipe) -> Checkpoint | None:
         weight=None,
         files=files,
         kind="full",
+        revision=revision,
     )
 
 
@@ -101,6 +110,8 @@ class Checkpoint:
             into a cached safetensors file so planning and streaming work the same), the
             shards in index order for a full model.
         kind: ``adapter`` (PEFT folder) or ``full`` (a whole model's weights).
+        revision: For a Hub source, the commit sha ``ref`` resolved to (``ref`` stays as
+            written); None for a local folder.
     """
 
     ref: str
@@ -112,6 +123,15 @@ class Checkpoint:
     weight: float | None
     files: tuple[Path, ...]
     kind: Kind = "adapter"
+    revision: str | None = None
+
+    @property
+    def pinned_ref(self) -> str:
+        """The reference that fetches the same bytes again: ``hf://org/repo@<sha>/subfolder``
+        for a Hub source, the absolute folder for a local one."""
+        if self.revision is not None and hub.is_hf_ref(self.ref):
+            return hub.pin(self.ref, self.revision)
+        return str(self.path.resolve())
 
 
 def discover(select: Select) -> list[Path]:
@@ -132,6 +152,11 @@ def discover(select: Select) -> list[Path]:
         for p in run.iterdir()
         if p.is_dir() and (m := _CHECKPOINT_DIR.match(p.name))
     )
+    return _apply_select(found, select)
+
+
+def _apply_select(found: list[tuple[int, _T]], select: Select) -> list[_T]:
+    """Filter (step, item) pairs sorted by step: ``steps`` range, then ``every``, then ``last``."""
     if not found:
         raise SourceError(
             "no checkpoint-<step>/ folders in the run",
@@ -152,6 +177,23 @@ def discover(select: Select) -> list[Path]:
             fix="widen `steps:`, or lower `every:`",
         )
     return [p for _, p in found]
+
+
+def discover_hub(select: Select) -> list[str]:
+    """The ``checkpoint-<step>`` folders of a Hub repo that ``select`` keeps, sorted by step.
+
+    Returns:
+        Their references, ``hf://org/repo[@revision]/checkpoint-<step>``, as written (unpinned).
+
+    Raises:
+        SourceError: No checkpoint is left after filtering.
+        HubError: The repo cannot be listed (not found, gated, offline with nothing cached, …).
+    """
+    ref = hub.parse_hf_ref(select.run)
+    paths = hub.list_checkpoints(ref.repo_id, ref.revision, ref.subfolder)
+    found = [(int(p.rsplit("-", 1)[1]), p) for p in paths]
+    kept = _apply_select(found, select)
+    return [str(hub.HfRef(ref.repo_id, ref.revision, p)) for p in kept]
 
 
 def _weights_file(folder: Path, ref: str, allow_pickle: bool) -> Path:
@@ -177,8 +219,18 @@ def _weights_file(folder: Path, ref: str, allow_pickle: bool) -> Path:
     )
 
 
-def _resolve_one(spec: CheckpointSpec, loss_window: int, allow_pickle: bool) -> Checkpoint:
-    folder = Path(spec.path)
+def _resolve_one(
+    spec: CheckpointSpec,
+    loss_window: int,
+    allow_pickle: bool,
+    local: tuple[Path, str] | None = None,
+) -> Checkpoint:
+    """Resolve one checkpoint; ``local`` is the downloaded folder and sha of a Hub source."""
+    folder = Path(spec.path) if local is None else local[0]
+    name = folder.name
+    if local is not None:
+        ref = hub.parse_hf_ref(spec.path)
+        name = ref.subfolder.rsplit("/", 1)[-1] if ref.subfolder else ref.repo_id.split("/")[1]
     if not folder.is_dir():
         raise SourceError(
             "checkpoint folder not found",
@@ -205,18 +257,48 @@ def _resolve_one(spec: CheckpointSpec, loss_window: int, allow_pickle: bool) -> 
         source = "recipe" if not read.metrics else f"recipe + {read.source or 'folder name'}"
     else:
         source = read.source or ("folder name" if read.metrics else "none")
-    step = read.step if read.step is not None else step_from_name(folder.name)
+    step = read.step if read.step is not None else step_from_name(name)
     return Checkpoint(
         ref=spec.path,
         path=folder,
-        name=folder.name,
+        name=name,
         step=step,
         metrics=metrics,
         metrics_source=source,
         weight=spec.weight,
         files=files,
         kind=kind,
+        revision=None if local is None else local[1],
     )
+
+
+def _download_all(specs: list[CheckpointSpec], recipe: Recipe) -> dict[str, tuple[Path, str]]:
+    """Download the Hub sources among ``specs``: one snapshot per repo and revision.
+
+    Returns:
+        Reference → (local folder, commit sha) for every ``hf://`` spec.
+    """
+    files = list(hub.CHECKPOINT_FILES)
+    if recipe.allow_pickle:
+        files.append(ADAPTER_PICKLE)
+    fisher = recipe.params.get("fisher_file")
+    if isinstance(fisher, str) and fisher not in files:
+        files.append(fisher)
+    groups: dict[tuple[str, str | None], list[str]] = {}
+    for spec in specs:
+        if hub.is_hf_ref(spec.path):
+            ref = hub.parse_hf_ref(spec.path)
+            groups.setdefault((ref.repo_id, ref.revision), []).append(spec.path)
+    out: dict[str, tuple[Path, str]] = {}
+    for (repo_id, revision), texts in groups.items():
+        refs = [hub.parse_hf_ref(t) for t in texts]
+        root, sha = hub.fetch(repo_id, revision, [r.subfolder for r in refs], files)
+        for text, ref in zip(texts, refs, strict=True):
+            folder = root / ref.subfolder if ref.subfolder else root
+            if not folder.is_dir() or not any(folder.iterdir()):
+                raise hub.missing_folder(ref, sha)
+            out[text] = (folder, sha)
+    return out
 
 
 def _unique_names(checkpoints: list[Checkpoint]) -> list[Checkpoint]:
@@ -227,7 +309,11 @@ def _unique_names(checkpoints: list[Checkpoint]) -> list[Checkpoint]:
         return checkpoints
     out = []
     for c in checkpoints:
-        parts = c.path.resolve().parts
+        if c.revision is not None and hub.is_hf_ref(c.ref):
+            ref = hub.parse_hf_ref(c.ref)
+            parts = (ref.repo_id.split("/")[1], *(ref.subfolder or "").split("/"))
+        else:
+            parts = c.path.resolve().parts
         out.append(
             Checkpoint(**{**c.__dict__, "name": "/".join(parts[-2:]) if len(parts) > 1 else c.name})
         )
@@ -239,13 +325,22 @@ def _unique_names(checkpoints: list[Checkpoint]) -> list[Checkpoint]:
 def resolve(recipe: Recipe) -> list[Checkpoint]:
     """Resolve every checkpoint of a recipe to a local folder with its metrics.
 
+    Hub sources are downloaded first (only the files a checkpoint needs), one snapshot per
+    repo and revision.
+
     Raises:
         SourceError: A folder or file is missing or unreadable.
+        HubError: A Hub source cannot be listed or downloaded.
     """
-    if recipe.select is not None:
+    if recipe.select is not None and hub.is_hf_ref(recipe.select.run):
+        specs = [CheckpointSpec(path=r) for r in discover_hub(recipe.select)]
+    elif recipe.select is not None:
         specs = [CheckpointSpec(path=str(p)) for p in discover(recipe.select)]
     else:
         assert recipe.checkpoints is not None
         specs = recipe.checkpoints
-    resolved = [_resolve_one(s, recipe.loss_window, recipe.allow_pickle) for s in specs]
+    local = _download_all(specs, recipe)
+    resolved = [
+        _resolve_one(s, recipe.loss_window, recipe.allow_pickle, local.get(s.path)) for s in specs
+    ]
     return _unique_names(resolved)

@@ -23,7 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
 
-
 def trainer_state(
     global_step: int,
     losses: Sequence[tuple[int, float]],

@@ -112,7 +112,13 @@ def test_run_writes_folder_then_refuses_to_overwrite(tmp_path: Path, run_dir: Pa
     assert res.exit_code == 0, res.output
     out = tmp_path / "out"
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["README.md", "adapter_config.json", "adapter_model.safetensors", "mwakit.yaml"]
+    assert names == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "mwakit.yaml",
+        "weights.png",
+    ]
     before = (out / "adapter_model.safetensors").read_bytes()
     res = _invoke("run", str(recipe))
     assert res.exit_code == 1
@@ -131,8 +137,10 @@ def test_card_front_matter_and_table(tmp_path: Path, run_dir: Path) -> None:
     card = (tmp_path / "out" / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
     assert front["library_name"] == "peft"
-    assert {"mwakit", "merge"} <= set(front["tags"])
-    assert front["base_model"]
+    assert {"mwakit", "merge", "lora", "mwa"} <= set(front["tags"])
+    assert front["pipeline_tag"] == "text-generation"
+    # The tiny base is a local path: the Hub takes only repo ids, so the body names it.
+    assert "base_model" not in front and "- Base model: `/" in card
     assert "transform: power" in card and "0.470588" in card
     assert "```yaml" in card
 

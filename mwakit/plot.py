@@ -1,0 +1,79 @@
+"""The weights plot: each checkpoint's merge weight against the metric that weighted it.
+
+Drawn with matplotlib's object-oriented API on the Agg canvas (no pyplot, no global backend
+change), imported only when a plot is drawn. The model card embeds it as ``weights.png``;
+``mwakit plan --plot FILE`` draws the same figure.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mwakit.planner import Plan
+
+PLOT_FILE = "weights.png"
+
+
+def plot_metric(plan: Plan) -> str | None:
+    """The metric that weighted the checkpoints (MWA's ``metric``), or None."""
+    if plan.recipe.weighting is not None:
+        from mwakit.methods.mwa import Params as MwaParams
+
+        return MwaParams.model_validate(plan.recipe.weighting.mwa).metric
+    metric = getattr(plan.params, "metric", None)
+    return metric if isinstance(metric, str) else None
+
+
+def _axis(plan: Plan) -> tuple[str, list[float]]:
+    """The x axis: the weighting metric, else the step, else the checkpoint's position."""
+    metric = plot_metric(plan)
+    for name in (metric, "step"):
+        if name is None:
+            continue
+        xs = [
+            c.metrics.get(name, float(c.step) if name == "step" and c.step is not None else None)
+            for c in plan.checkpoints
+        ]
+        if all(x is not None for x in xs):
+            return name, [float(x) for x in xs if x is not None]
+    return "checkpoint", [float(i) for i in range(len(plan.checkpoints))]
+
+
+def plot_weights(plan: Plan, path: str | Path) -> Path:
+    """Draw each checkpoint's weight against its metric value into a PNG file.
+
+    Points are labelled with the step (or name) of their checkpoint; the x axis is the MWA
+    metric, else the step, else the checkpoint's position in the recipe.
+
+    Args:
+        plan: The merge plan (its checkpoints, metrics and final weights).
+        path: The PNG file to write.
+
+    Returns:
+        The path written.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    name, xs = _axis(plan)
+    ws = list(plan.weights)
+    fig = Figure(figsize=(6.4, 4.0), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.vlines(xs, 0, ws, colors="#9db4d3", linewidth=2)
+    ax.plot(xs, ws, "o", color="#1f5fa8")
+    for c, x, w in zip(plan.checkpoints, xs, ws, strict=True):
+        label = f"step {c.step}" if c.step is not None else c.name
+        ax.annotate(label, (x, w), textcoords="offset points", xytext=(0, 6), ha="center",
+                    fontsize=8)  # fmt: skip
+    ax.set_xlabel(name)
+    ax.set_ylabel("weight")
+    ax.set_ylim(min([*ws, 0.0]) * 1.2, max([*ws, 0.0]) * 1.2 or 1.0)
+    ax.set_title(f"{plan.method.name}: weight of each checkpoint against {name}")
+    ax.grid(alpha=0.3)
+    out = Path(path)
+    # No "Software" entry, so the PNG does not change with the matplotlib version.
+    fig.savefig(out, format="png", metadata={"Software": None})
+    return out
