@@ -76,6 +76,7 @@ def main(debug: bool) -> None:
     mwakit push DIR --repo-id ID  upload a merged folder to the Hub
     mwakit inspect PATH           describe a checkpoint or a run folder
     mwakit methods                list merge methods and their params
+    mwakit fisher CKPT --base B --data D.jsonl   estimate a Fisher for `method: fisher`
     """
 
 
