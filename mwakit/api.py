@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mwakit.card import RESOLVED_RECIPE, resolved_recipe, write_card
+from mwakit.card import RESOLVED_RECIPE, resolved_recipe, write_assets, write_card
 from mwakit.errors import UsageError
 from mwakit.io.atomic import atomic_output_dir, check_target
 from mwakit.planner import Plan, Task, build_plan
@@ -136,10 +137,17 @@ def run(
     p = build_plan(r, resolve(r), resolve_base(r))
     if on_plan is not None:
         on_plan(p)
-    from mwakit.execute import execute  # torch is imported only when a merge really runs
+    with atomic_output_dir(target, r.output.overwrite) as tmp, ThreadPoolExecutor(1) as pool:
+        # Input fingerprints and the plot do not depend on the merge: compute them on a second
+        # core while torch imports and the merge streams (hashing releases the GIL).
+        assets = pool.submit(write_assets, p, tmp)
+        try:
+            from mwakit.execute import execute  # torch is imported only when a merge runs
 
-    with atomic_output_dir(target, r.output.overwrite) as tmp:
-        stats = execute(p, tmp, on_task=on_task)
+            stats = execute(p, tmp, on_task=on_task)
+        except BaseException:
+            assets.cancel()
+            raise
         if p.kind == "full":
             copy_model_files(p, tmp)
         else:
@@ -148,7 +156,7 @@ def run(
             )
         text = dump_recipe(resolved_recipe(p))
         (tmp / RESOLVED_RECIPE).write_text(text, encoding="utf-8")
-        write_card(p, tmp, text, stats.rel_errors)
+        write_card(p, tmp, text, stats.rel_errors, assets.result())
     # The upload starts only once the local folder is complete; if it fails, the folder stays
     # and the error says how to retry with `mwakit push`.
     url = _push(target, dest) if dest is not None else None

@@ -18,7 +18,7 @@ import yaml
 
 from mwakit import __version__
 from mwakit.planner import Plan
-from mwakit.plot import PLOT_FILE, plot_metric, plot_weights
+from mwakit.plot import PLOT_FILE, finish_drawing, plot_metric, start_drawing
 from mwakit.recipe import Recipe
 from mwakit.sources import Checkpoint
 
@@ -131,21 +131,41 @@ def _front_matter(plan: Plan) -> dict[str, Any]:
     return front
 
 
+Fingerprints = list[tuple[str, str, str, int]]
+
+
+def write_assets(plan: Plan, folder: Path) -> Fingerprints:
+    """Draw the weights plot into ``folder`` and fingerprint every input file.
+
+    Neither depends on the merge's result, and together they cost about as much as a LoRA
+    merge (matplotlib's import, one sha256 pass over the inputs), so `mwakit.api.run` runs
+    this on a background thread while the merge streams; the plot itself is drawn in a child
+    process so matplotlib's import does not hold this process's GIL.
+    """
+    proc = start_drawing(plan, folder / PLOT_FILE)
+    prints = fingerprints(plan)  # hashlib releases the GIL: this overlaps the merge for real
+    finish_drawing(proc, plan, folder / PLOT_FILE)
+    return prints
+
+
 def write_card(
-    plan: Plan, folder: Path, recipe_yaml: str, rel_errors: dict[str, float]
+    plan: Plan,
+    folder: Path,
+    recipe_yaml: str,
+    rel_errors: dict[str, float],
+    prints: Fingerprints | None = None,
 ) -> list[Path]:
-    """Write the weights plot and README.md into an output folder.
+    """Write README.md (and, unless ``prints`` says `write_assets` ran, the plot).
 
     Returns:
         The files written.
     """
-    png = plot_weights(plan, folder / PLOT_FILE)
+    if prints is None:
+        prints = write_assets(plan, folder)
     card = folder / CARD_FILE
-    text = render_card(
-        plan, recipe_yaml, rel_errors, plot=PLOT_FILE, fingerprints=fingerprints(plan)
-    )
+    text = render_card(plan, recipe_yaml, rel_errors, plot=PLOT_FILE, fingerprints=prints)
     card.write_text(text, encoding="utf-8")
-    return [png, card]
+    return [folder / PLOT_FILE, card]
 
 
 def render_card(

@@ -7,8 +7,11 @@ change), imported only when a plot is drawn. The model card embeds it as ``weigh
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mwakit.planner import Plan
@@ -41,6 +44,43 @@ def _axis(plan: Plan) -> tuple[str, list[float]]:
     return "checkpoint", [float(i) for i in range(len(plan.checkpoints))]
 
 
+def plot_data(plan: Plan) -> dict[str, Any]:
+    """What the plot shows, as plain data: x axis name and values, weights, labels, title."""
+    name, xs = _axis(plan)
+    return {
+        "name": name,
+        "xs": xs,
+        "ws": list(plan.weights),
+        "labels": [f"step {c.step}" if c.step is not None else c.name for c in plan.checkpoints],
+        "title": f"{plan.method.name}: weight of each checkpoint against {name}",
+    }
+
+
+def draw(data: dict[str, Any], path: str | Path) -> Path:
+    """Draw `plot_data`'s figure into a PNG file."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    xs, ws = data["xs"], data["ws"]
+    fig = Figure(figsize=(6.4, 4.0), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.vlines(xs, 0, ws, colors="#9db4d3", linewidth=2)
+    ax.plot(xs, ws, "o", color="#1f5fa8")
+    for label, x, w in zip(data["labels"], xs, ws, strict=True):
+        ax.annotate(label, (x, w), textcoords="offset points", xytext=(0, 6), ha="center",
+                    fontsize=8)  # fmt: skip
+    ax.set_xlabel(data["name"])
+    ax.set_ylabel("weight")
+    ax.set_ylim(min([*ws, 0.0]) * 1.2, max([*ws, 0.0]) * 1.2 or 1.0)
+    ax.set_title(data["title"])
+    ax.grid(alpha=0.3)
+    out = Path(path)
+    # No "Software" entry, so the PNG does not change with the matplotlib version.
+    fig.savefig(out, format="png", metadata={"Software": None})
+    return out
+
+
 def plot_weights(plan: Plan, path: str | Path) -> Path:
     """Draw each checkpoint's weight against its metric value into a PNG file.
 
@@ -54,26 +94,25 @@ def plot_weights(plan: Plan, path: str | Path) -> Path:
     Returns:
         The path written.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    return draw(plot_data(plan), path)
 
-    name, xs = _axis(plan)
-    ws = list(plan.weights)
-    fig = Figure(figsize=(6.4, 4.0), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.vlines(xs, 0, ws, colors="#9db4d3", linewidth=2)
-    ax.plot(xs, ws, "o", color="#1f5fa8")
-    for c, x, w in zip(plan.checkpoints, xs, ws, strict=True):
-        label = f"step {c.step}" if c.step is not None else c.name
-        ax.annotate(label, (x, w), textcoords="offset points", xytext=(0, 6), ha="center",
-                    fontsize=8)  # fmt: skip
-    ax.set_xlabel(name)
-    ax.set_ylabel("weight")
-    ax.set_ylim(min([*ws, 0.0]) * 1.2, max([*ws, 0.0]) * 1.2 or 1.0)
-    ax.set_title(f"{plan.method.name}: weight of each checkpoint against {name}")
-    ax.grid(alpha=0.3)
-    out = Path(path)
-    # No "Software" entry, so the PNG does not change with the matplotlib version.
-    fig.savefig(out, format="png", metadata={"Software": None})
-    return out
+
+def start_drawing(plan: Plan, path: Path) -> subprocess.Popen[bytes]:
+    """Draw the plot in a child process, so matplotlib's import (about as long as a LoRA
+    merge) runs on another core instead of competing for this process's GIL."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "mwakit.plot", json.dumps(plot_data(plan)), str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def finish_drawing(proc: subprocess.Popen[bytes], plan: Plan, path: Path) -> None:
+    """Wait for `start_drawing`; if the child failed, draw here (errors then surface)."""
+    proc.communicate()
+    if proc.returncode != 0 or not path.is_file():
+        plot_weights(plan, path)
+
+
+if __name__ == "__main__":
+    draw(json.loads(sys.argv[1]), sys.argv[2])
