@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from mwakit.card import RESOLVED_RECIPE, resolved_recipe, write_assets, write_card
 from mwakit.errors import UsageError
 from mwakit.io.atomic import atomic_output_dir, check_target
+from mwakit.io.layout import MODEL_SIDE_FILES
 from mwakit.planner import Plan, Task, build_plan
 from mwakit.recipe import HubTarget, Recipe, dump_recipe, load_recipe
 from mwakit.sources import resolve, resolve_base
@@ -21,19 +22,6 @@ if TYPE_CHECKING:
     from mwakit.execute import ExecStats
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-#: Files of a full model that travel with the merged weights (from the base, else the first).
-_MODEL_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
 
 
 def copy_model_files(p: Plan, out: Path) -> None:
@@ -42,7 +30,7 @@ def copy_model_files(p: Plan, out: Path) -> None:
     ``config.json`` gets the written dtype, so loaders pick the right one.
     """
     src = p.base.path if p.base is not None else p.checkpoints[0].path
-    for name in _MODEL_FILES:
+    for name in MODEL_SIDE_FILES:
         f = src / name
         if not f.is_file():
             continue

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mwakit.errors import HubError
+from mwakit.io.layout import MODEL_SIDE_FILES
 
 if TYPE_CHECKING:
     from mwakit.recipe import HubTarget
@@ -51,15 +52,7 @@ CHECKPOINT_FILES: tuple[str, ...] = (
     "model.safetensors",
     "model.safetensors.index.json",
     _SHARD,
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
+    *MODEL_SIDE_FILES[1:],  # config.json is listed above
     "fisher.safetensors",
 )
 
