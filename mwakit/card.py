@@ -8,7 +8,9 @@ input file, and the recipe as run with the command that reproduces it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -95,11 +97,45 @@ def sha256_file(path: Path) -> str:
         target = path.resolve()
         if target.parent.name == "blobs" and _SHA256.match(target.name):
             return target.name
+    cached = _digest_cache(path)
+    if cached is not None and cached.is_file():
+        digest = cached.read_text(encoding="ascii").strip()
+        if _SHA256.match(digest):
+            return digest
     h = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if cached is not None:
+        # Best effort: a read-only or full cache folder only costs the next run a re-hash.
+        with contextlib.suppress(OSError):
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(f".{os.getpid()}")
+            tmp.write_text(digest, encoding="ascii")
+            tmp.replace(cached)
+    return digest
+
+
+def _digest_cache(path: Path) -> Path | None:
+    """Where the sha256 of this exact file version is remembered, or None (cache off).
+
+    Keyed like git's index: path, size, mtime and inode. Re-running a merge (the usual MWA
+    loop: change the penalty, run again) then costs no second read of gigabytes of inputs.
+    ``MWAKIT_CACHE`` moves the cache (default ``$XDG_CACHE_HOME/mwakit``); ``off`` disables it.
+    """
+    root = os.environ.get("MWAKIT_CACHE") or str(
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mwakit"
+    )
+    if root == "off":
+        return None
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    name = hashlib.sha256(key.encode()).hexdigest()
+    return Path(root) / "sha256" / name[:2] / name
 
 
 def _inputs(c: Checkpoint) -> list[Path]:
