@@ -26,26 +26,11 @@ from mwakit.io.header import (
     read_header,
 )
 
-ALL_DTYPES = [
-    torch.float64, torch.float32, torch.float16, torch.bfloat16,
-    torch.float8_e4m3fn, torch.float8_e5m2,
-    torch.int64, torch.int32, torch.int16, torch.int8,
-    torch.uint64, torch.uint32, torch.uint16, torch.uint8, torch.bool,
-]  # fmt: skip
-
-
-def _random(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
-    # Random bytes reinterpreted as the dtype cover every bit pattern (NaN payloads too).
-    g = torch.Generator().manual_seed(seed)
-    n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
-    raw = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
-    if dtype == torch.bool:
-        raw %= 2
-    return raw.view(dtype).reshape(shape)
+from .samples import ALL_DTYPES, one_of_each
 
 
 def _sample(tmp: Path, metadata: dict[str, str] | None = None) -> Path:
-    ts = {f"w.{str(d).split('.')[1]}": _random(d, (3, 5), i) for i, d in enumerate(ALL_DTYPES)}
+    ts = one_of_each((3, 5))
     ts["scalar"] = torch.tensor(2.5)
     ts["empty"] = torch.zeros(0, 4, dtype=torch.bfloat16)
     ts["vec"] = torch.arange(7, dtype=torch.int32)

@@ -16,33 +16,14 @@ from mwakit.errors import SourceError
 from mwakit.io.header import read_header
 from mwakit.io.reader import MmapReader, load_pickle_state_dict, pickle_as_safetensors
 
-ALL_DTYPES = [
-    torch.float64, torch.float32, torch.float16, torch.bfloat16,
-    torch.float8_e4m3fn, torch.float8_e5m2,
-    torch.int64, torch.int32, torch.int16, torch.int8,
-    torch.uint64, torch.uint32, torch.uint16, torch.uint8, torch.bool,
-]  # fmt: skip
-
-
-def _random(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
-    # Random bytes reinterpreted as the dtype cover every bit pattern (NaN payloads too).
-    g = torch.Generator().manual_seed(seed)
-    n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
-    raw = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
-    if dtype == torch.bool:
-        raw %= 2
-    return raw.view(dtype).reshape(shape)
-
-
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
+from .samples import as_bytes, one_of_each, random_tensor
 
 
 def _sample(tmp: Path) -> Path:
-    ts = {f"w.{str(d).split('.')[1]}": _random(d, (4, 3, 5), i) for i, d in enumerate(ALL_DTYPES)}
+    ts = one_of_each((4, 3, 5))
     ts["scalar"] = torch.tensor(2.5, dtype=torch.bfloat16)
     ts["empty"] = torch.zeros(0, 4)
-    ts["big"] = _random(torch.float32, (300, 40), 99)  # spans several pages
+    ts["big"] = random_tensor(torch.float32, (300, 40), 99)  # spans several pages
     path = tmp / "x.safetensors"
     save_file(ts, path)
     return path
@@ -58,7 +39,7 @@ def test_views_equal_safetensors_bit_for_bit(tmp_path: Path) -> None:
             t = r.get(info, path)
             assert t.dtype == ref[name].dtype
             assert t.shape == ref[name].shape
-            assert torch.equal(_bytes(t), _bytes(ref[name])), name
+            assert torch.equal(as_bytes(t), as_bytes(ref[name])), name
 
 
 def test_views_are_zero_copy(tmp_path: Path) -> None:
@@ -134,7 +115,7 @@ def test_prefetch_and_release_keep_views_valid(tmp_path: Path) -> None:
         r.release(path, infos)
         r.release(path, [])
         for name, v in views.items():
-            assert torch.equal(_bytes(v), _bytes(ref[name]))
+            assert torch.equal(as_bytes(v), as_bytes(ref[name]))
 
 
 def test_views_outlive_close(tmp_path: Path) -> None:
@@ -145,7 +126,7 @@ def test_views_outlive_close(tmp_path: Path) -> None:
     expected = v.clone()
     r.close()  # the view still holds the mapping: still readable, no crash
     r.close()
-    assert torch.equal(_bytes(v), _bytes(expected))
+    assert torch.equal(as_bytes(v), as_bytes(expected))
     maps = Path("/proc/self/maps")
     if maps.exists():  # Linux: the file is unmapped once its last view is gone
         assert str(path) in maps.read_text()

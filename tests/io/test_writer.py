@@ -18,26 +18,7 @@ from mwakit.errors import OutputError
 from mwakit.io.header import DTYPE_SIZES, dtype_code, read_header
 from mwakit.io.writer import Entry, StreamingWriter, planned_size
 
-ALL_DTYPES = [
-    torch.float64, torch.float32, torch.float16, torch.bfloat16,
-    torch.float8_e4m3fn, torch.float8_e5m2,
-    torch.int64, torch.int32, torch.int16, torch.int8,
-    torch.uint64, torch.uint32, torch.uint16, torch.uint8, torch.bool,
-]  # fmt: skip
-
-
-def _random(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
-    # Random bytes reinterpreted as the dtype cover every bit pattern (NaN payloads too).
-    g = torch.Generator().manual_seed(seed)
-    n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
-    raw = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
-    if dtype == torch.bool:
-        raw %= 2
-    return raw.view(dtype).reshape(shape)
-
-
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
+from .samples import ALL_DTYPES, as_bytes, one_of_each, random_tensor
 
 
 def _entries(ts: dict[str, torch.Tensor]) -> list[Entry]:
@@ -45,10 +26,10 @@ def _entries(ts: dict[str, torch.Tensor]) -> list[Entry]:
 
 
 def _tensors() -> dict[str, torch.Tensor]:
-    ts = {f"w.{str(d).split('.')[1]}": _random(d, (3, 7), i) for i, d in enumerate(ALL_DTYPES)}
+    ts = one_of_each((3, 7))
     ts["scalar"] = torch.tensor(-1.25, dtype=torch.bfloat16)
     ts["empty"] = torch.zeros(0, 4)
-    ts["z.odd"] = _random(torch.int8, (3,), 50)  # odd sizes push later tensors off 8 bytes
+    ts["z.odd"] = random_tensor(torch.int8, (3,), 50)  # odd sizes push later tensors off 8 bytes
     return ts
 
 
@@ -58,7 +39,7 @@ def _assert_loads_exactly(path: Path, ts: dict[str, torch.Tensor]) -> None:
         for k, v in ts.items():
             got = f.get_tensor(k)
             assert got.dtype == v.dtype and got.shape == v.shape, k
-            assert torch.equal(_bytes(got), _bytes(v)), k
+            assert torch.equal(as_bytes(got), as_bytes(v)), k
 
 
 @pytest.mark.parametrize("order", ["plan", "reversed", "shuffled"])
@@ -235,7 +216,7 @@ def test_round_trip_property(
     seed: int,
     rnd: random.Random,
 ) -> None:
-    ts = {f"t{i}": _random(d, tuple(s), seed + i) for i, (d, s) in enumerate(specs)}
+    ts = {f"t{i}": random_tensor(d, tuple(s), seed + i) for i, (d, s) in enumerate(specs)}
     path = tmp_path / "p.safetensors"
     names = list(ts)
     rnd.shuffle(names)
