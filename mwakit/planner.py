@@ -25,6 +25,7 @@ from mwakit.methods import MergeMethod, get_method
 from mwakit.methods.registry import CheckpointView
 from mwakit.recipe import Recipe, Rule, parse_size
 from mwakit.sources import Checkpoint
+from mwakit.weights import step_zero_warnings
 
 #: factors: average A and B; concat / svd: exact ΔW as rank concatenation, optionally
 #: re-factorised; dense: a non-linear method on dense ΔW_i, then a truncated SVD.
@@ -513,6 +514,24 @@ def _lora_mode(recipe: Recipe, method: MergeMethod) -> LoraMode:
     return "dense"
 
 
+def _step_zero_warnings(
+    recipe: Recipe, params: BaseModel, checkpoints: Sequence[Checkpoint]
+) -> list[str]:
+    """MWA by step (as the method or as ``weighting:``) meeting a step-0 adapter (B = 0)."""
+    from mwakit.methods import mwa
+
+    if recipe.weighting is not None:
+        p: BaseModel | None = mwa.Params.model_validate(recipe.weighting.mwa)
+    else:
+        p = params if isinstance(params, mwa.Params) else None
+    if not isinstance(p, mwa.Params) or p.metric != "step":
+        return []
+    steps = [c.metrics.get("step", math.nan) for c in checkpoints]
+    return step_zero_warnings(
+        [c.name for c in checkpoints], steps, p.penalty, transform=p.transform
+    )
+
+
 def _plan_adapters(b: _Builder, indexes: Sequence[Index], aux: list[Index] | None) -> Plan:
     recipe, method, checkpoints = b.recipe, b.method, b.checkpoints
     configs = [read_adapter_config(c.path) for c in checkpoints]
@@ -530,9 +549,7 @@ def _plan_adapters(b: _Builder, indexes: Sequence[Index], aux: list[Index] | Non
             where=checkpoints[0].name,
             fix="use lora_space: factors",
         )
-    for c, w in zip(checkpoints, b.weights, strict=True):
-        if c.metrics.get("step") == 0 and w == 0 and recipe.method == "mwa":
-            b.warnings.append(f"{c.name}: step 0 gets weight 0 (a step-0 LoRA has B = 0)")
+    b.warnings += _step_zero_warnings(recipe, b.params, checkpoints)
 
     modules: dict[str, dict[str, str]] = {}
     full_keys: list[str] = []

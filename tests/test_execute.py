@@ -214,3 +214,25 @@ def test_pickle_adapter_only_with_allow_pickle(tmp_path: Path) -> None:
     )
     for k, t in load_file(res.path / "adapter_model.safetensors").items():
         assert torch.equal(t, load_file(again.path / "adapter_model.safetensors")[k])
+
+
+@pytest.mark.parametrize(
+    ("transform", "effect"),
+    [("power", "gets weight 0"), ("softmax", "still gets a small weight with transform: softmax")],
+)
+def test_step_zero_adapter_is_warned(tmp_path: Path, transform: str, effect: str) -> None:
+    a, b = tmp_path / "checkpoint-0", tmp_path / "checkpoint-10"
+    # No trainer_state.json: the step comes from the folder names.
+    write_adapter(a, modules=1, seed=0)
+    write_adapter(b, modules=1, seed=1)
+    plan = mwakit.plan(
+        _recipe(
+            tmp_path,
+            [a, b],
+            method="linear",
+            weighting={"mwa": {"metric": "step", "penalty": 0.01, "transform": transform}},
+        )
+    )
+    assert [w for w in plan.warnings if "step 0" in w] == [
+        f"checkpoint-0: step 0 {effect} (a step-0 LoRA has B = 0)"
+    ]
