@@ -111,6 +111,9 @@ def _plan_text(plan: Any) -> str:
             mtxt = ", ".join(f"{k}={v:.4g}" for k, v in sorted(c["metrics"].items())[:3])
         step = "" if c["step"] is None else str(c["step"])
         rows.append([c["name"], step, mtxt, f"{c['weight']:.6f}"])
+    if metric == "step":  # the step column already shows it
+        header.pop(2)
+        rows = [r[:2] + r[3:] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
     for row in [header, *rows]:
         lines.append("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())

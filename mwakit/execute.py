@@ -26,13 +26,6 @@ from mwakit.io.writer import StreamingWriter
 from mwakit.lowrank import concat_factors, dense_delta, dense_refactor, factors_average, refactor
 from mwakit.planner import FullTask, LoraTask, Plan, Task, TensorRef
 
-_TORCH_DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-
 
 @dataclass
 class ExecStats:
@@ -258,7 +251,7 @@ def execute(
         PlanError: The device is unavailable, or the method rejects its inputs.
     """
     device = resolve_device(plan.recipe.device)
-    dtype = _TORCH_DTYPES[plan.recipe.dtype]
+    dtype: torch.dtype = getattr(torch, plan.recipe.dtype)  # float32, bfloat16, …
     stats = ExecStats(device=str(device))
     t0 = time.perf_counter()
     entries = [(o.key, o.dtype, o.shape) for o in plan.outputs]
