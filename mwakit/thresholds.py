@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mwakit.lowrank import dense_delta
+from mwakit.methods.blocks import compute_dtype
 from mwakit.methods.sparsify import keep_count
 from mwakit.planner import FullTask, LoraTask, Plan
 
@@ -53,6 +54,9 @@ def model_thresholds(plan: Plan, ld: _Loader, dtype: torch.dtype) -> dict[str, l
     Returns:
         The same per-checkpoint list for every trimmed task name.
     """
+    # δ is computed as the trims compute it (half precision is computed in float32), so a
+    # threshold equal to an element compares exactly.
+    dtype = compute_dtype(dtype)
     density = float(getattr(plan.params, "density", 1.0))
     n = len(plan.checkpoints)
     hi = [torch.zeros(1 << 16, dtype=torch.int64) for _ in range(n)]

@@ -82,24 +82,27 @@ def merge(
         weights: Per-checkpoint weights from `weigh`.
         params: Validated `Params`.
         base: θ_0; None means the inputs are the task vectors and the merged delta is returned.
-        dtype: Compute and result dtype (default float32).
+        dtype: Compute and result dtype (default float32; half precision computes in float32).
         key: Tensor name (unused: deterministic).
         thresholds: Per-checkpoint lower cuts (``trim_scope: model``): keep |δ_i| ≥
             thresholds[i] (and below the tensor's own outlier cut).
     """
-    import torch
+    from mwakit.methods import blocks
+    from mwakit.methods.sparsify import keep_count, outlier_count
 
-    from mwakit.methods import sparsify
-
-    dt = dtype or torch.float32
-
-    def trim(i: int, d: torch.Tensor) -> torch.Tensor:
-        keep = sparsify.band_mask(
-            d, params.density, params.gamma, None if thresholds is None else thresholds[i]
-        )
-        return d if keep is None else d.masked_fill(~keep, 0.0)
-
-    return sparsify.finish(sparsify.sparse_sum(tensors, weights, base, dt, trim), base, dt)
+    dt = blocks.compute_dtype(dtype)
+    n = tensors[0].numel()
+    k_low = keep_count(params.density, n)
+    k_top = outlier_count(params.gamma, n)
+    trims = []
+    for i, (t, w) in enumerate(zip(tensors, weights, strict=True)):
+        ks = ([] if thresholds is not None or k_low >= n else [k_low]) + ([k_top] if k_top else [])
+        cuts = blocks.kth_largest_abs(t, base, ks, dt) if w != 0.0 and ks else []
+        low = thresholds[i] if thresholds is not None else None
+        if thresholds is None and k_low < n and cuts:
+            low = cuts.pop(0)
+        trims.append(blocks.Trim(keep_from=low, drop_from=cuts[0] if cuts else None))
+    return blocks.merge(tensors, weights, base, trims, consensus=False, dtype=dt)
 
 
 METHOD = register(

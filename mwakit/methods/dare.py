@@ -8,9 +8,9 @@ probability p and the kept ones are scaled by 1/(1 − p), so E[δ̂_i] = δ_i. 
 Space: delta (adapters: on ΔW_i, base 0, then re-factorised by SVD) or full (with a base).
 Reference: Yu et al. 2023, Language Models are Super Mario (arXiv 2311.03099).
 
-Reproducible: the masks are drawn on the CPU from a generator seeded by a stable hash of
-(``seed``, tensor name, checkpoint index), so the same recipe gives bit-identical output in any
-tensor order and on CPU or GPU.
+Reproducible: element j is kept iff r_j < (1 − p)·2^31, with r_j the counter-based SplitMix64
+bits of `mwakit.methods.splitmix` seeded by a stable hash of (``seed``, tensor name, checkpoint
+index), so the same recipe gives bit-identical output in any tensor order and on CPU or GPU.
 
 Where mwakit deliberately differs:
 - The rescale is the paper's 1/(1 − p) per element; mergekit's ``rescale`` restores each
@@ -24,8 +24,8 @@ Where mwakit deliberately differs:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -78,18 +78,14 @@ def weigh_ties(params: TiesParams, checkpoints: Sequence[CheckpointView]) -> lis
     return scaled_weights(checkpoints)
 
 
-def _dropper(params: _DareParams, key: str) -> Callable[[int, torch.Tensor], torch.Tensor]:
-    """δ ↦ δ̂ for checkpoint i: a seeded drop with rate p and rescale 1/(1 − p); not in place."""
-    from mwakit.methods import sparsify
+def _trims(params: _DareParams, key: str, count: int) -> list[Any]:
+    """One seeded DARE drop per checkpoint (`mwakit.methods.blocks.Trim`)."""
+    from mwakit.methods import blocks, sparsify
 
-    def drop(i: int, d: torch.Tensor) -> torch.Tensor:
-        if params.drop_rate == 0.0:
-            return d
-        seed = sparsify.derive_seed(params.seed, key, i)
-        keep = sparsify.bernoulli_keep(d.shape, 1.0 - params.drop_rate, seed, d.device)
-        return sparsify.dare_rescale(d, keep, params.drop_rate)
-
-    return drop
+    return [
+        blocks.Trim(drop_rate=params.drop_rate, seed=sparsify.derive_seed(params.seed, key, i))
+        for i in range(count)
+    ]
 
 
 def merge_linear(
@@ -102,13 +98,10 @@ def merge_linear(
     key: str = "",
 ) -> torch.Tensor:
     """DARE then θ_0 + Σ w_i δ̂_i (weights include λ). ``key`` seeds the masks."""
-    import torch
+    from mwakit.methods import blocks
 
-    from mwakit.methods import sparsify
-
-    dt = dtype or torch.float32
-    merged = sparsify.sparse_sum(tensors, weights, base, dt, _dropper(params, key))
-    return sparsify.finish(merged, base, dt)
+    trims = _trims(params, key, len(tensors))
+    return blocks.merge(tensors, weights, base, trims, consensus=False, dtype=dtype)
 
 
 def merge_ties(
@@ -121,16 +114,12 @@ def merge_ties(
     key: str = "",
 ) -> torch.Tensor:
     """DARE then TIES sign election and disjoint mean, θ_0 + λ δ_m. ``key`` seeds the masks."""
-    import torch
+    from mwakit.methods import blocks
 
-    from mwakit.methods import sparsify
-
-    dt = dtype or torch.float32
-    drop = _dropper(params, key)
-    deltas = sparsify.task_vectors(tensors, base, dt)
-    for i, d in enumerate(deltas):
-        deltas[i] = drop(i, d)  # replaced one by one: one copy of each δ in memory
-    return sparsify.finish(sparsify.ties_consensus(deltas, weights), base, dt, params.lambda_)
+    trims = _trims(params, key, len(tensors))
+    return blocks.merge(
+        tensors, weights, base, trims, consensus=True, scale=params.lambda_, dtype=dtype
+    )
 
 
 LINEAR = register(

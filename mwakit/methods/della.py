@@ -8,8 +8,9 @@ E[δ̂_i] = δ_i. Then γ = sign(Σ w_i δ̂_i), δ_m = Σ w_i δ̂_i [agree] / 
 Space: delta (adapters: on ΔW_i, base 0, then re-factorised by SVD) or full (with a base).
 Reference: Deep et al. 2024, DELLA-Merging (arXiv 2406.11617).
 
-Reproducible: the draws are made on the CPU from a generator seeded by a stable hash of
-(``seed``, tensor name, checkpoint index); ties in |δ| are ranked by position.
+Reproducible: the draws are the counter-based SplitMix64 bits of `mwakit.methods.splitmix`
+seeded by a stable hash of (``seed``, tensor name, checkpoint index), the same on CPU and GPU;
+ties in |δ| are ranked by position.
 
 Where mwakit deliberately differs:
 - This is mergekit's ``della`` (sign election + disjoint mean); ``della_linear`` is not offered.
@@ -76,11 +77,9 @@ def merge(
     key: str = "",
 ) -> torch.Tensor:
     """DELLA over one tensor group; ``key`` seeds the masks (see the module docstring)."""
-    import torch
+    from mwakit.methods import blocks, sparsify
 
-    from mwakit.methods import sparsify
-
-    dt = dtype or torch.float32
+    dt = blocks.compute_dtype(dtype)
     deltas = sparsify.task_vectors(tensors, base, dt)
     for i, d in enumerate(deltas):
         probs = sparsify.della_keep_probs(d, params.density, params.epsilon)
@@ -88,7 +87,11 @@ def merge(
             d.shape, probs, sparsify.derive_seed(params.seed, key, i), d.device
         )
         deltas[i] = sparsify.della_rescale(d, keep, probs)  # one δ in memory per checkpoint
-    return sparsify.finish(sparsify.ties_consensus(deltas, weights), base, dt, params.lambda_)
+    trims = [blocks.Trim() for _ in deltas]
+    merged = blocks.merge(
+        deltas, weights, None, trims, consensus=True, scale=params.lambda_, dtype=dt
+    )
+    return sparsify.finish(merged, base, dt)
 
 
 METHOD = register(

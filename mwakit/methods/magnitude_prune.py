@@ -10,7 +10,7 @@ Reference: TIES step 1 without sign election (Yadav et al. 2023, arXiv 2306.0170
 Where mwakit deliberately differs:
 - ``density`` defaults to 0.2 (as `ties`); mergekit's density defaults to 1.0.
 - No rescale of the kept values (PEFT and mergekit do not rescale magnitude pruning either).
-- Trimming keeps every element tied with the k-th largest |δ| (`kthvalue`, no sort).
+- Trimming keeps every element tied with the k-th largest |δ| (exact selection, no sort).
 """
 
 from __future__ import annotations
@@ -65,23 +65,15 @@ def merge(
         weights: Per-checkpoint weights from `weigh`.
         params: Validated `Params`.
         base: θ_0; None means the inputs are the task vectors and the merged delta is returned.
-        dtype: Compute and result dtype (default float32).
+        dtype: Compute and result dtype (default float32; half precision computes in float32).
         key: Tensor name (unused: deterministic).
         thresholds: Per-checkpoint thresholds (``trim_scope: model``): keep |δ_i| ≥ thresholds[i].
     """
-    import torch
+    from mwakit.methods import blocks
 
-    from mwakit.methods import sparsify
-
-    dt = dtype or torch.float32
-
-    def trim(i: int, d: torch.Tensor) -> torch.Tensor:
-        keep = sparsify.magnitude_mask(
-            d, params.density, None if thresholds is None else thresholds[i]
-        )
-        return d if keep is None else d.masked_fill(~keep, 0.0)
-
-    return sparsify.finish(sparsify.sparse_sum(tensors, weights, base, dt, trim), base, dt)
+    dt = blocks.compute_dtype(dtype)
+    trims = blocks.magnitude_trims(tensors, weights, base, params.density, thresholds, dt)
+    return blocks.merge(tensors, weights, base, trims, consensus=False, dtype=dt)
 
 
 METHOD = register(

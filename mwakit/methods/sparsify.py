@@ -1,10 +1,11 @@
-"""Pure helpers shared by the task-vector methods: trims, seeded drops, sign consensus.
+"""Pure helpers shared by the task-vector methods: counts, seeds, selection, DELLA's drop.
 
 Every function here is a pure function of its arguments (randomness comes only from an explicit
 seed), works on any device, and never mutates its inputs unless its name ends in ``_``.
-Magnitude trims find the k-th largest |δ| with `torch.kthvalue` (O(n)), never a full sort.
-The only sort is in `della_keep_probs`: DELLA's keep probabilities are a function of each
-element's rank, and a rank is a full order by definition.
+The k-th largest |δ| is found by a radix select (O(n)), never a full sort; the fused trims,
+drops and TIES consensus are in `mwakit.methods.blocks`. The only sort is in
+`della_keep_probs`: DELLA's keep probabilities are a function of each element's rank, and a
+rank is a full order by definition.
 
 This module imports torch at the top, so method modules import it inside ``merge`` only
 (`import mwakit.methods` must stay torch-free).
@@ -17,6 +18,8 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+
+from mwakit.methods import splitmix
 
 # ---------------------------------------------------------------------------------------------
 # Counts and seeds
@@ -107,70 +110,16 @@ def kth_largest_abs(
     return torch.kthvalue(sel, sel.numel() - (k - higher) + 1).values
 
 
-def magnitude_mask(
-    x: torch.Tensor, density: float, threshold: float | None = None
-) -> torch.Tensor | None:
-    """Keep mask of the top ``density`` fraction of |x|: |x| ≥ the ⌈density·n⌉-th largest.
-
-    Elements tied with the k-th largest are all kept, so the mask may keep a few more than k
-    (the same rule as a whole-model threshold, which cannot break ties either).
-
-    Args:
-        x: The task vector.
-        density: Fraction to keep, in (0, 1].
-        threshold: A precomputed threshold (``trim_scope: model``): keep |x| ≥ threshold.
-
-    Returns:
-        A bool mask, or None when everything is kept (density 1, no threshold).
-    """
-    if threshold is not None:
-        return x.abs() >= threshold
-    k = keep_count(density, x.numel())
-    if k >= x.numel():
-        return None
-    a = x.abs()
-    return a >= kth_largest_abs(x, k, absolute=a)
-
-
-def band_mask(
-    x: torch.Tensor, density: float, gamma: float, threshold: float | None = None
-) -> torch.Tensor | None:
-    """Breadcrumbs mask: the top ``density`` of |x| without its top ``gamma`` (the outliers).
-
-    Keeps kth(⌈density·n⌉) ≤ |x| < kth(⌊gamma·n⌋), i.e. the magnitude ranks in
-    [gamma, density). Elements tied with the outlier cut are dropped with it.
-
-    Args:
-        x: The task vector.
-        density: Top fraction the band starts from, in (0, 1].
-        gamma: Top fraction dropped as outliers, in [0, density).
-        threshold: A precomputed lower cut (``trim_scope: model``); the outlier cut stays per
-            tensor, since one whole-model cut could spend the whole outlier budget on one
-            tensor (embeddings).
-
-    Returns:
-        A bool mask, or None when everything is kept.
-    """
-    low = magnitude_mask(x, density, threshold)
-    n_top = outlier_count(gamma, x.numel())
-    if n_top == 0:
-        return low
-    high = x.abs() < kth_largest_abs(x, n_top)
-    return high if low is None else low.logical_and_(high)
-
-
 # ---------------------------------------------------------------------------------------------
-# Random drops (DARE, DELLA)
+# Random drops (DELLA)
 
 
 def seeded_uniform(shape: torch.Size, seed: int, device: torch.device) -> torch.Tensor:
-    """U[0, 1) float32 draws from a CPU generator, moved to ``device``.
+    """U[0, 1) float32 draws from the counter-based `mwakit.methods.splitmix` stream.
 
-    Drawn on the CPU so that a merge on a GPU gives the very same masks, bit for bit, as one on
-    the CPU (CUDA generators produce a different stream for the same seed).
+    Counter-based, so a merge on a GPU gives the very same masks, bit for bit, as on the CPU.
     """
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.rand(shape, generator=gen, dtype=torch.float32).to(device)
+    return splitmix.uniform(shape, seed, device)
 
 
 def bernoulli_keep(
@@ -181,15 +130,6 @@ def bernoulli_keep(
     u_j < p_j with u_j ~ U[0, 1), so p = 1 keeps everything and p = 0 nothing.
     """
     return seeded_uniform(shape, seed, device) < keep_prob
-
-
-def dare_rescale(delta: torch.Tensor, keep: torch.Tensor, drop_rate: float) -> torch.Tensor:
-    """DARE: zero the dropped elements and scale the kept ones by 1/(1 − p).
-
-    1/(1 − p) keeps the expectation of every element (the paper's rescale); mergekit instead
-    rescales to restore the L1 norm of the tensor.
-    """
-    return torch.where(keep, delta / (1.0 - drop_rate), 0.0)
 
 
 def della_keep_probs(x: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -224,56 +164,7 @@ def della_rescale(delta: torch.Tensor, keep: torch.Tensor, probs: torch.Tensor) 
 
 
 # ---------------------------------------------------------------------------------------------
-# TIES consensus
-
-
-def _sign(w: float) -> float:
-    return 1.0 if w > 0 else -1.0
-
-
-def elect_signs(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """TIES sign election by mass: γ = sign(Σ_i w_i δ̂_i), in {−1, +1}.
-
-    Where the mass is exactly zero, γ is the majority sign of the tensor, sign(Σ_j γ_j) over the
-    non-zero elections (the paper's ``resolve_zero_signs``), and +1 on a tie. Such elements
-    either are zero in every δ̂_i (the mean is 0 whatever γ is) or cancel exactly.
-    PEFT elects on the unweighted Σ δ̂_i; weighting by w_i lets a checkpoint with a larger weight
-    carry more of the vote, and makes a zero-weight checkpoint vote for nothing.
-    """
-    mass = torch.zeros_like(deltas[0])
-    for d, w in zip(deltas, weights, strict=True):
-        if w != 0.0:
-            mass.add_(d, alpha=w)
-    gamma = torch.sign(mass)
-    majority = 1.0 if float(gamma.sum(dtype=torch.float64)) >= 0 else -1.0
-    return gamma.masked_fill_(gamma == 0, majority)
-
-
-def disjoint_mean(
-    deltas: Sequence[torch.Tensor], weights: Sequence[float], signs: torch.Tensor
-) -> torch.Tensor:
-    """TIES disjoint mean: Σ_i w_i δ̂_i [agree_i] / Σ_i |w_i| [agree_i], 0 where none agree.
-
-    Checkpoint i agrees where sign(w_i δ̂_i) = γ and δ̂_i ≠ 0 (trimmed or dropped zeros never
-    count in the denominator). For w ≥ 0 this is the paper's Σ w δ̂ [agree] / Σ w [agree]; the
-    |w_i| and sign(w_i) only matter for negative weights (a negated task vector then agrees
-    where its negation does, and the denominator cannot cancel to 0).
-    """
-    num = torch.zeros_like(deltas[0])
-    den = torch.zeros_like(deltas[0])
-    for d, w in zip(deltas, weights, strict=True):
-        if w == 0.0:
-            continue
-        agree = torch.sign(d).mul_(_sign(w)) == signs
-        num.add_(torch.where(agree, d, 0.0), alpha=w)
-        den.add_(agree.to(den.dtype), alpha=abs(w))
-    # den > 0 exactly where some checkpoint agrees; elsewhere num is 0 too.
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
-
-
-def ties_consensus(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """Sign election then disjoint mean of already sparsified task vectors."""
-    return disjoint_mean(deltas, weights, elect_signs(deltas, weights))
+# Weighted sums
 
 
 def sparse_sum(

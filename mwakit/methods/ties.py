@@ -17,7 +17,9 @@ Where mwakit deliberately differs:
   divides Σ w_i δ̂_i by the number of agreeing checkpoints instead of their total weight.
 - λ scales the mean inside the merge, so the per-checkpoint weights are the recipe's ``weight``
   alone: folded into the weights λ would cancel in the mean.
-- Trimming keeps every element tied with the k-th largest |δ| (found by `kthvalue`, no sort).
+- Trimming keeps every element tied with the k-th largest |δ|, found exactly without a sort
+  (`mwakit.methods.blocks.kth_largest_abs`).
+- ``dtype: bfloat16``/``float16`` computes in float32 (written in the output dtype).
 """
 
 from __future__ import annotations
@@ -71,25 +73,18 @@ def merge(
         weights: Per-checkpoint weights from `weigh` (or the recipe's weighting block).
         params: Validated `Params`.
         base: θ_0; None means the inputs are the task vectors and the merged delta is returned.
-        dtype: Compute and result dtype (default float32).
+        dtype: Compute and result dtype (default float32; half precision computes in float32).
         key: Tensor name (unused: TIES is deterministic).
         thresholds: Per-checkpoint magnitude thresholds (``trim_scope: model``): keep
             |δ_i| ≥ thresholds[i] instead of the per-tensor top ``density``.
     """
-    import torch
+    from mwakit.methods import blocks
 
-    from mwakit.methods import sparsify
-
-    dt = dtype or torch.float32
-    deltas = sparsify.task_vectors(tensors, base, dt)
-    for i, d in enumerate(deltas):
-        keep = sparsify.magnitude_mask(
-            d, params.density, None if thresholds is None else thresholds[i]
-        )
-        if keep is not None:
-            d.masked_fill_(~keep, 0.0)
-    merged = sparsify.ties_consensus(deltas, weights)
-    return sparsify.finish(merged, base, dt, params.lambda_)
+    dt = blocks.compute_dtype(dtype)
+    trims = blocks.magnitude_trims(tensors, weights, base, params.density, thresholds, dt)
+    return blocks.merge(
+        tensors, weights, base, trims, consensus=True, scale=params.lambda_, dtype=dt
+    )
 
 
 METHOD = register(

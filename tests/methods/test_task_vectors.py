@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
 from mwakit.errors import MetricError
-from mwakit.methods import get_method, sparsify
+from mwakit.methods import blocks, get_method, sparsify
 from mwakit.methods.registry import CheckpointView
+from tests.methods import oracle
 
 METHODS = (
     "task_arithmetic",
@@ -180,11 +181,12 @@ def test_ties_negative_weight_negates() -> None:
     torch.testing.assert_close(got, _t(-1.0, 2.0))
 
 
-def test_dare_rescale_example() -> None:
+def test_dare_drops_and_rescales_with_its_seeded_mask() -> None:
+    # METHODS.md §6 with the method's own seeds: kept elements are δ/(1 − p), the rest 0.
     delta = _t(0.2, -0.4, 0.1, 0.3)
-    keep = torch.tensor([True, False, False, True])
-    got = sparsify.dare_rescale(delta, keep, 0.5)
-    assert torch.equal(got, _t(0.4, 0.0, 0.0, 0.6))
+    got = _merge("dare_linear", {"drop_rate": 0.5, "seed": 1}, [delta], key="k")
+    keep = oracle.dare_keep(sparsify.derive_seed(1, "k", 0), 4, 0.5)
+    assert torch.equal(got, torch.where(keep, delta / 0.5, 0.0))
 
 
 def test_task_arithmetic_by_hand() -> None:
@@ -217,10 +219,9 @@ def test_breadcrumbs_band() -> None:
     assert torch.equal(got[got != 0], x[50:90])
 
 
-def test_band_mask_keeps_at_least_one_without_outliers() -> None:
-    x = _t(3.0, 1.0, 2.0)
-    mask = sparsify.band_mask(x, 0.1, 0.0)
-    assert mask is not None and mask.tolist() == [True, False, False]
+def test_breadcrumbs_keeps_at_least_one_without_outliers() -> None:
+    got = _merge("breadcrumbs", {"density": 0.1, "gamma": 0.0}, [_t(3.0, 1.0, 2.0)])
+    assert got.tolist() == [3.0, 0.0, 0.0]
 
 
 def test_della_keep_probs_are_rank_linear() -> None:
@@ -339,7 +340,7 @@ def test_thresholds_equal_to_each_tensors_own_kth_value(name: str) -> None:
 
 
 def test_trims_use_no_sort() -> None:
-    for fn in (sparsify.kth_largest_abs, sparsify.magnitude_mask, sparsify.band_mask):
+    for fn in (sparsify.kth_largest_abs, blocks.kth_largest_abs, blocks.merge, blocks._consensus):
         assert "sort" not in inspect.getsource(fn).replace("no sort", "")
 
 

@@ -1,0 +1,375 @@
+"""Task-vector merges fused over cache-sized blocks: trims, DARE drops, sums and TIES consensus.
+
+Why this module exists: written as whole-tensor torch ops, TIES is ~30 passes over memory and
+every op allocates a fresh tensor, whose page faults and zeroing cost more than the arithmetic;
+bool tensors (comparisons, masks, ``where``) are 5–20× slower than float ops on a CPU. Here a
+tensor group is processed ``block`` elements at a time (512 KiB per float32 buffer, so a block's
+working set stays in cache), into buffers allocated once per group, with only in-place or
+``out=`` float and integer ops:
+
+- magnitude trim |δ| ≥ t: ``hardshrink`` with λ = the float just below t (one op);
+- outlier cut |δ| < u and DARE's drop: an all-ones/all-zeros integer mask built from a sign bit,
+  ANDed into the float's bits (exact zeros, no bool tensor);
+- DARE's randomness: `mwakit.methods.splitmix` (counter-based, so blocks and devices agree);
+- TIES: one pass accumulates P = Σ w_i δ̂_i⁺, N = Σ w_i δ̂_i⁻, S = Σ w_i sgn δ̂_i and
+  A = Σ |w_i| |sgn δ̂_i|; then γ = sgn(P + N) and the disjoint mean is P / ((A + S)/2) where
+  γ > 0 and N / ((A − S)/2) where γ < 0 (the agreeing mass over the agreeing weight).
+
+The per-tensor top-k threshold is found exactly by `kth_largest_abs`: a bracket from a seeded
+sample of |δ|, one blocked pass that counts the elements above it and collects the few inside,
+and `kthvalue` on those; if the bracket misses (rare), the exact radix select on the whole |δ|.
+
+On a GPU a block is the whole tensor: there the op count, not the cache, is what matters.
+Inputs are cast to float32 (float64 if asked) whatever their storage dtype; a bfloat16 or
+float16 compute dtype is computed in float32 (compute in float32, write the requested dtype).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mwakit.methods import sparsify
+from mwakit.methods.splitmix import Stream
+
+BLOCK = 1 << 17
+"""Elements per block on a CPU (512 KiB of float32)."""
+
+SAMPLE = 1 << 16
+"""Sample size for the threshold bracket; tensors under 4× this are selected whole."""
+
+_MARGIN = 4.5
+"""Bracket half-width in standard deviations of the sample's rank: a miss (~1e-5) only costs
+a radix select on the whole tensor."""
+
+_INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+@dataclass(frozen=True)
+class Trim:
+    """How one task vector δ_i is sparsified before it is merged (every field optional).
+
+    Attributes:
+        keep_from: Keep |δ| ≥ keep_from (magnitude trim); None keeps every magnitude.
+        drop_from: Drop |δ| ≥ drop_from (breadcrumbs' outliers); None drops none.
+        drop_rate: DARE: drop each element with probability p and scale the kept by 1/(1 − p).
+        seed: The SplitMix64 seed of the drop mask.
+    """
+
+    keep_from: float | None = None
+    drop_from: float | None = None
+    drop_rate: float = 0.0
+    seed: int = 0
+
+
+def compute_dtype(dtype: torch.dtype | None) -> torch.dtype:
+    """float64 if asked, else float32 (half-precision compute dtypes are computed in float32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _block_size(n: int, device: torch.device, block: int | None) -> int:
+    if block is not None:
+        return max(2, block + block % 2)
+    if device.type != "cpu":
+        return max(2, n + n % 2)
+    return min(BLOCK, max(2, n + n % 2))
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1)
+
+
+def _load_delta(
+    out: torch.Tensor, t: torch.Tensor, b: torch.Tensor | None, s: int, e: int
+) -> torch.Tensor:
+    d = out[: e - s].copy_(t[s:e])
+    return d if b is None else d.sub_(b)
+
+
+def kth_largest_abs(
+    tensor: torch.Tensor,
+    base: torch.Tensor | None,
+    ks: Sequence[int],
+    dtype: torch.dtype = torch.float32,
+    *,
+    block: int | None = None,
+) -> list[float]:
+    """The k-th largest |δ|, δ = tensor − base in ``dtype``, exactly, for each k in ``ks``.
+
+    Args:
+        tensor: θ_i (or δ_i when ``base`` is None), any float dtype.
+        base: θ_0 or None.
+        ks: Ranks from the top, each in [1, numel].
+        dtype: float32 or float64: the dtype δ is computed in (as the merge computes it).
+        block: Elements per block (default: `BLOCK` on a CPU, the whole tensor on a GPU).
+    """
+    n = tensor.numel()
+    flat_t = _flat(tensor)
+    flat_b = None if base is None else _flat(base)
+    if n < 4 * SAMPLE:
+        a = flat_t.to(dtype, copy=True)
+        if flat_b is not None:
+            a.sub_(flat_b.to(dtype))
+        a.abs_()
+        return [float(sparsify.kth_largest_abs(a, k, absolute=a)) for k in ks]
+
+    # A bracket [lo, hi] around each k-th largest from a seeded sample of |δ|.
+    gen = torch.Generator(device="cpu").manual_seed(0x5EED)
+    idx = torch.randint(0, n, (SAMPLE,), generator=gen).to(tensor.device)
+    sample = flat_t[idx].to(dtype)
+    if flat_b is not None:
+        sample.sub_(flat_b[idx].to(dtype))
+    sample.abs_()
+    brackets = []
+    for k in ks:
+        f = k / n  # fraction above the k-th largest
+        width = _MARGIN * math.sqrt(SAMPLE * f * (1.0 - f)) + 2.0
+        top_hi = math.floor(f * SAMPLE - width)  # sample rank (from the top) of hi
+        top_lo = math.ceil(f * SAMPLE + width)
+        hi = math.inf if top_hi < 1 else _kth(sample, min(top_hi, SAMPLE))
+        lo = -math.inf if top_lo > SAMPLE else _kth(sample, max(top_lo, 1))
+        brackets.append((lo, hi))
+
+    size = _block_size(n, tensor.device, block)
+    b_buf = torch.empty(size, dtype=dtype, device=tensor.device)
+    a_buf, s_buf, z_buf = torch.empty_like(b_buf), torch.empty_like(b_buf), torch.empty_like(b_buf)
+    m_buf = torch.empty(size, dtype=torch.bool, device=tensor.device)
+    above = [torch.zeros((), dtype=torch.float64, device=tensor.device) for _ in ks]
+    inside: list[list[torch.Tensor]] = [[] for _ in ks]
+    for s in range(0, n, size):
+        e = min(n, s + size)
+        bb = None if flat_b is None else b_buf[: e - s].copy_(flat_b[s:e])
+        a = _load_delta(a_buf, flat_t, bb, s, e).abs_()
+        sv, zv, mv = s_buf[: e - s], z_buf[: e - s], m_buf[: e - s]
+        for j, (lo, hi) in enumerate(brackets):
+            # lo ≤ a ≤ hi ⟺ (a − lo)·(a − hi) ≤ 0 (float ops are far cheaper than bool ones).
+            torch.sub(a, hi, out=zv)
+            torch.sub(a, lo, out=sv).mul_(zv)
+            inside[j].append(a[torch.le(sv, 0.0, out=mv)])
+            # count(a > hi): sgn(a − hi) clamped at 0 is 1 above hi, 0 at or below it; a
+            # float32 sum counts a block exactly (< 2^24 elements).
+            above[j].add_(zv.sign_().clamp_min_(0.0).sum())
+    out = []
+    for j, k in enumerate(ks):
+        cand = torch.cat(inside[j])
+        r = k - int(above[j])
+        if 1 <= r <= cand.numel():
+            out.append(_kth(cand, r))
+            continue
+        # The sample missed (or the values are degenerate): select on the whole |δ|.
+        a = flat_t.to(dtype, copy=True)
+        if flat_b is not None:
+            a.sub_(flat_b.to(dtype))
+        a.abs_()
+        out.append(float(sparsify.kth_largest_abs(a, k, absolute=a)))
+    return out
+
+
+def magnitude_trims(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    base: torch.Tensor | None,
+    density: float,
+    thresholds: Sequence[float] | None,
+    dtype: torch.dtype,
+) -> list[Trim]:
+    """The top-``density`` trim of each task vector: keep |δ_i| ≥ its k-th largest |δ_i|.
+
+    Args:
+        tensors: θ_i (or δ_i when ``base`` is None).
+        weights: w_i; zero-weight checkpoints are not selected on (they are skipped anyway).
+        base: θ_0 or None.
+        density: Kept fraction, k = ⌈density·n⌉ (`sparsify.keep_count`).
+        thresholds: Whole-model thresholds (``trim_scope: model``) to use instead.
+        dtype: The compute dtype δ is selected in.
+    """
+    if thresholds is not None:
+        return [Trim(keep_from=t) for t in thresholds]
+    n = tensors[0].numel()
+    k = sparsify.keep_count(density, n)
+    if k >= n:
+        return [Trim() for _ in tensors]
+    return [
+        Trim(keep_from=kth_largest_abs(t, base, [k], dtype)[0]) if w != 0.0 else Trim()
+        for t, w in zip(tensors, weights, strict=True)
+    ]
+
+
+def _kth(a: torch.Tensor, k: int) -> float:
+    """The k-th largest of the non-negative values ``a`` (radix select on float32)."""
+    return float(sparsify.kth_largest_abs(a, k, absolute=a))
+
+
+def _below(x: float, dtype: torch.dtype) -> float:
+    """The largest value of ``dtype`` below x: |δ| > _below(t) ⟺ |δ| ≥ t for δ in ``dtype``."""
+    v = torch.tensor(x, dtype=dtype)
+    return float(torch.nextafter(v, torch.tensor(-math.inf, dtype=dtype)))
+
+
+class _Sparsifier:
+    """Applies one `Trim` to a block of δ in place, with its own scratch buffers."""
+
+    def __init__(self, trim: Trim, size: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.trim = trim
+        self.lambd = None if not trim.keep_from else _below(trim.keep_from, dtype)
+        self.int_dtype = _INT_OF[dtype]
+        self.k31 = round((1.0 - trim.drop_rate) * 2.0**31)
+        drops = trim.drop_rate > 0.0 and self.k31 < 2**31
+        self.stream = Stream(size, device) if drops else None
+        # The realised keep probability is K / 2^31 (within 2^-32 of 1 − p).
+        self.rescale = 1.0 / (1.0 - trim.drop_rate) if drops else 1.0
+        self.scratch = (
+            None if trim.drop_from is None else torch.empty(size, dtype=dtype, device=device)
+        )
+        wide = drops and self.int_dtype != torch.int32
+        self.mask = torch.empty(size, dtype=self.int_dtype, device=device) if wide else None
+
+    def __call__(self, d: torch.Tensor, start: int) -> torch.Tensor:
+        t = self.trim
+        if self.lambd is not None:
+            torch.ops.aten.hardshrink.out(d, self.lambd, out=d)
+        bits = d.view(self.int_dtype)
+        if t.drop_from is not None and self.scratch is not None:
+            # |δ| − u < 0 exactly where |δ| < u (equality gives +0): its sign bit is the mask.
+            s = torch.abs(d, out=self.scratch[: d.numel()]).sub_(t.drop_from)
+            bits.bitwise_and_(s.view(self.int_dtype).bitwise_right_shift_(s.element_size() * 8 - 1))
+        if self.stream is not None:
+            # r_j − K < 0 exactly where r_j < K (kept, probability K / 2^31): sign → mask.
+            r = self.stream.bits31(t.seed, start, d.numel()).sub_(self.k31).bitwise_right_shift_(31)
+            bits.bitwise_and_(r if self.mask is None else self.mask[: d.numel()].copy_(r))
+        return d
+
+
+def merge(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    base: torch.Tensor | None,
+    trims: Sequence[Trim],
+    *,
+    consensus: bool,
+    scale: float = 1.0,
+    dtype: torch.dtype | None = None,
+    block: int | None = None,
+) -> torch.Tensor:
+    """θ_0 + scale·M(δ̂_1 … δ̂_K) with δ̂_i = trims[i](θ_i − θ_0), over blocks.
+
+    M is the weighted sum Σ w_i δ̂_i (``consensus=False``: task arithmetic, DARE-linear,
+    magnitude prune, breadcrumbs) or the TIES sign election and disjoint mean
+    (``consensus=True``, see `mwakit.methods.ties`). A DARE drop rate p folds its 1/(1 − p)
+    rescale into w_i. Zero weights are skipped (their inputs are not read).
+
+    A non-finite δ makes the whole result NaN, even where a trim or drop would hide it, so the
+    executor's finiteness check names the input instead of writing a silently repaired merge.
+
+    Args:
+        tensors: θ_i (or δ_i when ``base`` is None), any float dtypes, one shape.
+        weights: w_i (negative: the task vector is subtracted).
+        base: θ_0, or None: then the merged δ (times ``scale``) is returned.
+        trims: One `Trim` per tensor.
+        consensus: TIES consensus instead of a weighted sum.
+        scale: λ applied to the merged task vector.
+        dtype: Compute dtype (see `compute_dtype`); the result has it.
+        block: Elements per block (default: `BLOCK` on a CPU, whole tensor on a GPU).
+    """
+    dt = compute_dtype(dtype)
+    shape, device = tensors[0].shape, tensors[0].device
+    n = tensors[0].numel()
+    size = _block_size(n, device, block)
+    flat_b = None if base is None else _flat(base)
+    live = [
+        (_flat(t), w, _Sparsifier(tr, size, dt, device))
+        for t, w, tr in zip(tensors, weights, trims, strict=True)
+        if w != 0.0
+    ]
+
+    def buf() -> torch.Tensor:
+        return torch.empty(size, dtype=dt, device=device)
+
+    b_buf, d_buf, s_buf = buf(), buf(), buf()
+    acc = [buf() for _ in range(4 if consensus else 1)]
+    fin = [buf() for _ in range(4)] if consensus else []
+    out = torch.empty(n, dtype=dt, device=device)
+    check = torch.zeros((), dtype=dt, device=device)
+    gamma_sum = torch.zeros((), dtype=torch.float64, device=device)
+    ambiguous: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    for s in range(0, n, size):
+        e = min(n, s + size)
+        m = e - s
+        bb = None if flat_b is None else b_buf[:m].copy_(flat_b[s:e])
+        parts = [a[:m].zero_() for a in acc]
+        sv = s_buf[:m]
+        for flat_t, w, sparsify_ in live:
+            d = _load_delta(d_buf, flat_t, bb, s, e)
+            check.add_(torch.sum(d, 0, out=sv[0]))
+            d = sparsify_(d, s)
+            wd = w * sparsify_.rescale
+            if not consensus:
+                parts[0].add_(d, alpha=wd)
+                continue
+            pos, neg, sgn, cnt = parts
+            # For w < 0 the task vector is negated: its negative part is positive mass.
+            lo, hi = (pos, neg) if w > 0 else (neg, pos)
+            lo.add_(torch.clamp_min(d, 0.0, out=sv), alpha=wd)
+            hi.add_(torch.clamp_max(d, 0.0, out=sv), alpha=wd)
+            torch.sign(d, out=sv)
+            sgn.add_(sv, alpha=w)
+            cnt.add_(sv.abs_(), alpha=abs(w))
+        if consensus:
+            res = _consensus(parts, [f[:m] for f in fin], s, gamma_sum, ambiguous, bb, scale)
+        else:
+            res = parts[0].mul_(scale) if scale != 1.0 else parts[0]
+            if bb is not None:
+                res.add_(bb)
+        out[s:e].copy_(res)
+
+    if ambiguous:
+        # Exact zero mass with agreeing elements on both sides: the tensor's majority sign.
+        pick = 1 if float(gamma_sum) >= 0 else 2
+        for entry in ambiguous:
+            out[entry[0]] = entry[pick]
+    if not bool(torch.isfinite(check)):
+        out.fill_(math.nan)
+    return out.reshape(shape)
+
+
+def _consensus(
+    parts: list[torch.Tensor],
+    fin: list[torch.Tensor],
+    start: int,
+    gamma_sum: torch.Tensor,
+    ambiguous: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    bb: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """The disjoint mean of one block from P, N, S, A (overwritten); returns θ_0 + scale·δ_m."""
+    pos, neg, sgn, cnt = parts
+    gamma, h, hm, den = fin
+    torch.add(pos, neg, out=gamma).sign_()
+    gamma_sum.add_(gamma.sum(dtype=torch.float64))
+    # h = 1 where γ = +1, 0 where γ = −1 (½ at γ = 0); hm = 1 − h.
+    torch.add(gamma, 1.0, out=h).mul_(0.5)
+    torch.mul(h, -1.0, out=hm).add_(1.0)
+    # Where γ = 0 but some checkpoint has a non-zero δ̂ (an exact cancellation) the side is the
+    # tensor's majority sign, known only after the last block: keep both candidates there.
+    zero_mass = torch.abs(gamma, out=den).sub_(1.0).neg_().mul_(cnt)
+    if bool(zero_mass.max() > 0):
+        idx = torch.nonzero(zero_mass > 0).reshape(-1)
+        a, sg = cnt[idx], sgn[idx]
+        p = pos[idx] / ((a + sg) * 0.5) * scale
+        q = neg[idx] / ((a - sg) * 0.5) * scale
+        if bb is not None:
+            p, q = p.add_(bb[idx]), q.add_(bb[idx])
+        ambiguous.append((idx + start, p, q))
+    # Agreeing weight on each side: c⁺ = (A + S)/2, c⁻ = (A − S)/2 (into S's buffer).
+    torch.add(cnt, sgn, out=den).mul_(0.5)
+    sgn.sub_(cnt).mul_(-0.5)
+    pos.mul_(h).add_(neg.mul_(hm))  # γ's side of the mass (exact: h ∈ {0, 1})
+    den.mul_(h).add_(sgn.mul_(hm)).clamp_min_(torch.finfo(den.dtype).tiny)
+    res = pos.div_(den)
+    if scale != 1.0:
+        res.mul_(scale)
+    return res if bb is None else res.add_(bb)
