@@ -27,7 +27,7 @@ float16 compute dtype is computed in float32 (compute in float32, write the requ
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +39,11 @@ BLOCK = 1 << 17
 """Elements per block on a CPU (512 KiB of float32)."""
 
 SAMPLE = 1 << 16
-"""Sample size for the threshold bracket; tensors under 4× this are selected whole."""
+"""Smallest sample for the threshold bracket (it grows to 1/32 of a tensor, at most 2^18, so
+that the bracket holds ~1% of the elements); tensors under 4× this are selected whole."""
+
+_ROW = 32
+"""Rows of this many elements are skipped whole when their maximum fails a test."""
 
 _MARGIN = 4.5
 """Bracket half-width in standard deviations of the sample's rank: a miss (~1e-5) only costs
@@ -118,7 +122,8 @@ def kth_largest_abs(
 
     # A bracket [lo, hi] around each k-th largest from a seeded sample of |δ|.
     gen = torch.Generator(device="cpu").manual_seed(0x5EED)
-    idx = torch.randint(0, n, (SAMPLE,), generator=gen).to(tensor.device)
+    m = min(1 << 18, max(SAMPLE, n // 32))
+    idx = torch.randint(0, n, (m,), generator=gen).to(tensor.device)
     sample = flat_t[idx].to(dtype)
     if flat_b is not None:
         sample.sub_(flat_b[idx].to(dtype))
@@ -126,36 +131,42 @@ def kth_largest_abs(
     brackets = []
     for k in ks:
         f = k / n  # fraction above the k-th largest
-        width = _MARGIN * math.sqrt(SAMPLE * f * (1.0 - f)) + 2.0
-        top_hi = math.floor(f * SAMPLE - width)  # sample rank (from the top) of hi
-        top_lo = math.ceil(f * SAMPLE + width)
-        hi = math.inf if top_hi < 1 else _kth(sample, min(top_hi, SAMPLE))
-        lo = -math.inf if top_lo > SAMPLE else _kth(sample, max(top_lo, 1))
+        width = _MARGIN * math.sqrt(m * f * (1.0 - f)) + 2.0
+        top_hi = math.floor(f * m - width)  # sample rank (from the top) of hi
+        top_lo = math.ceil(f * m + width)
+        # Open ends are finite so that (a − lo)·(hi − a) never meets 0·inf.
+        hi = torch.finfo(dtype).max if top_hi < 1 else _kth(sample, min(top_hi, m))
+        lo = -1.0 if top_lo > m else _kth(sample, max(top_lo, 1))
         brackets.append((lo, hi))
 
     size = _block_size(n, tensor.device, block)
     b_buf = torch.empty(size, dtype=dtype, device=tensor.device)
     a_buf, s_buf, z_buf = torch.empty_like(b_buf), torch.empty_like(b_buf), torch.empty_like(b_buf)
-    m_buf = torch.empty(size, dtype=torch.bool, device=tensor.device)
-    above = [torch.zeros((), dtype=torch.float64, device=tensor.device) for _ in ks]
+    blocks_n = -(-n // size)
+    # One float32 count per block (exact below 2^24), summed in float64 at the end: no
+    # per-block dtype conversion.
+    above = torch.zeros(len(ks), blocks_n, dtype=dtype, device=tensor.device)
     inside: list[list[torch.Tensor]] = [[] for _ in ks]
-    for s in range(0, n, size):
+    for bi, s in enumerate(range(0, n, size)):
         e = min(n, s + size)
         bb = None if flat_b is None else b_buf[: e - s].copy_(flat_b[s:e])
         a = _load_delta(a_buf, flat_t, bb, s, e).abs_()
-        sv, zv, mv = s_buf[: e - s], z_buf[: e - s], m_buf[: e - s]
+        sv, zv = s_buf[: e - s], z_buf[: e - s]
         for j, (lo, hi) in enumerate(brackets):
-            # lo ≤ a ≤ hi ⟺ (a − lo)·(a − hi) ≤ 0 (float ops are far cheaper than bool ones).
-            torch.sub(a, hi, out=zv)
+            # lo ≤ a ≤ hi ⟺ (a − lo)·(hi − a) ≥ 0 (float ops are far cheaper than bool ones).
+            torch.sub(a, hi, out=zv).neg_()
             torch.sub(a, lo, out=sv).mul_(zv)
-            inside[j].append(a[torch.le(sv, 0.0, out=mv)])
-            # count(a > hi): sgn(a − hi) clamped at 0 is 1 above hi, 0 at or below it; a
-            # float32 sum counts a block exactly (< 2^24 elements).
-            above[j].add_(zv.sign_().clamp_min_(0.0).sum())
+            inside[j].append(a[_positions(sv, _nonneg)])
+            # count(a > hi): sgn(hi − a) clamped at 0 is −1 above hi, 0 at or below it.
+            torch.sum(zv.sign_().clamp_max_(0.0), 0, out=above[j, bi])
+    totals = (-above.double().sum(dim=1)).tolist()
     out = []
     for j, k in enumerate(ks):
         cand = torch.cat(inside[j])
-        r = k - int(above[j])
+        if not math.isfinite(totals[j]):
+            out.append(math.nan)  # NaN in δ: `merge` turns the result NaN for the executor
+            continue
+        r = k - int(totals[j])
         if 1 <= r <= cand.numel():
             out.append(_kth(cand, r))
             continue
@@ -196,6 +207,32 @@ def magnitude_trims(
         Trim(keep_from=kth_largest_abs(t, base, [k], dtype)[0]) if w != 0.0 else Trim()
         for t, w in zip(tensors, weights, strict=True)
     ]
+
+
+def _nonneg(x: torch.Tensor) -> torch.Tensor:
+    return x >= 0
+
+
+def _positive(x: torch.Tensor) -> torch.Tensor:
+    return x > 0
+
+
+def _positions(x: torch.Tensor, test: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Flat indices of ``x`` where ``test`` holds, for a test that holds for a row's maximum
+    if and only if it holds somewhere in the row (x ≥ 0, x > 0).
+
+    Few elements pass (~1%): rows of `_ROW` whose maximum fails are skipped, so the slow
+    bool scan (`nonzero`) runs over 1/_ROW of the block and the rows that pass.
+    """
+    n = x.numel()
+    if n % _ROW:
+        return torch.nonzero(test(x)).reshape(-1)
+    rows = x.view(-1, _ROW)
+    hit = torch.nonzero(test(rows.amax(dim=1))).reshape(-1)
+    if hit.numel() == 0:
+        return hit
+    r, c = torch.nonzero(test(rows[hit]), as_tuple=True)
+    return hit[r] * _ROW + c
 
 
 def _kth(a: torch.Tensor, k: int) -> float:
@@ -292,19 +329,21 @@ def merge(
     acc = [buf() for _ in range(4 if consensus else 1)]
     fin = [buf() for _ in range(4)] if consensus else []
     out = torch.empty(n, dtype=dt, device=device)
-    check = torch.zeros((), dtype=dt, device=device)
-    gamma_sum = torch.zeros((), dtype=torch.float64, device=device)
+    # Per-block sums of δ (finiteness) and of γ (majority sign), reduced after the last block.
+    blocks_n = -(-n // size)
+    check = torch.zeros(blocks_n, len(live), dtype=dt, device=device)
+    gamma_sums = torch.zeros(blocks_n, dtype=dt, device=device)
     ambiguous: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
-    for s in range(0, n, size):
+    for bi, s in enumerate(range(0, n, size)):
         e = min(n, s + size)
         m = e - s
         bb = None if flat_b is None else b_buf[:m].copy_(flat_b[s:e])
         parts = [a[:m].zero_() for a in acc]
         sv = s_buf[:m]
-        for flat_t, w, sparsify_ in live:
+        for li, (flat_t, w, sparsify_) in enumerate(live):
             d = _load_delta(d_buf, flat_t, bb, s, e)
-            check.add_(torch.sum(d, 0, out=sv[0]))
+            torch.sum(d, 0, out=check[bi, li])
             d = sparsify_(d, s)
             wd = w * sparsify_.rescale
             if not consensus:
@@ -319,7 +358,7 @@ def merge(
             sgn.add_(sv, alpha=w)
             cnt.add_(sv.abs_(), alpha=abs(w))
         if consensus:
-            res = _consensus(parts, [f[:m] for f in fin], s, gamma_sum, ambiguous, bb, scale)
+            res = _consensus(parts, [f[:m] for f in fin], s, gamma_sums[bi], ambiguous, bb, scale)
         else:
             res = parts[0].mul_(scale) if scale != 1.0 else parts[0]
             if bb is not None:
@@ -328,10 +367,10 @@ def merge(
 
     if ambiguous:
         # Exact zero mass with agreeing elements on both sides: the tensor's majority sign.
-        pick = 1 if float(gamma_sum) >= 0 else 2
+        pick = 1 if float(gamma_sums.double().sum()) >= 0 else 2
         for entry in ambiguous:
             out[entry[0]] = entry[pick]
-    if not bool(torch.isfinite(check)):
+    if not bool(torch.isfinite(check).all()):
         out.fill_(math.nan)
     return out.reshape(shape)
 
@@ -349,15 +388,15 @@ def _consensus(
     pos, neg, sgn, cnt = parts
     gamma, h, hm, den = fin
     torch.add(pos, neg, out=gamma).sign_()
-    gamma_sum.add_(gamma.sum(dtype=torch.float64))
+    torch.sum(gamma, 0, out=gamma_sum)
     # h = 1 where γ = +1, 0 where γ = −1 (½ at γ = 0); hm = 1 − h.
     torch.add(gamma, 1.0, out=h).mul_(0.5)
     torch.mul(h, -1.0, out=hm).add_(1.0)
     # Where γ = 0 but some checkpoint has a non-zero δ̂ (an exact cancellation) the side is the
     # tensor's majority sign, known only after the last block: keep both candidates there.
     zero_mass = torch.abs(gamma, out=den).sub_(1.0).neg_().mul_(cnt)
-    if bool(zero_mass.max() > 0):
-        idx = torch.nonzero(zero_mass > 0).reshape(-1)
+    idx = _positions(zero_mass, _positive)
+    if idx.numel():
         a, sg = cnt[idx], sgn[idx]
         p = pos[idx] / ((a + sg) * 0.5) * scale
         q = neg[idx] / ((a - sg) * 0.5) * scale
