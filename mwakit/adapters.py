@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -163,3 +164,13 @@ def output_config(
             alpha_pattern=dict(pattern),
         )
     return cfg
+
+
+def full_rank(a_shape: Sequence[int], b_shape: Sequence[int]) -> int:
+    """The rank `mwakit.lowrank.full_factors` writes for a module with factors of these shapes.
+
+    min(out, in) for a linear or embedding module; out for a conv, whose kernel must stay in A
+    (PEFT's conv lora_B is 1×1).
+    """
+    out, inner = int(b_shape[0]), int(a_shape[1])
+    return out if len(a_shape) > 2 else min(out, inner)

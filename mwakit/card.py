@@ -260,6 +260,8 @@ def render_card(
             "svd": f"delta, re-factorised to rank {plan.recipe.delta_rank} with QR + small SVD",
             "dense": f"delta: the method acts on each ΔW_i = s_i·B_i·A_i, the result is "
             f"re-factorised to rank {plan.recipe.delta_rank} with a truncated SVD",
+            "full": "delta: the method acts on each ΔW_i = s_i·B_i·A_i and the merged ΔW is "
+            "stored exactly, as full-rank factors (no truncation)",
         }[plan.lora_mode]
         lines.append(f"- LoRA space: {space}")
     if rel_errors:

@@ -23,7 +23,14 @@ from mwakit.io.header import DTYPE_NAMES, TensorInfo
 from mwakit.io.reader import MmapReader
 from mwakit.io.shards import ShardedWriter
 from mwakit.io.writer import StreamingWriter
-from mwakit.lowrank import concat_factors, dense_delta, dense_refactor, factors_average, refactor
+from mwakit.lowrank import (
+    concat_factors,
+    dense_delta,
+    dense_refactor,
+    factors_average,
+    full_factors,
+    refactor,
+)
 from mwakit.planner import FullTask, LoraTask, Plan, Task, TensorRef
 
 
@@ -189,7 +196,7 @@ def _run_lora(
             **_aux(ld, task.aux_b, stats),
         )
         coeffs = fold
-    elif task.mode == "dense":
+    elif task.mode in ("dense", "full"):
         # Task-vector methods act on ΔW_i = s_i B_i A_i (base 0), never on A or B alone; the
         # merged ΔW is sparse, no longer low rank, and is re-factorised by a truncated SVD.
         deltas = [
@@ -201,7 +208,10 @@ def _run_lora(
             extra["thresholds"] = stats.thresholds[task.module]
         merged = _merge(plan, deltas, task.weights, task.params, task.module, dtype, **extra)
         del deltas
-        ref = dense_refactor(merged, task.rank, compute_dtype=dtype)
+        if task.mode == "full":
+            ref = full_factors(merged)
+        else:
+            ref = dense_refactor(merged, task.rank, compute_dtype=dtype)
         a, b = ref.A, ref.B
         stats.rel_errors[task.module] = ref.rel_error
         coeffs = [w * s for w, s in zip(task.weights, task.scalings, strict=True)]

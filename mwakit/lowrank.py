@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mwakit.adapters import full_rank
+
 __all__ = [
     "Refactored",
     "concat_factors",
@@ -274,6 +276,32 @@ def dense_delta(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tenso
     if scaling != 1.0:
         m.mul_(scaling)  # in place: ΔW is the big tensor here, do not hold it twice
     return m.reshape(B.shape[0], *A.shape[1:])
+
+
+def full_factors(delta: torch.Tensor) -> Refactored:
+    """ΔW exactly as LoRA factors of full rank, B·A = ΔW, with no SVD and no error.
+
+    The smaller side becomes an identity: B = I_out and A = ΔW when out ≤ in (and for convs),
+    else A = I_in and B = ΔW. PEFT loads them as a rank-``full_rank`` module with scaling 1, so
+    the adapter reproduces the merged update bit for bit (in its dtype) — the choice for a
+    sparse TIES/DARE result whose SVD truncation error would be too large.
+
+    Args:
+        delta: ΔW, (out, in) or (out, in, kh, kw).
+
+    Returns:
+        A, B, rel_error 0.0 (NaN when ΔW is not finite) and the rank.
+    """
+    if delta.dim() < 2:
+        raise ValueError(f"delta must be at least 2-D, got shape {list(delta.shape)}")
+    out = delta.shape[0]
+    rank = full_rank((0, *delta.shape[1:]), (out,))
+    err = 0.0 if bool(torch.isfinite(delta).all()) else math.nan
+    if delta.dim() > 2 or out <= delta.shape[1]:
+        eye = torch.eye(out, dtype=delta.dtype, device=delta.device)
+        return Refactored(delta, eye.reshape(out, out, *(1,) * (delta.dim() - 2)), err, rank)
+    eye = torch.eye(delta.shape[1], dtype=delta.dtype, device=delta.device)
+    return Refactored(eye, delta, err, rank)
 
 
 def dense_refactor(

@@ -18,7 +18,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from mwakit.adapters import AdapterConfig, lora_role, output_config, read_adapter_config
+from mwakit.adapters import (
+    AdapterConfig,
+    full_rank,
+    lora_role,
+    output_config,
+    read_adapter_config,
+)
 from mwakit.errors import PlanError
 from mwakit.io.header import DTYPE_SIZES, TensorInfo, dtype_code, is_float_code, read_header
 from mwakit.methods import MergeMethod, get_method
@@ -28,8 +34,9 @@ from mwakit.sources import Checkpoint
 from mwakit.weights import step_zero_warnings
 
 #: factors: average A and B; concat / svd: exact ΔW as rank concatenation, optionally
-#: re-factorised; dense: a non-linear method on dense ΔW_i, then a truncated SVD.
-LoraMode = Literal["factors", "concat", "svd", "dense"]
+#: re-factorised; dense: a method on dense ΔW_i, then a truncated SVD; full: a method on dense
+#: ΔW_i, the result written exactly as full-rank factors (`lowrank.full_factors`).
+LoraMode = Literal["factors", "concat", "svd", "dense", "full"]
 
 
 @dataclass(frozen=True)
@@ -502,6 +509,8 @@ def _lora_mode(recipe: Recipe, method: MergeMethod) -> LoraMode:
             where="lora_space",
             fix="use lora_space: factors",
         )
+    if recipe.delta_rank == "full":
+        return "full"
     if method.linear:
         return "concat" if recipe.delta_rank == "concat" else "svd"
     if recipe.delta_rank == "concat":
@@ -509,7 +518,8 @@ def _lora_mode(recipe: Recipe, method: MergeMethod) -> LoraMode:
             f"method {method.name} makes ΔW sparse or non-linear, so it is no longer a sum of "
             "low-rank updates and cannot be concatenated",
             where="delta_rank",
-            fix="set delta_rank: <rank> to re-factorise each merged ΔW with an SVD",
+            fix="set delta_rank: <rank> to re-factorise each merged ΔW with an SVD, or "
+            "delta_rank: full to write it exactly",
         )
     return "dense"
 
@@ -657,6 +667,9 @@ def _lora_task(
                 f"{module}: scalings differ across checkpoints; each B is rescaled by s_i/s_out "
                 "before averaging"
             )
+    elif mode == "full":
+        rank = full_rank(indexes[0][a_key].info.shape, indexes[0][b_key].info.shape)
+        out_scaling = 1.0
     else:
         rank = sum(ranks) if mode == "concat" else int(b.recipe.delta_rank)
         out_scaling = 1.0

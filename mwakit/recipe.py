@@ -190,8 +190,9 @@ class Recipe(_Strict):
     rules: list[Rule] = Field(default_factory=list)
     lora_space: Literal["factors", "delta"] = "factors"
     """factors: average A and B (same rank); delta: merge ΔW exactly."""
-    delta_rank: Literal["concat"] | PositiveInt = "concat"
-    """With lora_space: delta — ``concat`` (exact, rank Σr) or a rank to re-factorise to."""
+    delta_rank: Literal["concat", "full"] | PositiveInt = "concat"
+    """With lora_space: delta — ``concat`` (exact, rank Σr), ``full`` (the merged ΔW exactly, as
+    full-rank factors: no SVD) or a rank to re-factorise to."""
     loss_window: PositiveInt = 1
     """Mean of the last n logged training losses at each checkpoint (per-step loss is noisy)."""
     dtype: DType = "float32"

@@ -180,7 +180,7 @@ def scaffold(
             _c("lora_space: delta", "the method acts on each ΔW = s·B·A"),
             _c("delta_rank: concat", "exact: rank Σr")
             if m.linear
-            else _c(f"delta_rank: {rank}", "output rank; higher loses less (error in the card)"),
+            else _c(f"delta_rank: {rank}", "output rank (error in the card); `full`: exact ΔW"),
         ]
     lines += [
         _c("dtype: float32", "compute dtype"),

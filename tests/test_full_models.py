@@ -13,10 +13,13 @@ from safetensors.torch import load_file
 import mwakit
 from mwakit.errors import PlanError
 from mwakit.io.shards import split_shards
+from mwakit.methods import get_method
 from mwakit.recipe import parse_recipe
 
 
-def _model(folder: Path, seed: int, *, shard: str | None = None) -> dict[str, torch.Tensor]:
+def _model(
+    folder: Path, seed: int, *, shard: str | None = None, tied: bool = False
+) -> dict[str, torch.Tensor]:
     """A tiny random Llama saved by transformers (sharded when ``shard`` is given)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -28,7 +31,7 @@ def _model(folder: Path, seed: int, *, shard: str | None = None) -> dict[str, to
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     model = LlamaForCausalLM(cfg)
     kw: dict[str, Any] = {"max_shard_size": shard} if shard else {}
@@ -126,3 +129,34 @@ def test_shard_split_is_in_order_and_bounded() -> None:
     shards = split_shards(entries, 100)
     assert [[e[0] for e in s] for s in shards] == [["t0", "t1"], ["t2", "t3"], ["t4", "t5"], ["t6"]]
     assert split_shards([("big", "F32", (100,))], 100) == [[("big", "F32", (100,))]]
+
+
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_tied_embeddings_stay_tied(tmp_path: Path, method: str) -> None:
+    # save_pretrained drops lm_head.weight when it is tied to embed_tokens: the merge must
+    # merge the one shared tensor once, write no lm_head, and transformers must re-tie it.
+    from transformers import LlamaForCausalLM
+
+    folders = [tmp_path / f"t{i}" for i in range(3)]
+    states = [_model(f, 10 + i, tied=True) for i, f in enumerate(folders)]
+    assert "lm_head.weight" not in _state(folders[0])
+    kw: dict[str, Any] = {"method": "linear"}
+    if method == "ties":
+        kw = {"method": "ties", "params": {"density": 1.0}, "base_model": str(folders[0])}
+    res = mwakit.run(_recipe(tmp_path, folders[1:] if method == "ties" else folders, **kw))
+    out = _state(res.path)
+    assert "lm_head.weight" not in out
+    key = "model.embed_tokens.weight"
+    if method == "linear":
+        want = sum(s[key] for s in states) / 3
+    else:  # density 1: sign election and disjoint mean of δ_1, δ_2 on θ_0
+        want = get_method("ties").merge(
+            [states[1][key], states[2][key]],
+            [1.0, 1.0],
+            get_method("ties").params.model_validate({"density": 1.0}),
+            base=states[0][key],
+        )
+    torch.testing.assert_close(out[key], want, rtol=1e-6, atol=1e-6)
+    model = LlamaForCausalLM.from_pretrained(res.path)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(model.lm_head.weight.detach(), want, rtol=1e-6, atol=1e-6)

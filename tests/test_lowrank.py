@@ -9,12 +9,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mwakit.adapters import full_rank
 from mwakit.lowrank import (
     Refactored,
     concat_factors,
     dense_delta,
     dense_refactor,
     factors_average,
+    full_factors,
     refactor,
 )
 
@@ -278,3 +280,28 @@ def test_refactor_properties(
         assert ref.rel_error < 1e-6
     _, rel = _dense_truncation(m, r)
     assert ref.rel_error == pytest.approx(rel, abs=1e-9)
+
+
+# --- full_factors: the merged ΔW exactly, no SVD -------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6), (7, 7), (5, 3, 3, 3)])
+def test_full_factors_reproduce_delta_exactly(shape: tuple[int, ...]) -> None:
+    delta = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    ref = full_factors(delta)
+    assert ref.rel_error == 0.0
+    assert ref.rank == full_rank(ref.A.shape, ref.B.shape) == ref.A.shape[0] == ref.B.shape[1]
+    # Conv keeps its kernel in A (PEFT's conv lora_B is 1×1): rank = out.
+    assert ref.rank == (shape[0] if len(shape) > 2 else min(shape[0], shape[1]))
+    assert torch.equal(dense_delta(ref.A, ref.B, 1.0), delta)
+
+
+def test_full_factors_keep_the_dtype_and_flag_non_finite() -> None:
+    delta = torch.randn(4, 8).bfloat16()
+    ref = full_factors(delta)
+    assert ref.A.dtype == ref.B.dtype == torch.bfloat16
+    assert torch.equal(dense_delta(ref.A.float(), ref.B.float(), 1.0), delta.float())
+    delta[1, 2] = float("inf")
+    assert math.isnan(full_factors(delta).rel_error)
+    with pytest.raises(ValueError, match="2-D"):
+        full_factors(torch.ones(3))

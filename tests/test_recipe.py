@@ -90,6 +90,8 @@ def test_unknown_method_lists_known_ones() -> None:
         ({"select": {"run": "r", "last": 2}}, "exactly one of `checkpoints:`"),
         ({"checkpoints": []}, "is empty"),
         ({"delta_rank": 8}, "delta_rank applies only with lora_space: delta"),
+        ({"delta_rank": "full"}, "delta_rank applies only with lora_space: delta"),
+        ({"lora_space": "delta", "delta_rank": "fulll"}, "delta_rank"),
         ({"checkpoints": None, "select": {"run": "r", "steps": [9, 3]}}, "is empty: write [low"),
         ({"checkpoints": None, "select": {"run": "r", "last": 0}}, "select.last"),
         ({"loss_window": 0}, "loss_window"),

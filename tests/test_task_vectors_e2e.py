@@ -81,8 +81,36 @@ def test_ties_on_adapters_acts_on_delta_w(
     assert "truncated SVD" in card and "Truncation error" in card
 
 
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [("ties", {"density": 0.3}), ("dare_ties", {"drop_rate": 0.5, "seed": 2})],
+)
+def test_delta_rank_full_writes_the_merged_delta_exactly(
+    tiny_base: Path, adapters: list[Path], tmp_path: Path, method: str, params: dict[str, Any]
+) -> None:
+    # No SVD: the adapter PEFT loads reproduces the method's ΔW exactly (in float32).
+    res = mwakit.run(
+        _recipe(
+            tmp_path, adapters, method=method, params=params, lora_space="delta", delta_rank="full"
+        )
+    )
+    m = get_method(method)
+    p = m.params.model_validate(params)
+    inputs = [_deltas(tiny_base, a)[0] for a in adapters]
+    got = _deltas(tiny_base, res.path)[0]
+    assert got
+    for name, delta in got.items():
+        want = m.merge([d[name].float() for d in inputs], list(res.plan.weights), p, key=name)
+        torch.testing.assert_close(delta.float(), want, rtol=1e-6, atol=1e-7)
+    assert set(res.stats.rel_errors.values()) == {0.0}
+    cfg = (res.path / "adapter_config.json").read_text()
+    assert '"lora_alpha"' in cfg and '"use_rslora": false' in cfg
+    card = (res.path / "README.md").read_text()
+    assert "stored exactly, as full-rank factors" in card
+
+
 def test_ties_refuses_concat_and_factors(adapters: list[Path], tmp_path: Path) -> None:
-    with pytest.raises(PlanError, match="set delta_rank: <rank>"):
+    with pytest.raises(PlanError, match="delta_rank: full to write it exactly"):
         mwakit.plan(_recipe(tmp_path, adapters, method="ties", lora_space="delta"))
     with pytest.raises(PlanError, match="use lora_space: delta"):
         mwakit.plan(_recipe(tmp_path, adapters, method="ties"))
