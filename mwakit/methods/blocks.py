@@ -114,11 +114,8 @@ def kth_largest_abs(
     flat_t = _flat(tensor)
     flat_b = None if base is None else _flat(base)
     if n < 4 * SAMPLE:
-        a = flat_t.to(dtype, copy=True)
-        if flat_b is not None:
-            a.sub_(flat_b.to(dtype))
-        a.abs_()
-        return [float(sparsify.kth_largest_abs(a, k, absolute=a)) for k in ks]
+        a = _whole_abs(flat_t, flat_b, dtype)
+        return [_kth(a, k) for k in ks]
 
     # A bracket [lo, hi] around each k-th largest from a seeded sample of |δ|.
     gen = torch.Generator(device="cpu").manual_seed(0x5EED)
@@ -171,11 +168,7 @@ def kth_largest_abs(
             out.append(_kth(cand, r))
             continue
         # The sample missed (or the values are degenerate): select on the whole |δ|.
-        a = flat_t.to(dtype, copy=True)
-        if flat_b is not None:
-            a.sub_(flat_b.to(dtype))
-        a.abs_()
-        out.append(float(sparsify.kth_largest_abs(a, k, absolute=a)))
+        out.append(_kth(_whole_abs(flat_t, flat_b, dtype), k))
     return out
 
 
@@ -207,6 +200,16 @@ def magnitude_trims(
         Trim(keep_from=kth_largest_abs(t, base, [k], dtype)[0]) if w != 0.0 else Trim()
         for t, w in zip(tensors, weights, strict=True)
     ]
+
+
+def _whole_abs(
+    flat_t: torch.Tensor, flat_b: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """|δ| of the whole tensor in ``dtype``, a fresh tensor (small tensors and the fallback)."""
+    a = flat_t.to(dtype, copy=True)
+    if flat_b is not None:
+        a.sub_(flat_b.to(dtype))
+    return a.abs_()
 
 
 def _nonneg(x: torch.Tensor) -> torch.Tensor:
