@@ -264,7 +264,7 @@ def render_card(
             "stored exactly, as full-rank factors (no truncation)",
         }[plan.lora_mode]
         lines.append(f"- LoRA space: {space}")
-    if rel_errors:
+    if rel_errors and plan.lora_mode != "full":  # full: nothing truncated, every error 0
         worst = max(rel_errors.items(), key=lambda kv: kv[1])
         mean = sum(rel_errors.values()) / len(rel_errors)
         lines.append(
