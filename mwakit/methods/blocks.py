@@ -19,7 +19,7 @@ The per-tensor top-k threshold is found exactly by `kth_largest_abs`: a bracket 
 sample of |δ|, one blocked pass that counts the elements above it and collects the few inside,
 and `kthvalue` on those; if the bracket misses (rare), the exact radix select on the whole |δ|.
 
-On a GPU a block is the whole tensor: there the op count, not the cache, is what matters.
+On a GPU a block is up to 16M elements: there the op count, not the cache, is what matters.
 Inputs are cast to float32 (float64 if asked) whatever their storage dtype; a bfloat16 or
 float16 compute dtype is computed in float32 (compute in float32, write the requested dtype).
 """
@@ -37,6 +37,9 @@ from mwakit.methods.splitmix import Stream
 
 BLOCK = 1 << 17
 """Elements per block on a CPU (512 KiB of float32)."""
+
+GPU_BLOCK = 1 << 24
+"""Elements per block on a GPU: few kernel launches, ~11 × 64 MiB of buffers at most."""
 
 SAMPLE = 1 << 16
 """Smallest sample for the threshold bracket (it grows to 1/32 of a tensor, at most 2^18, so
@@ -75,11 +78,10 @@ def compute_dtype(dtype: torch.dtype | None) -> torch.dtype:
 
 
 def _block_size(n: int, device: torch.device, block: int | None) -> int:
-    if block is not None:
-        return max(2, block + block % 2)
-    if device.type != "cpu":
-        return max(2, n + n % 2)
-    return min(BLOCK, max(2, n + n % 2))
+    """Elements per block: always even (random bits come in pairs), at most the tensor."""
+    if block is None:
+        block = BLOCK if device.type == "cpu" else GPU_BLOCK
+    return max(2, min(block, n) + min(block, n) % 2)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -108,7 +110,7 @@ def kth_largest_abs(
         base: θ_0 or None.
         ks: Ranks from the top, each in [1, numel].
         dtype: float32 or float64: the dtype δ is computed in (as the merge computes it).
-        block: Elements per block (default: `BLOCK` on a CPU, the whole tensor on a GPU).
+        block: Elements per block (default: `BLOCK` on a CPU, `GPU_BLOCK` on a GPU).
     """
     n = tensor.numel()
     flat_t = _flat(tensor)
@@ -312,7 +314,7 @@ def merge(
         consensus: TIES consensus instead of a weighted sum.
         scale: λ applied to the merged task vector.
         dtype: Compute dtype (see `compute_dtype`); the result has it.
-        block: Elements per block (default: `BLOCK` on a CPU, whole tensor on a GPU).
+        block: Elements per block (default: `BLOCK` on a CPU, `GPU_BLOCK` on a GPU).
     """
     dt = compute_dtype(dtype)
     shape, device = tensors[0].shape, tensors[0].device
