@@ -7,7 +7,8 @@ on the same page-cached inputs and each in its own process, times:
 
 - read floor: reading every input shard once;
 - plain reference: load every checkpoint whole, weighted sum in float32, save one file;
-- mwakit linear (MWA weights), and mwakit TIES / DARE-TIES against the base;
+- mwakit linear (MWA weights), and task-vector methods against the base (`--methods`:
+  TIES and DARE-TIES by default; also dare_linear, magnitude_prune, breadcrumbs);
 
 printing wall time, ratios and peak RSS. Targets (issue 3): linear ≤ 1.2× the reference at a
 fraction of its RSS; TIES/DARE ≤ 3× mwakit's own linear (mergekit: 281 s vs 9.9 s, 28×).
@@ -82,6 +83,7 @@ def main() -> int:
         "--methods",
         nargs="*",
         default=["ties", "dare_ties"],
+        choices=["ties", "dare_ties", "dare_linear", "magnitude_prune", "breadcrumbs"],
         help="task-vector methods to time beside linear",
     )
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
@@ -149,6 +151,9 @@ def main() -> int:
                 "weighting": {"mwa": {"metric": "loss", "penalty": 0.7}},
             },
             "dare_ties": {"method": "dare_ties", "params": {"drop_rate": 0.8, "seed": 0}},
+            "dare_linear": {"method": "dare_linear", "params": {"drop_rate": 0.8, "seed": 0}},
+            "magnitude_prune": {"method": "magnitude_prune", "params": {"density": 0.2}},
+            "breadcrumbs": {"method": "breadcrumbs", "params": {"density": 0.2, "gamma": 0.01}},
         }
         for name in a.methods:
             kw = recipes[name]
