@@ -196,9 +196,10 @@ def _run_lora(
             **_aux(ld, task.aux_b, stats),
         )
         coeffs = fold
-    elif task.mode in ("dense", "full"):
+    elif task.dense:
         # Task-vector methods act on ΔW_i = s_i B_i A_i (base 0), never on A or B alone; the
-        # merged ΔW is sparse, no longer low rank, and is re-factorised by a truncated SVD.
+        # merged ΔW is sparse, no longer low rank: it is re-factorised by a truncated SVD, or
+        # (delta_rank: full) written exactly as full-rank factors.
         deltas = [
             dense_delta(A.to(dtype), B.to(dtype), s)
             for A, B, s in zip(As, Bs, task.scalings, strict=True)

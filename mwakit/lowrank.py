@@ -295,13 +295,12 @@ def full_factors(delta: torch.Tensor) -> Refactored:
     if delta.dim() < 2:
         raise ValueError(f"delta must be at least 2-D, got shape {list(delta.shape)}")
     out = delta.shape[0]
-    rank = full_rank((0, *delta.shape[1:]), (out,))
     err = 0.0 if bool(torch.isfinite(delta).all()) else math.nan
-    if delta.dim() > 2 or out <= delta.shape[1]:
+    if full_rank(delta.shape, (out,)) == out:  # ΔW has A's trailing dims; B = I_out, A = ΔW
         eye = torch.eye(out, dtype=delta.dtype, device=delta.device)
-        return Refactored(delta, eye.reshape(out, out, *(1,) * (delta.dim() - 2)), err, rank)
+        return Refactored(delta, eye.reshape(out, out, *(1,) * (delta.dim() - 2)), err, out)
     eye = torch.eye(delta.shape[1], dtype=delta.dtype, device=delta.device)
-    return Refactored(eye, delta, err, rank)
+    return Refactored(eye, delta, err, delta.shape[1])
 
 
 def dense_refactor(

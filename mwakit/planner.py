@@ -101,6 +101,11 @@ class LoraTask:
     aux_b: tuple[TensorRef, ...] | None = None
 
     @property
+    def dense(self) -> bool:
+        """The method runs on each dense ΔW_i (modes ``dense`` and ``full``)."""
+        return self.mode in ("dense", "full")
+
+    @property
     def name(self) -> str:
         """The module name."""
         return self.module

@@ -34,7 +34,7 @@ def _deltas(plan: Plan, ld: _Loader, dtype: torch.dtype) -> Iterator[tuple[int, 
             for r, t in zip(task.inputs, ld.get(task.inputs), strict=True):
                 d = t.to(dtype) - base if base is not None else t.to(dtype)
                 yield r.ckpt, d.abs().float().reshape(-1)
-        elif task.mode in ("dense", "full"):
+        elif task.dense:
             for i, (a, b) in enumerate(zip(ld.get(task.a), ld.get(task.b), strict=True)):
                 d = dense_delta(a.to(dtype), b.to(dtype), task.scalings[i])
                 yield i, d.abs().float().reshape(-1)
@@ -81,7 +81,6 @@ def model_thresholds(plan: Plan, ld: _Loader, dtype: torch.dtype) -> dict[str, l
     trimmed = [
         t.name
         for t in plan.tasks
-        if (isinstance(t, FullTask) and not t.copy)
-        or (isinstance(t, LoraTask) and t.mode in ("dense", "full"))
+        if (isinstance(t, FullTask) and not t.copy) or (isinstance(t, LoraTask) and t.dense)
     ]
     return dict.fromkeys(trimmed, out)

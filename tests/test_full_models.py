@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 import mwakit
 from mwakit.errors import PlanError
 from mwakit.io.shards import split_shards
-from mwakit.methods import get_method
 from mwakit.recipe import parse_recipe
+from tests.methods import oracle
 
 
 def _model(
@@ -149,13 +149,9 @@ def test_tied_embeddings_stay_tied(tmp_path: Path, method: str) -> None:
     key = "model.embed_tokens.weight"
     if method == "linear":
         want = sum(s[key] for s in states) / 3
-    else:  # density 1: sign election and disjoint mean of δ_1, δ_2 on θ_0
-        want = get_method("ties").merge(
-            [states[1][key], states[2][key]],
-            [1.0, 1.0],
-            get_method("ties").params.model_validate({"density": 1.0}),
-            base=states[0][key],
-        )
+    else:  # density 1: sign election and disjoint mean of δ_1, δ_2 on θ_0 (the oracle)
+        pair = [states[1][key], states[2][key]]
+        want = oracle.merge(pair, [1.0, 1.0], states[0][key], consensus=True).float()
     torch.testing.assert_close(out[key], want, rtol=1e-6, atol=1e-6)
     model = LlamaForCausalLM.from_pretrained(res.path)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()

@@ -17,7 +17,7 @@ working set stays in cache), into buffers allocated once per group, with only in
 
 The per-tensor top-k threshold is found exactly by `kth_largest_abs`: a bracket from a seeded
 sample of |δ|, one blocked pass that counts the elements above it and collects the few inside,
-and `kthvalue` on those; if the bracket misses (rare), the exact radix select on the whole |δ|.
+and a radix select on those; if the bracket misses (rare), the radix select on the whole |δ|.
 
 On a GPU a block is up to 16M elements: there the op count, not the cache, is what matters.
 Inputs are cast to float32 (float64 if asked) whatever their storage dtype; a bfloat16 or
@@ -251,37 +251,60 @@ def _below(x: float, dtype: torch.dtype) -> float:
     return float(torch.nextafter(v, torch.tensor(-math.inf, dtype=dtype)))
 
 
-class _Sparsifier:
-    """Applies one `Trim` to a block of δ in place, with its own scratch buffers."""
+class _Workspace:
+    """Scratch buffers shared by the sparsifiers of one merge (they run one at a time)."""
 
-    def __init__(self, trim: Trim, size: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.trim = trim
-        self.lambd = None if not trim.keep_from else _below(trim.keep_from, dtype)
+    def __init__(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.size, self.dtype, self.device = size, dtype, device
         self.int_dtype = _INT_OF[dtype]
+        self._stream: Stream | None = None
+        self._scratch: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
+
+    def stream(self) -> Stream:
+        if self._stream is None:
+            self._stream = Stream(self.size, self.device)
+        return self._stream
+
+    def scratch(self, m: int) -> torch.Tensor:
+        if self._scratch is None:
+            self._scratch = torch.empty(self.size, dtype=self.dtype, device=self.device)
+        return self._scratch[:m]
+
+    def mask(self, r: torch.Tensor) -> torch.Tensor:
+        """The int32 mask ``r`` in the float's integer width (float64 needs int64)."""
+        if self.int_dtype == torch.int32:
+            return r
+        if self._mask is None:
+            self._mask = torch.empty(self.size, dtype=self.int_dtype, device=self.device)
+        return self._mask[: r.numel()].copy_(r)
+
+
+class _Sparsifier:
+    """Applies one `Trim` to a block of δ in place."""
+
+    def __init__(self, trim: Trim, work: _Workspace) -> None:
+        self.trim = trim
+        self.work = work
+        self.lambd = None if not trim.keep_from else _below(trim.keep_from, work.dtype)
         self.k31 = round((1.0 - trim.drop_rate) * 2.0**31)
-        drops = trim.drop_rate > 0.0 and self.k31 < 2**31
-        self.stream = Stream(size, device) if drops else None
+        self.drops = trim.drop_rate > 0.0 and self.k31 < 2**31
         # The realised keep probability is K / 2^31 (within 2^-32 of 1 − p).
-        self.rescale = 1.0 / (1.0 - trim.drop_rate) if drops else 1.0
-        self.scratch = (
-            None if trim.drop_from is None else torch.empty(size, dtype=dtype, device=device)
-        )
-        wide = drops and self.int_dtype != torch.int32
-        self.mask = torch.empty(size, dtype=self.int_dtype, device=device) if wide else None
+        self.rescale = 1.0 / (1.0 - trim.drop_rate) if self.drops else 1.0
 
     def __call__(self, d: torch.Tensor, start: int) -> torch.Tensor:
-        t = self.trim
+        t, work = self.trim, self.work
         if self.lambd is not None:
             torch.ops.aten.hardshrink.out(d, self.lambd, out=d)
-        bits = d.view(self.int_dtype)
-        if t.drop_from is not None and self.scratch is not None:
+        bits = d.view(work.int_dtype)
+        if t.drop_from is not None:
             # |δ| − u < 0 exactly where |δ| < u (equality gives +0): its sign bit is the mask.
-            s = torch.abs(d, out=self.scratch[: d.numel()]).sub_(t.drop_from)
-            bits.bitwise_and_(s.view(self.int_dtype).bitwise_right_shift_(s.element_size() * 8 - 1))
-        if self.stream is not None:
+            s = torch.abs(d, out=work.scratch(d.numel())).sub_(t.drop_from)
+            bits.bitwise_and_(s.view(work.int_dtype).bitwise_right_shift_(s.element_size() * 8 - 1))
+        if self.drops:
             # r_j − K < 0 exactly where r_j < K (kept, probability K / 2^31): sign → mask.
-            r = self.stream.bits31(t.seed, start, d.numel()).sub_(self.k31).bitwise_right_shift_(31)
-            bits.bitwise_and_(r if self.mask is None else self.mask[: d.numel()].copy_(r))
+            r = work.stream().bits31(t.seed, start, d.numel())
+            bits.bitwise_and_(work.mask(r.sub_(self.k31).bitwise_right_shift_(31)))
         return d
 
 
@@ -321,8 +344,9 @@ def merge(
     n = tensors[0].numel()
     size = _block_size(n, device, block)
     flat_b = None if base is None else _flat(base)
+    work = _Workspace(size, dt, device)
     live = [
-        (_flat(t), w, _Sparsifier(tr, size, dt, device))
+        (_flat(t), w, _Sparsifier(tr, work))
         for t, w, tr in zip(tensors, weights, trims, strict=True)
         if w != 0.0
     ]

@@ -94,14 +94,18 @@ def merge(
     n = tensors[0].numel()
     k_low = keep_count(params.density, n)
     k_top = outlier_count(params.gamma, n)
+    # Both cuts of a tensor come from one selection pass: the band's lower edge (unless it is
+    # whole-model or keeps everything) and the outlier cut (unless gamma keeps none).
+    low_k = [k_low] if thresholds is None and k_low < n else []
+    top_k = [k_top] if k_top else []
+    ks = low_k + top_k
     trims = []
     for i, (t, w) in enumerate(zip(tensors, weights, strict=True)):
-        ks = ([] if thresholds is not None or k_low >= n else [k_low]) + ([k_top] if k_top else [])
+        # Zero weights are skipped by the merge: nothing to select for them.
         cuts = blocks.kth_largest_abs(t, base, ks, dt) if w != 0.0 and ks else []
-        low = thresholds[i] if thresholds is not None else None
-        if thresholds is None and k_low < n and cuts:
-            low = cuts.pop(0)
-        trims.append(blocks.Trim(keep_from=low, drop_from=cuts[0] if cuts else None))
+        low = cuts[0] if low_k and cuts else (None if thresholds is None else thresholds[i])
+        high = cuts[-1] if top_k and cuts else None
+        trims.append(blocks.Trim(keep_from=low, drop_from=high))
     return blocks.merge(tensors, weights, base, trims, consensus=False, dtype=dt)
 
 

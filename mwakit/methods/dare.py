@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -34,6 +34,8 @@ from mwakit.methods.task_arithmetic import TASK_VECTOR_CONFIG, scaled_weights
 
 if TYPE_CHECKING:
     import torch
+
+    from mwakit.methods.blocks import Trim
 
 
 class _DareParams(BaseModel):
@@ -78,7 +80,7 @@ def weigh_ties(params: TiesParams, checkpoints: Sequence[CheckpointView]) -> lis
     return scaled_weights(checkpoints)
 
 
-def _trims(params: _DareParams, key: str, count: int) -> list[Any]:
+def _trims(params: _DareParams, key: str, count: int) -> list[Trim]:
     """One seeded DARE drop per checkpoint (`mwakit.methods.blocks.Trim`)."""
     from mwakit.methods import blocks, sparsify
 
