@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -13,8 +14,8 @@ from typing import TYPE_CHECKING
 from mwakit.card import RESOLVED_RECIPE, resolved_recipe, write_assets, write_card
 from mwakit.errors import UsageError
 from mwakit.io.atomic import atomic_output_dir, check_target
-from mwakit.io.layout import MODEL_SIDE_FILES
-from mwakit.planner import Plan, Task, build_plan
+from mwakit.io.layout import MODEL_SIDE_FILES, inside_folder
+from mwakit.planner import LoraTask, Plan, Task, build_plan
 from mwakit.recipe import HubTarget, Recipe, dump_recipe, load_recipe
 from mwakit.sources import resolve, resolve_base
 
@@ -24,14 +25,41 @@ if TYPE_CHECKING:
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
+def input_paths(p: Plan) -> list[Path]:
+    """Every file and folder a plan reads: what its output may neither be nor contain.
+
+    The checkpoint folders and their weights files (a converted pickle's source and its cached
+    copy), the base model, side inputs such as Fisher files, and a local ``select.run``.
+    """
+    paths: list[Path] = []
+    for c in [*p.checkpoints, *([p.base] if p.base is not None else [])]:
+        paths += [c.path, *c.files]
+    for task in p.tasks:
+        groups = (task.aux_a, task.aux_b) if isinstance(task, LoraTask) else (task.aux,)
+        for refs in groups:
+            paths += [r.path for r in refs or ()]
+    run = p.recipe.select.run if p.recipe.select is not None else None
+    if run is not None and not run.startswith("hf://"):
+        paths.append(Path(run))
+    return list(dict.fromkeys(paths))
+
+
 def copy_model_files(p: Plan, out: Path) -> None:
     """Copy config and tokenizer files of the base (or first) checkpoint into ``out``.
 
-    ``config.json`` gets the written dtype, so loaders pick the right one.
+    ``config.json`` gets the written dtype, so loaders pick the right one. A side file that is
+    a symlink out of its folder is refused (it could copy a secret into an output that is then
+    pushed); a Hub cache snapshot's links into its blobs are fine.
+
+    Raises:
+        SourceError: A side file resolves outside its folder.
     """
     src = p.base.path if p.base is not None else p.checkpoints[0].path
     for name in MODEL_SIDE_FILES:
         f = src / name
+        if not os.path.lexists(f):
+            continue
+        inside_folder(src, name, "side file")
         if not f.is_file():
             continue
         if name == "config.json" and p.recipe.out_dtype:
@@ -125,7 +153,10 @@ def run(
     p = build_plan(r, resolve(r), resolve_base(r))
     if on_plan is not None:
         on_plan(p)
-    with atomic_output_dir(target, r.output.overwrite) as tmp, ThreadPoolExecutor(1) as pool:
+    with (
+        atomic_output_dir(target, r.output.overwrite, input_paths(p)) as tmp,
+        ThreadPoolExecutor(1) as pool,
+    ):
         # Input fingerprints and the plot do not depend on the merge: compute them on a second
         # core while torch imports and the merge streams (hashing releases the GIL).
         assets = pool.submit(write_assets, p, tmp)

@@ -1,6 +1,7 @@
 """The command line: a thin layer over the API that turns errors into one-line messages.
 
-Exit codes: 0 success, 1 failure (any `MwakitError`), 2 usage, 130 interrupted. Heavy modules
+Exit codes: 0 success, 1 failure (any `MwakitError`), 2 usage, 130 interrupted (Ctrl-C), 143
+terminated (SIGTERM), 129 hung up (SIGHUP). Heavy modules
 (torch, the planner) are imported inside commands so `mwakit --help` and `validate` stay fast.
 """
 
@@ -17,6 +18,8 @@ import click
 
 from mwakit import __version__
 from mwakit.errors import MwakitError, RecipeError
+from mwakit.redact import redact, redact_exception
+from mwakit.signals import Terminated, terminate_on_signals
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -28,7 +31,7 @@ def _fail(err: MwakitError) -> None:
         for p in err.problems:
             click.echo(f"  {p}", err=True)
     else:
-        click.echo(f"error: {err.message}", err=True)
+        click.echo(redact(f"error: {err.message}"), err=True)
 
 
 def _handle_errors(fn: F) -> F:
@@ -38,23 +41,30 @@ def _handle_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = bool(click.get_current_context().find_root().params.get("debug"))
         try:
-            return fn(*args, **kwargs)
+            with terminate_on_signals():
+                return fn(*args, **kwargs)
         except MwakitError as err:
             if debug:
+                redact_exception(err)  # the traceback shows messages: no token in them
                 raise
             _fail(err)
             sys.exit(err.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:
             if debug:
                 raise
-            click.echo("interrupted: nothing was written", err=True)
-            sys.exit(130)
+            # Every output is written into a temporary folder that unwinding has removed.
+            how = f" by {err.name}" if isinstance(err, Terminated) else ""
+            click.echo(f"interrupted{how}: stopped, no partial output left", err=True)
+            sys.exit(err.exit_code if isinstance(err, Terminated) else 130)
         except Exception as err:
             if debug:
+                redact_exception(err)
                 raise
             click.echo(
-                f"error: internal error: {type(err).__name__}: {err} "
-                "(re-run with --debug for the traceback, and please report it)",
+                redact(
+                    f"error: internal error: {type(err).__name__}: {err} "
+                    "(re-run with --debug for the traceback, and please report it)"
+                ),
                 err=True,
             )
             sys.exit(1)

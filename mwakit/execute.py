@@ -1,8 +1,8 @@
 """Execute a plan by streaming: read a tensor group lazily, merge it, write it, drop it.
 
-Inputs are zero-copy views of mmapped files; while one group computes, the kernel is asked to
-read the next group ahead (madvise WILLNEED), and the pages of a finished group are dropped
-(MADV_DONTNEED), so resident memory is a few tensor groups whatever the adapter size. The output
+Inputs are read (pread) into reusable buffers; while one group computes, the kernel is asked to
+read the next group ahead (fadvise WILLNEED), and a finished group's buffers are recycled, so
+resident memory is a few tensor groups whatever the adapter size. The output
 file's header is known from the plan, so each result is written at its final offset as soon as
 it is ready.
 """
@@ -20,7 +20,7 @@ import torch
 from mwakit import __version__
 from mwakit.errors import PlanError, TensorError
 from mwakit.io.header import DTYPE_NAMES, TensorInfo
-from mwakit.io.reader import MmapReader
+from mwakit.io.reader import PreadReader
 from mwakit.io.shards import ShardedWriter
 from mwakit.io.writer import StreamingWriter
 from mwakit.lowrank import (
@@ -95,7 +95,7 @@ def torch_dtype(code: str) -> torch.dtype:
 class _Loader:
     """Reads a task's inputs as views and moves them to the compute device."""
 
-    def __init__(self, plan: Plan, reader: MmapReader, device: torch.device) -> None:
+    def __init__(self, plan: Plan, reader: PreadReader, device: torch.device) -> None:
         self.plan = plan
         self.reader = reader
         self.device = device
@@ -274,7 +274,7 @@ def execute(
         if plan.kind == "full"
         else StreamingWriter(out_dir / "adapter_model.safetensors", entries, metadata)
     )
-    with MmapReader() as reader, writer:
+    with PreadReader() as reader, writer:
         ld = _Loader(plan, reader, device)
         _prepasses(plan, ld, stats, dtype)
         for i, task in enumerate(tasks):
@@ -331,11 +331,11 @@ def _by_file(refs: Sequence[TensorRef]) -> dict[Path, list[TensorInfo]]:
     return by_file
 
 
-def _prefetch(reader: MmapReader, refs: Sequence[TensorRef]) -> None:
+def _prefetch(reader: PreadReader, refs: Sequence[TensorRef]) -> None:
     for path, infos in _by_file(refs).items():
         reader.prefetch(path, infos)
 
 
-def _release(reader: MmapReader, refs: Sequence[TensorRef]) -> None:
+def _release(reader: PreadReader, refs: Sequence[TensorRef]) -> None:
     for path, infos in _by_file(refs).items():
         reader.release(path, infos)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from mwakit.errors import HubError
 from mwakit.io.layout import MODEL_SIDE_FILES
+from mwakit.redact import redact, redact_exception
 
 if TYPE_CHECKING:
     from mwakit.recipe import HubTarget
@@ -141,12 +142,7 @@ def _token_present() -> bool:
 
 def _scrub(text: str) -> str:
     """Remove any token from a message (defence in depth: hub messages should hold none)."""
-    from huggingface_hub import get_token
-
-    for secret in {get_token(), os.environ.get("HF_TOKEN")}:
-        if secret and len(secret) >= 8:
-            text = text.replace(secret, "***")
-    return text
+    return redact(text)
 
 
 def _offline() -> bool:
@@ -287,7 +283,7 @@ def _snapshot(repo_id: str, revision: str | None, patterns: list[str], where: st
             local_files_only=_offline(),
         )
     except _hub_errors() as err:
-        raise _map_error(err, where, repo_id, revision=revision) from err
+        raise _map_error(err, where, repo_id, revision=revision) from redact_exception(err)
     return Path(str(root))
 
 
@@ -414,7 +410,7 @@ def list_checkpoints(
             tree = HfApi().list_repo_tree(repo_id, path_in_repo=subfolder, revision=revision)
             names = [t.path.rsplit("/", 1)[-1] for t in tree if isinstance(t, RepoFolder)]
         except _hub_errors() as err:
-            raise _map_error(err, where, repo_id, revision=revision) from err
+            raise _map_error(err, where, repo_id, revision=revision) from redact_exception(err)
     steps = sorted((int(m.group(1)), n) for n in names if (m := _CHECKPOINT.match(n)))
     prefix = f"{subfolder}/" if subfolder else ""
     return [prefix + n for _, n in steps]
@@ -507,7 +503,7 @@ def push(folder: str | Path, target: HubTarget) -> str:
             f"upload failed: {mapped.what}",
             where=where,
             fix=f"{mapped.fix}; the local folder {folder} is complete, {retry}",
-        ) from err
+        ) from redact_exception(err)
     if target.create_pr and getattr(info, "pr_url", None):
         return str(info.pr_url)
     return str(info.commit_url)

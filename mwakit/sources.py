@@ -17,6 +17,7 @@ from typing import Literal, TypeVar
 
 from mwakit import hub
 from mwakit.errors import SourceError
+from mwakit.io.layout import inside_folder
 from mwakit.recipe import CheckpointSpec, Recipe, Select
 from mwakit.trainer_state import read_metrics, step_from_name
 
@@ -47,7 +48,17 @@ def model_files(folder: Path) -> tuple[Path, ...] | None:
                 where=str(index),
                 fix="restore the index file save_pretrained wrote",
             ) from err
-        files = tuple(folder / n for n in names)
+        bad = [n for n in names if not isinstance(n, str)]
+        if bad or not names:
+            raise SourceError(
+                f"{MODEL_INDEX} names no shard"
+                if not names
+                else f"shard name {bad[0]!r} is not a string",
+                where=str(index),
+                fix="restore the index file save_pretrained wrote",
+            )
+        # Shard names come from a file: they may not reach outside the model folder.
+        files = tuple(inside_folder(folder, n, "shard") for n in names)
         for f in files:
             if not f.is_file():
                 raise SourceError(

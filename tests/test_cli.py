@@ -113,6 +113,7 @@ def test_run_writes_folder_then_refuses_to_overwrite(tmp_path: Path, run_dir: Pa
     out = tmp_path / "out"
     names = sorted(p.name for p in out.iterdir())
     assert names == [
+        ".mwakit-manifest.json",  # what mwakit wrote: lets --force recognise its own output
         "README.md",
         "adapter_config.json",
         "adapter_model.safetensors",

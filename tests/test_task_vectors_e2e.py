@@ -191,7 +191,7 @@ def test_full_model_task_vectors_need_a_base(tmp_path: Path, full_models: Any) -
 
 def test_model_scope_thresholds_are_exact(tmp_path: Path, full_models: Any) -> None:
     from mwakit.execute import _Loader
-    from mwakit.io.reader import MmapReader
+    from mwakit.io.reader import PreadReader
     from mwakit.thresholds import model_thresholds
 
     base, folders, base_sd, sds = full_models
@@ -204,7 +204,7 @@ def test_model_scope_thresholds_are_exact(tmp_path: Path, full_models: Any) -> N
             params={"density": 0.3, "trim_scope": "model"},
         )
     )
-    with MmapReader() as reader:
+    with PreadReader() as reader:
         got = model_thresholds(plan, _Loader(plan, reader, torch.device("cpu")), torch.float32)
     floats = [k for k in base_sd if base_sd[k].is_floating_point()]
     for i, sd in enumerate(sds):

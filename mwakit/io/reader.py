@@ -1,41 +1,116 @@
-"""Lazy tensor reads: zero-copy views of mmapped safetensors files.
+"""Tensor reads that fail with an error, never with a signal.
 
-A view's pages fault in from the page cache only when the merge touches them. ``prefetch``
-asks the kernel to read a group ahead (MADV_WILLNEED) while the current group computes, and
-``release`` drops a finished group's pages from this process (MADV_DONTNEED) so resident memory
-stays at a few groups. The mapping is private copy-on-write: nothing is ever written back.
+Tensors are read with ``preadv`` straight into memory the reader allocates, instead of being
+mapped: a mapped file that shrinks under the reader kills the process with SIGBUS, a short read
+is just an error. Every byte goes through one method, `PreadReader.read_into`, so a caller can
+observe (e.g. hash) exactly the bytes a merge streams.
+
+Large reads land in a small arena of reusable buffers: fresh memory costs a page fault per
+page on first touch, more than the copy from the page cache itself, so buffers of finished
+groups are recycled — a buffer is reused only when no tensor views it any more (its storage's
+use count says so), never while a caller still holds a tensor of it. ``prefetch`` asks the
+kernel to read a group ahead (``posix_fadvise WILLNEED``) while the current group computes.
+
+An input that changes under the reader (size or mtime differ from when it was first opened, or
+a read comes back short) is a `SourceError` naming the file.
 """
 
 from __future__ import annotations
 
-import mmap
+import hashlib
+import os
+import re
+import stat
+import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 import torch
 
 from mwakit.errors import SourceError
-from mwakit.io.header import DTYPE_NAMES, DTYPE_SIZES, TensorInfo
+from mwakit.io.header import DTYPE_NAMES, TensorInfo
 
-_PAGE = mmap.PAGESIZE
-# Page faults map neighbouring pages too ("fault-around", 64 KiB by default), including pages
-# of groups released earlier; releasing with a margin unmaps those as well. Unmapping is safe
-# beyond the group: the page cache keeps the pages, a later touch just maps them again.
-_RELEASE_MARGIN = 1 << 20
+_ARENA_MIN = 1 << 20  # smaller reads come from malloc, which recycles small blocks itself
+_ARENA_KEEP_FREE = 1 << 30  # free buffers kept for reuse at most (least recently used go)
+_CHANGED_FIX = "the file changed while mwakit was reading it; wait until it is complete, run again"
 
 
-class MmapReader:
-    """Hands out zero-copy tensor views of safetensors files, one mapping per file.
+def _use_count(t: torch.Tensor) -> int | None:
+    fn = getattr(torch._C, "_storage_Use_Count", None)
+    if fn is None:
+        return None
+    return int(fn(t.untyped_storage()._cdata))
 
-    Use it as a context manager; ``close`` unmaps every file. Not thread-safe: one executor
+
+class _Arena:
+    """Reusable byte buffers; one is handed out again only once nothing views it."""
+
+    def __init__(self, keep_free: int = _ARENA_KEEP_FREE) -> None:
+        self._bufs: list[tuple[torch.Tensor, int]] = []  # (buffer, use count when idle), LRU
+        self._keep_free = keep_free
+        self.enabled = _use_count(torch.empty(0, dtype=torch.uint8)) is not None
+
+    def _idle(self, buf: torch.Tensor, base: int) -> bool:
+        return _use_count(buf) == base
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A uint8 tensor of ``nbytes`` that no one else uses (contents undefined)."""
+        if not self.enabled or nbytes < _ARENA_MIN:
+            return torch.empty(nbytes, dtype=torch.uint8)
+        best = -1
+        for i, (buf, base) in enumerate(self._bufs):
+            cap = buf.numel()
+            # At most twice the size, so a small read never pins a huge buffer.
+            fits = nbytes <= cap <= 2 * nbytes
+            if fits and (best < 0 or cap < self._bufs[best][0].numel()) and self._idle(buf, base):
+                best = i
+        if best >= 0:
+            entry = self._bufs.pop(best)
+            self._bufs.append(entry)
+            return entry[0][:nbytes]
+        buf = torch.empty(-(-nbytes // _ARENA_MIN) * _ARENA_MIN, dtype=torch.uint8)
+        idle = _use_count(buf)
+        assert idle is not None  # the arena is enabled only where use counts can be read
+        self._bufs.append((buf, idle))
+        return buf[:nbytes]
+
+    def trim(self) -> None:
+        """Drop the least recently used idle buffers beyond the free budget."""
+        free = [b for b, base in self._bufs if self._idle(b, base)]
+        total = sum(b.numel() for b in free)
+        for b in free:  # oldest first
+            if total <= self._keep_free:
+                break
+            self._bufs = [(x, y) for x, y in self._bufs if x is not b]
+            total -= b.numel()
+
+    def clear(self) -> None:
+        self._bufs.clear()
+
+
+@dataclass
+class _Open:
+    fd: int
+    size: int
+    mtime_ns: int
+    ino: int
+
+
+class PreadReader:
+    """Reads tensors of safetensors files into memory it owns, one open descriptor per file.
+
+    Use it as a context manager; ``close`` closes every file. Tensors it returns are the
+    caller's: they stay valid after ``release`` and ``close``. Not thread-safe: one executor
     thread owns a reader.
     """
 
     def __init__(self) -> None:
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._files: dict[Path, _Open] = {}
+        self._arena = _Arena()
 
-    def __enter__(self) -> MmapReader:
+    def __enter__(self) -> PreadReader:
         return self
 
     def __exit__(
@@ -46,148 +121,275 @@ class MmapReader:
     ) -> None:
         self.close()
 
-    def _map(self, path: Path) -> mmap.mmap:
-        mm = self._maps.get(path)
-        if mm is None:
+    def _open(self, path: Path) -> _Open:
+        f = self._files.get(path)
+        if f is None:
             try:
-                with path.open("rb") as f:
-                    # ACCESS_COPY gives a writable (private) buffer, which torch.frombuffer
-                    # wants; pages are never written, so they stay shared with the page cache.
-                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            except (OSError, ValueError) as err:
-                raise SourceError(f"cannot map file: {err}", where=str(path)) from err
-            self._maps[path] = mm
-        return mm
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as err:
+                raise SourceError(
+                    f"cannot open file: {err.strerror or err}",
+                    where=str(path),
+                    fix="check that the file exists and is readable",
+                ) from err
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                os.close(fd)
+                raise SourceError("not a regular file", where=str(path), fix="point at the file")
+            f = _Open(fd, st.st_size, st.st_mtime_ns, st.st_ino)
+            self._files[path] = f
+        return f
+
+    def _changed(self, path: Path, what: str) -> SourceError:
+        return SourceError(what, where=str(path), fix=_CHANGED_FIX)
+
+    def read_into(self, path: Path, offset: int, out: memoryview) -> None:
+        """Fill ``out`` with the bytes of ``path`` at ``offset``: the one place bytes are read.
+
+        Raises:
+            SourceError: The read fails, comes back short (the file shrank), or the file's size
+                or mtime changed since it was first opened.
+        """
+        f = self._open(path)
+        want = len(out)
+        pos, done = offset, 0
+        try:
+            while done < want:
+                n = os.preadv(f.fd, [out[done:]], pos)
+                if n == 0:
+                    raise self._changed(
+                        path,
+                        f"file ended at byte {pos}, {want - done} bytes short of the tensor at "
+                        f"{offset} (it shrank while being read)",
+                    )
+                done += n
+                pos += n
+            st = os.fstat(f.fd)
+        except OSError as err:
+            raise SourceError(
+                f"cannot read file: {err.strerror or err}",
+                where=str(path),
+                fix="check the disk and the file, then run again",
+            ) from err
+        if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
+            raise self._changed(path, "file changed while being read (size or mtime differ)")
 
     def get(self, info: TensorInfo, path: Path) -> torch.Tensor:
-        """A tensor of ``info``'s data in ``path``.
-
-        The tensor is a zero-copy view of the mapping (its pages fault in on first touch),
-        except for empty tensors (a fresh empty tensor, as ``frombuffer`` refuses count 0) and
-        misaligned data, which is copied.
+        """A tensor of ``info``'s data in ``path``, read now into memory of its own.
 
         Args:
             info: The tensor's header entry, from ``read_header(path)``.
             path: The file the entry belongs to.
 
         Returns:
-            A CPU tensor of ``info.dtype`` and ``info.shape``. Treat it as read-only: writes
-            land in private pages that ``release`` may drop.
+            A CPU tensor of ``info.dtype`` and ``info.shape`` (always aligned for its dtype,
+            whatever the file offset). The caller may keep it as long as it likes.
 
         Raises:
-            SourceError: The file cannot be mapped, or is shorter than its header said (it
-                changed after the header was read).
+            SourceError: The file cannot be opened or read, is shorter than its header said,
+                or changed while being read.
         """
         dtype = getattr(torch, DTYPE_NAMES[info.dtype])
         if info.numel == 0:
             return torch.empty(info.shape, dtype=dtype)
-        mm = self._map(path)
-        if info.end > len(mm):
-            raise SourceError(
+        f = self._open(path)
+        if info.end > f.size:
+            raise self._changed(
+                path,
                 f"tensor {info.name!r} ends at byte {info.end}, past the end of the file "
-                f"({len(mm)} bytes)",
-                where=str(path),
-                fix="the file changed while mwakit was reading it; run again",
+                f"({f.size} bytes)",
             )
-        # frombuffer accepts any byte offset and would hand back a tensor whose data pointer is
-        # misaligned for its dtype, which vectorised kernels do not expect. The mapping starts
-        # page-aligned, so the file offset decides; files from the official writer are always
-        # aligned, so the copy is for hand-made files only.
-        if info.start % DTYPE_SIZES[info.dtype]:
-            raw = torch.frombuffer(mm, dtype=torch.uint8, count=info.nbytes, offset=info.start)
-            return raw.clone().view(dtype).reshape(info.shape)
-        t = torch.frombuffer(mm, dtype=dtype, count=info.numel, offset=info.start)
-        return t.reshape(info.shape)
-
-    def _advise(
-        self, path: Path, infos: Sequence[TensorInfo], advice: int, margin: int = 0
-    ) -> None:
-        if not infos:
-            return
-        mm = self._map(path)
-        start = max(0, min(i.start for i in infos) - margin) // _PAGE * _PAGE
-        end = min(len(mm), -(-(max(i.end for i in infos) + margin) // _PAGE) * _PAGE)
-        if end > start:
-            mm.madvise(advice, start, end - start)
+        raw = self._arena.take(info.nbytes)
+        # bf16 and fp8 have no numpy dtype: read into the bytes, reinterpret inside torch.
+        mv = raw.numpy().data
+        try:
+            self.read_into(path, info.start, mv)
+        finally:
+            mv.release()
+        return raw.view(dtype).reshape(info.shape)
 
     def prefetch(self, path: Path, infos: Sequence[TensorInfo]) -> None:
         """Ask the kernel to start reading these tensors now (asynchronous read-ahead).
 
-        A no-op where the platform lacks ``MADV_WILLNEED``.
+        A no-op where the platform lacks ``posix_fadvise``; never fails.
 
         Args:
             path: The file holding the tensors.
-            infos: Their header entries; the page-aligned range covering all of them is read.
+            infos: Their header entries; the range covering all of them is read ahead.
         """
-        if hasattr(mmap, "MADV_WILLNEED"):
-            self._advise(path, infos, mmap.MADV_WILLNEED)
+        if not infos or not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            f = self._open(path)
+            start = min(i.start for i in infos)
+            end = max(i.end for i in infos)
+            os.posix_fadvise(f.fd, start, end - start, os.POSIX_FADV_WILLNEED)
+        except (OSError, SourceError):
+            pass  # a hint only: the read itself reports a missing or unreadable file
 
     def release(self, path: Path, infos: Sequence[TensorInfo]) -> None:
-        """Drop these tensors' pages from this process; they stay in the page cache.
+        """Say these tensors are done with: their buffers may be reused once no tensor views them.
 
-        Resident memory falls right away instead of when the kernel gets round to it. Views
-        of the range stay valid: a later touch maps the pages again from the page cache. A
-        no-op where the platform lacks ``MADV_DONTNEED``.
+        The tensors themselves stay valid (a buffer still viewed is never reused), and the
+        file's pages stay in the page cache for the next run.
 
         Args:
             path: The file holding the tensors.
-            infos: Their header entries; the covering range plus a margin is released.
+            infos: Their header entries.
         """
-        if hasattr(mmap, "MADV_DONTNEED"):
-            self._advise(path, infos, mmap.MADV_DONTNEED, _RELEASE_MARGIN)
+        self._arena.trim()
 
     def close(self) -> None:
-        """Let go of every mapping; each is unmapped once no view of it is left.
+        """Close every file; calling it again does nothing. Tensors read stay valid."""
+        files, self._files = self._files, {}
+        for f in files.values():
+            os.close(f.fd)
+        self._arena.clear()
 
-        Calling ``mmap.close()`` here would be a use-after-free: ``torch.frombuffer`` releases
-        its buffer export at once (so ``close`` would succeed) but keeps a reference to the
-        mmap object, and a view still alive would then read unmapped memory and crash the
-        process. Dropping our references instead leaves the unmapping to the last view.
-        """
-        self._maps.clear()
+
+MmapReader = PreadReader
+"""The former name, kept for callers written against it (the reader no longer maps files)."""
+
+
+# -- legacy pickles --------------------------------------------------------------------------
+
+_PICKLE_META = "mwakit_source_sha256"
+
+
+def _private_cache() -> Path:
+    """A folder only this user can read or write, for converted pickles.
+
+    ``MWAKIT_CACHE`` (default ``$XDG_CACHE_HOME/mwakit``, else ``~/.cache/mwakit``) + ``pickle``,
+    mode 0700 and owned by this user; when that cannot be had (``MWAKIT_CACHE=off``, a
+    read-only home, a folder someone else owns or may write), a fresh private temporary folder
+    that lasts for this process.
+    """
+    root = os.environ.get("MWAKIT_CACHE") or str(
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mwakit"
+    )
+    if root != "off":
+        folder = Path(root) / "pickle"
+        try:
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            st = os.lstat(folder)
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+                if stat.S_IMODE(st.st_mode) & 0o077:
+                    os.chmod(folder, 0o700)
+                return folder
+        except OSError:
+            pass
+    global _FALLBACK
+    if _FALLBACK is None or not _FALLBACK.is_dir():
+        _FALLBACK = Path(tempfile.mkdtemp(prefix="mwakit-pickle-"))  # 0700, unguessable
+    return _FALLBACK
+
+
+_FALLBACK: Path | None = None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verified(out: Path, digest_file: Path, source_sha: str) -> bool:
+    """The cached file is the conversion of this very source, intact."""
+    from mwakit.io.header import read_header
+
+    try:
+        recorded = digest_file.read_text(encoding="ascii").strip()
+        if _sha256(out) != recorded:
+            return False
+        meta = read_header(out).metadata or {}
+    except (OSError, ValueError, SourceError):
+        return False
+    return meta.get(_PICKLE_META) == source_sha
 
 
 def pickle_as_safetensors(path: Path) -> Path:
     """Convert a legacy ``.bin`` state dict (loaded with ``weights_only=True``) to safetensors.
 
-    The copy lives in the system temp folder, keyed by the file's path, size and mtime, so a
-    plan and the run after it convert once. Adapters are small; full models should not be
-    pickles.
+    The copy lives in a private cache folder (`_private_cache`, mode 0700), named by the
+    sha256 of the source's bytes, so a plan and the run after it convert once. Before use a
+    cached file is verified: its own sha256 must match the digest recorded beside it, and its
+    metadata must name the source's sha256 — a planted, stale or truncated file is rebuilt,
+    never merged. Adapters are small; full models should not be pickles.
 
     Raises:
-        SourceError: The file cannot be loaded safely.
+        SourceError: The file cannot be read or loaded safely.
     """
-    import hashlib
-    import tempfile
-
     from safetensors.torch import save_file
 
-    st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
-    out = Path(tempfile.gettempdir()) / "mwakit-pickle" / key[:16] / "adapter_model.safetensors"
-    if not out.is_file():
-        sd = load_pickle_state_dict(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".partial")
-        save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata={"format": "pt"})
-        tmp.rename(out)
+    try:
+        source_sha = _sha256(path)
+    except OSError as err:
+        raise SourceError(
+            f"cannot read file: {err.strerror or err}",
+            where=str(path),
+            fix="check that the file exists and is readable",
+        ) from err
+    folder = _private_cache()
+    out = folder / f"{source_sha}.safetensors"
+    digest_file = folder / f"{source_sha}.sha256"
+    if _verified(out, digest_file, source_sha):
+        return out
+    sd = load_pickle_state_dict(path)
+    tmp = folder / f".{source_sha}.{os.getpid()}.partial"
+    try:
+        save_file(
+            {k: v.contiguous() for k, v in sd.items()},
+            tmp,
+            metadata={"format": "pt", _PICKLE_META: source_sha},
+        )
+        digest = _sha256(tmp)
+        os.replace(tmp, out)
+        dtmp = digest_file.with_suffix(f".{os.getpid()}.partial")
+        dtmp.write_text(digest, encoding="ascii")
+        os.replace(dtmp, digest_file)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise SourceError(
+            f"cannot write the converted copy of the pickle: {err.strerror or err}",
+            where=str(folder),
+            fix="free space there, or set MWAKIT_CACHE to a writable folder",
+        ) from err
     return out
+
+
+def _pickle_reason(err: BaseException) -> str:
+    # torch's message spans many lines and suggests weights_only=False, which would run
+    # whatever code the file holds; keep only its reason.
+    text = str(err)
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n\n|$)", text, re.S)
+    if m:
+        return " ".join(m.group(1).split())
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    first = lines[0] if lines else type(err).__name__
+    return first if "weights_only" not in first else type(err).__name__
 
 
 def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Load a legacy ``.bin`` state dict with ``weights_only=True`` (no arbitrary code).
 
     Raises:
-        SourceError: The file cannot be loaded safely.
+        SourceError: The file cannot be loaded safely (one line; the reason torch gave).
     """
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types here; the user needs one message
         raise SourceError(
-            f"cannot load pickle weights safely: {err}",
+            f"cannot load pickle weights safely, refused: {_pickle_reason(err)}",
             where=str(path),
-            fix="convert the file to safetensors",
-        ) from err
-    if not isinstance(sd, dict):
-        raise SourceError("pickle file does not hold a state dict", where=str(path))
+            fix="re-save the adapter with save_pretrained(safe_serialization=True) from code "
+            "you trust, or convert it to safetensors",
+        ) from None  # torch's own text advises turning the safety off: do not chain it
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise SourceError(
+            "pickle file does not hold a state dict of tensors",
+            where=str(path),
+            fix="point at an adapter_model.bin saved by PEFT, or at a safetensors adapter",
+        )
     return sd

@@ -16,6 +16,7 @@ from types import TracebackType
 import torch
 
 from mwakit.io.header import DTYPE_SIZES
+from mwakit.io.oserror import output_error
 from mwakit.io.writer import Entry, StreamingWriter
 
 INDEX = "model.safetensors.index.json"
@@ -79,7 +80,12 @@ class ShardedWriter:
             w.__exit__(exc_type, exc, tb)
         if exc_type is None and len(self.names) > 1:
             index = {"metadata": {"total_size": self._total}, "weight_map": self._weight_map}
-            (self.folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            try:
+                (self.folder / INDEX).write_text(
+                    json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+                )
+            except OSError as err:
+                raise output_error(err, "cannot write the shard index", str(self.folder)) from err
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write one tensor into its shard."""

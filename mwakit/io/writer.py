@@ -8,6 +8,7 @@ more than the tensor being written.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import torch
 
 from mwakit.errors import OutputError
 from mwakit.io.header import DTYPE_NAMES, DTYPE_SIZES
+from mwakit.io.oserror import output_error
 
 Entry = tuple[str, str, tuple[int, ...]]
 """One planned tensor: (name, safetensors dtype code, shape)."""
@@ -77,6 +79,18 @@ def _header_bytes(
     return struct.pack("<Q", len(raw)) + raw, offsets
 
 
+def _reserve(fd: int, size: int) -> None:
+    os.ftruncate(fd, size)
+    if size and hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as err:
+            # Some file systems cannot reserve (EOPNOTSUPP, EINVAL): the sparse file still
+            # works, a full disk then shows up at the write. A full disk here is reported.
+            if err.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS):
+                raise
+
+
 def planned_size(entries: Sequence[Entry], metadata: dict[str, str] | None = None) -> int:
     """The size in bytes of the file `StreamingWriter` will write for these entries.
 
@@ -124,13 +138,12 @@ class StreamingWriter:
         try:
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.pwrite(self._fd, head, 0)
-            # Sizing the file now means the data section reads as zeros until written, and a
-            # full disk shows up here rather than halfway through a long merge (on file
-            # systems that allocate eagerly; elsewhere the file is sparse until written).
-            os.ftruncate(self._fd, total)
+            # Sizing the file now means the data section reads as zeros until written; reserving
+            # its blocks means a full disk shows up here, not halfway through a long merge.
+            _reserve(self._fd, total)
         except OSError as err:
             self._abort()
-            raise OutputError(f"cannot write: {err.strerror or err}", where=str(path)) from err
+            raise output_error(err, "cannot write", str(path)) from err
 
     def __enter__(self) -> StreamingWriter:
         return self
@@ -193,9 +206,7 @@ class StreamingWriter:
                     raise OSError(0, "no progress")
                 mv, pos = mv[n:], pos + n
         except OSError as err:
-            raise OutputError(
-                f"cannot write tensor {name!r}: {err.strerror or err}", where=str(self.path)
-            ) from err
+            raise output_error(err, f"cannot write tensor {name!r}", str(self.path)) from err
         self._written.add(name)
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ from mwakit.recipe import HubTarget
 from .conftest import SECRET, FakeApi
 
 FILES = [
+    ".mwakit-manifest.json",
     "README.md",
     "adapter_config.json",
     "adapter_model.safetensors",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -10,11 +11,18 @@ import pytest
 
 import mwakit.io.atomic as atomic
 from mwakit.errors import OutputError
-from mwakit.io.atomic import atomic_output_dir, check_target
+from mwakit.io.atomic import MANIFEST, atomic_output_dir, check_target
 
 
 def _listing(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir())
+    return sorted(p.name for p in folder.iterdir() if p.name != MANIFEST)
+
+
+def _previous_output(target: Path, *names: str) -> None:
+    """A folder mwakit wrote before (so --force may replace it)."""
+    with atomic_output_dir(target, overwrite=False) as tmp:
+        for n in names:
+            (tmp / n).write_text(n)
 
 
 def test_success_moves_into_place(tmp_path: Path) -> None:
@@ -31,6 +39,10 @@ def test_success_moves_into_place(tmp_path: Path) -> None:
     assert (target / "sub" / "f").read_text() == "y"
     assert _listing(tmp_path) == ["out"], "no temporary folder left"
     assert stat.S_IMODE(target.stat().st_mode) == 0o755
+    # The manifest lists what mwakit wrote (and nothing of its own bookkeeping).
+    manifest = json.loads((target / MANIFEST).read_text())
+    assert manifest["files"] == ["model.safetensors", "sub/", "sub/f"]
+    assert sorted(p.name for p in target.iterdir()) == [MANIFEST, "model.safetensors", "sub"]
 
 
 def test_missing_parents_are_created(tmp_path: Path) -> None:
@@ -59,8 +71,7 @@ def test_failure_leaves_nothing(tmp_path: Path, exc: BaseException) -> None:
 
 def test_overwrite_replaces(tmp_path: Path) -> None:
     target = tmp_path / "out"
-    target.mkdir()
-    (target / "old").write_text("old")
+    _previous_output(target, "old")
     with atomic_output_dir(target, overwrite=True) as tmp:
         assert (target / "old").read_text() == "old", "the old output stays until the end"
         (tmp / "new").write_text("new")
@@ -71,8 +82,7 @@ def test_overwrite_replaces(tmp_path: Path) -> None:
 @pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()])
 def test_failed_overwrite_keeps_previous_output(tmp_path: Path, exc: BaseException) -> None:
     target = tmp_path / "out"
-    target.mkdir()
-    (target / "old").write_text("old")
+    _previous_output(target, "old")
     with pytest.raises(type(exc)), atomic_output_dir(target, overwrite=True) as tmp:
         (tmp / "new").write_text("new")
         raise exc
@@ -84,10 +94,11 @@ def test_failed_swap_restores_previous_output(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     target = tmp_path / "out"
-    target.mkdir()
-    (target / "old").write_text("old")
+    _previous_output(target, "old")
     real_rename = os.rename
     calls: list[tuple[str, str]] = []
+    # The two-rename swap (kernels or file systems without RENAME_EXCHANGE).
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
 
     def flaky(src: str | Path, dst: str | Path) -> None:
         calls.append((str(src), str(dst)))
@@ -124,7 +135,9 @@ def test_existing_target_refused_before_anything(tmp_path: Path) -> None:
     assert _listing(tmp_path) == ["out"] and _listing(target) == ["keep"]
     with pytest.raises(OutputError, match="already exists"):
         check_target(target, overwrite=False)
-    check_target(target, overwrite=True)
+    # Even with overwrite, a folder mwakit did not write is refused, saying what it holds.
+    with pytest.raises(OutputError, match=r"not written by mwakit \(it holds keep\)"):
+        check_target(target, overwrite=True)
     check_target(tmp_path / "new", overwrite=False)
 
 
