@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -12,12 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mwakit.card import RESOLVED_RECIPE, resolved_recipe, write_assets, write_card
-from mwakit.errors import UsageError
+from mwakit.errors import MwakitError, UsageError
 from mwakit.io.atomic import atomic_output_dir, check_target
 from mwakit.io.layout import MODEL_SIDE_FILES, inside_folder
 from mwakit.planner import LoraTask, Plan, Task, build_plan
 from mwakit.recipe import HubTarget, Recipe, dump_recipe, load_recipe
-from mwakit.sources import resolve, resolve_base
+from mwakit.sources import discover, resolve, resolve_base
 
 if TYPE_CHECKING:
     from mwakit.execute import ExecStats
@@ -42,6 +43,18 @@ def input_paths(p: Plan) -> list[Path]:
     if run is not None and not run.startswith("hf://"):
         paths.append(Path(run))
     return list(dict.fromkeys(paths))
+
+
+def _recipe_inputs(r: Recipe) -> list[Path]:
+    # The local inputs the recipe names, known before anything is resolved: an early, precise
+    # refusal ("is an input") instead of a later one. `input_paths` has the complete list.
+    refs = [c.path for c in r.checkpoints or ()]
+    refs += [x for x in (r.select.run if r.select else None, r.base_model) if x]
+    paths = [Path(x) for x in refs if not x.startswith("hf://")]
+    if r.select is not None and not r.select.run.startswith("hf://"):
+        with contextlib.suppress(MwakitError):  # resolving reports a bad run folder
+            paths += discover(r.select)
+    return paths
 
 
 def copy_model_files(p: Plan, out: Path) -> None:
@@ -149,7 +162,7 @@ def run(
         )
         r = r.model_copy(update={"output": out})
     target = Path(r.output.path)
-    check_target(target, r.output.overwrite)
+    check_target(target, r.output.overwrite, _recipe_inputs(r))
     p = build_plan(r, resolve(r), resolve_base(r))
     if on_plan is not None:
         on_plan(p)

@@ -27,9 +27,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _fail(err: MwakitError) -> None:
     if isinstance(err, RecipeError):
         n = len(err.problems)
-        click.echo(f"error: {err.source or 'recipe'}: {n} problem{'s' if n != 1 else ''}", err=True)
+        head = f"error: {err.source or 'recipe'}: {n} problem{'s' if n != 1 else ''}"
+        click.echo(redact(head), err=True)
         for p in err.problems:
-            click.echo(f"  {p}", err=True)
+            click.echo(redact(f"  {p}"), err=True)
     else:
         click.echo(redact(f"error: {err.message}"), err=True)
 

@@ -61,6 +61,7 @@ _LEGACY_NAMES = (
     "model-*-of-*.safetensors",
     *MODEL_SIDE_FILES,
 )
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
 _MARK_LEN = len(".mwakit-tmp-") + 8 + 1  # the suffix plus the leading dot
 _TEMP_RE = re.compile(r"\.mwakit-(tmp|old)-[0-9a-f]{8}$")
 _FIX_FOREIGN = (
@@ -87,6 +88,7 @@ def check_target(target: Path, overwrite: bool, inputs: Iterable[Path] = ()) -> 
     """
     _check_inputs(target, inputs)
     if not os.path.lexists(target):
+        _check_creatable(target)
         return
     if not target.is_dir():
         raise OutputError(
@@ -101,6 +103,27 @@ def check_target(target: Path, overwrite: bool, inputs: Iterable[Path] = ()) -> 
             fix="set output.overwrite: true or pass --force, or choose another output.path",
         )
     _check_replaceable(target)
+
+
+def _check_creatable(target: Path) -> None:
+    # Found before any work: an ancestor that is a file, or a name the file system refuses.
+    anc = target.parent
+    while not os.path.lexists(anc) and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise output_error(
+            OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)), "cannot create output folder",
+            str(target),
+        )  # fmt: skip
+    limit = _name_max(anc)
+    for part in target.parts[len(anc.parts) :]:
+        if len(os.fsencode(part)) > limit:
+            raise output_error(
+                OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG)),
+                f"cannot create output folder: {len(os.fsencode(part))}-byte name, the limit "
+                f"is {limit}",
+                str(target),
+            )
 
 
 def _check_inputs(target: Path, inputs: Iterable[Path]) -> None:
@@ -515,7 +538,9 @@ def atomic_output_dir(target: Path, overwrite: bool, inputs: Iterable[Path] = ()
         try:
             yield tmp
         except OSError as err:
-            if _inside(err.filename, tmp):
+            # Disk full, quota and read-only errors carry no file name when a buffered write
+            # fails at flush, but can only concern what is being written.
+            if err.errno in _WRITE_ERRNOS or _inside(err.filename, tmp):
                 raise output_error(err, "cannot write the output", str(target)) from err
             raise
         # Something may have created the target during a long run; check again so it is

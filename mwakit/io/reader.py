@@ -360,15 +360,22 @@ def pickle_as_safetensors(path: Path) -> Path:
 
 
 def _pickle_reason(err: BaseException) -> str:
-    # torch's message spans many lines and suggests weights_only=False, which would run
-    # whatever code the file holds; keep only its reason.
+    # torch's message spans many lines and suggests weights_only=False or allow-listing, which
+    # would run or admit whatever the file holds; keep only the sentences that say why.
     text = str(err)
-    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n\n|$)", text, re.S)
-    if m:
-        return " ".join(m.group(1).split())
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    first = lines[0] if lines else type(err).__name__
-    return first if "weights_only" not in first else type(err).__name__
+    m = re.search(r"WeightsUnpickler error:\s*(.+)", text, re.S)
+    body = m.group(1) if m else text
+    advice = re.compile(
+        r"weights only load failed|weights_only|torch\.load|file an issue|safe_globals|allowlist"
+        r"|trust",
+        re.I,
+    )
+    for para in re.split(r"\n\s*\n", body):
+        sentences = re.split(r"(?<=\.)\s+", " ".join(para.split()))
+        kept = " ".join(x for x in sentences if x and not advice.search(x)).rstrip(".")
+        if kept:
+            return kept
+    return type(err).__name__
 
 
 def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
