@@ -173,7 +173,12 @@ def plan(recipe: Path, as_json: bool, plot_file: Path | None) -> None:
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Override output.path.")
-@click.option("-f", "--force", is_flag=True, help="Replace an existing output folder.")
+@click.option(
+    "-f",
+    "--force",
+    is_flag=True,
+    help="Replace an existing output folder (only an empty one or a previous mwakit output).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option(
     "--push/--no-push",

@@ -46,32 +46,24 @@ def test_signal_cleans_up_like_ctrl_c(
     assert snapshot(run) == before
 
 
-def test_sigkill_leftover_is_removed_by_the_next_run(tmp_path: Path, run: Path) -> None:
+def test_live_folder_kept_then_sigkill_leftover_removed_by_the_next_run(
+    tmp_path: Path, run: Path
+) -> None:
     proc, out = _start(tmp_path, run)
-    proc.kill()
+    (theirs,) = temp_dirs(out)
+    other = tmp_path / "other"
+    other.mkdir()
+    # Another run on the same output while the first is alive: its folder is left alone.
+    res = invoke("run", recipe(other, out, select={"run": str(run)}))
+    assert res.exit_code == 0, res.output
+    assert theirs.is_dir()
+    proc.kill()  # a kill cannot clean up ...
     proc.wait(timeout=60)
-    (stale,) = temp_dirs(out)  # a kill cannot clean up ...
-    res = invoke("run", recipe(tmp_path, out, select={"run": str(run)}))
+    assert temp_dirs(out) == [theirs]
+    res = invoke("run", recipe(other, out, select={"run": str(run)}), "--force")
     assert res.exit_code == 0, res.output  # ... the next run on that output does
-    assert not stale.exists() and temp_dirs(out) == []
+    assert not theirs.exists() and temp_dirs(out) == []
     assert (out / "adapter_model.safetensors").is_file()
-
-
-def test_a_live_runs_folder_is_never_deleted(tmp_path: Path, run: Path) -> None:
-    proc, out = _start(tmp_path, run)
-    try:
-        (theirs,) = temp_dirs(out)
-        other = tmp_path / "other"
-        other.mkdir()
-        res = invoke("run", recipe(other, out, select={"run": str(run)}))
-        assert res.exit_code == 0, res.output
-        assert theirs.is_dir(), "the running merge's folder was left alone"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=60)
-    # The first run finds the output taken by the second and refuses to replace it.
-    assert proc.returncode in (1, 143)
-    assert temp_dirs(out) == []
 
 
 def test_kill_between_the_two_renames_of_force_then_rerun(tmp_path: Path, run: Path) -> None:
