@@ -62,6 +62,7 @@ _LEGACY_NAMES = (
     *MODEL_SIDE_FILES,
 )
 _WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+_WALK_LIMIT = 10_000  # a mwakit output holds a handful of files, a few hundred shards at most
 _MARK_LEN = len(".mwakit-tmp-") + 8 + 1  # the suffix plus the leading dot
 _TEMP_RE = re.compile(r"\.mwakit-(tmp|old)-[0-9a-f]{8}$")
 _FIX_FOREIGN = (
@@ -160,14 +161,17 @@ def _check_inputs(target: Path, inputs: Iterable[Path]) -> None:
             )
 
 
-def _walk(root: Path) -> list[str]:
-    """Every entry under ``root`` as a relative path; folders end with ``/``."""
+def _walk(root: Path, limit: int | None = None) -> list[str]:
+    """Every entry under ``root`` as a relative path (folders end with ``/``), sorted; at most
+    ``limit`` + 1 of them (enough to tell "more than limit")."""
     out: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         rel = os.path.relpath(dirpath, root)
         pre = "" if rel == "." else rel + "/"
         out += [pre + d + "/" for d in dirnames]
         out += [pre + f for f in filenames]
+        if limit is not None and len(out) > limit:
+            break  # e.g. --force at a home folder: no need to list it all to refuse it
     return sorted(out)
 
 
@@ -191,7 +195,7 @@ def _is_legacy(entries: list[str]) -> bool:
 
 def _check_replaceable(target: Path) -> None:
     try:
-        entries = _walk(target)
+        entries = _walk(target, _WALK_LIMIT)
     except OSError as err:
         raise output_error(err, "cannot look into the existing output folder", str(target)) from err
     if not entries:
@@ -394,7 +398,7 @@ def _make_temp(target: Path, kind: str) -> Path:
 
 def _fsync_dir(path: Path) -> None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
         return  # some platforms cannot open folders; nothing to sync there
     try:
@@ -411,7 +415,10 @@ def _fsync_tree(root: Path) -> None:
     # leaves the complete output or none, never a folder of empty files.
     for dirpath, _, filenames in os.walk(root, topdown=False):
         for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY | os.O_NOFOLLOW)
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue  # a link holds no data of its own; its folder's fsync records it
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
             try:
                 os.fsync(fd)
             finally:
@@ -524,6 +531,9 @@ def atomic_output_dir(target: Path, overwrite: bool, inputs: Iterable[Path] = ()
             created, written or moved (disk full, read-only, permissions, …).
     """
     inputs = list(inputs)
+    if target.is_symlink() and target.is_dir():
+        # A link to a folder elsewhere (a bigger disk, say): write there, keep the link.
+        target = Path(os.path.realpath(target))
     check_target(target, overwrite, inputs)
     parent = target.parent
     if parent.is_dir():

@@ -128,6 +128,18 @@ def test_force_replaces_an_empty_folder_or_an_old_mwakit_output(
     assert (out / "adapter_model.safetensors").is_file() and (out / MANIFEST).is_file()
 
 
+def test_output_through_a_symlink_lands_where_it_points(tmp_path: Path, run: Path) -> None:
+    real = tmp_path / "bigdisk" / "out"
+    real.mkdir(parents=True)
+    link = tmp_path / "out"
+    link.symlink_to(real)
+    r = recipe(tmp_path, link, select={"run": str(run)})
+    for _ in range(2):  # the second run replaces the first one's output, through the link
+        _ok(invoke("run", r, "--force"))
+        assert link.is_symlink() and (real / "adapter_model.safetensors").is_file()
+        assert temp_dirs(real) == [] and temp_dirs(link) == []
+
+
 def test_output_path_that_is_a_file(tmp_path: Path, run: Path) -> None:
     out = tmp_path / "out"
     out.write_text("precious")
