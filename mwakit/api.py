@@ -57,24 +57,36 @@ def _recipe_inputs(r: Recipe) -> list[Path]:
     return paths
 
 
-def copy_model_files(p: Plan, out: Path) -> None:
-    """Copy config and tokenizer files of the base (or first) checkpoint into ``out``.
+def model_side_files(p: Plan) -> list[Path]:
+    """The config and tokenizer files of the base (or first) checkpoint that travel with a
+    merged full model.
 
-    ``config.json`` gets the written dtype, so loaders pick the right one. A side file that is
-    a symlink out of its folder is refused (it could copy a secret into an output that is then
-    pushed); a Hub cache snapshot's links into its blobs are fine.
+    A side file that is a symlink out of its folder is refused (it could copy a secret into an
+    output that is then pushed); a Hub cache snapshot's links into its blobs are fine.
 
     Raises:
         SourceError: A side file resolves outside its folder.
     """
     src = p.base.path if p.base is not None else p.checkpoints[0].path
+    found = []
     for name in MODEL_SIDE_FILES:
-        f = src / name
-        if not os.path.lexists(f):
-            continue
-        inside_folder(src, name, "side file")
-        if not f.is_file():
-            continue
+        if os.path.lexists(src / name):
+            f = inside_folder(src, name, "side file")
+            if f.is_file():
+                found.append(f)
+    return found
+
+
+def copy_model_files(p: Plan, out: Path) -> None:
+    """Copy `model_side_files` into ``out``.
+
+    ``config.json`` gets the written dtype, so loaders pick the right one.
+
+    Raises:
+        SourceError: A side file resolves outside its folder.
+    """
+    for f in model_side_files(p):
+        name = f.name
         if name == "config.json" and p.recipe.out_dtype:
             cfg = json.loads(f.read_text(encoding="utf-8"))
             cfg["torch_dtype"] = p.recipe.out_dtype
@@ -164,6 +176,8 @@ def run(
     target = Path(r.output.path)
     check_target(target, r.output.overwrite, _recipe_inputs(r))
     p = build_plan(r, resolve(r), resolve_base(r))
+    if p.kind == "full":
+        model_side_files(p)  # refuse a link out of the folder before the merge, not after
     if on_plan is not None:
         on_plan(p)
     with (
