@@ -91,9 +91,10 @@ def test_live_tensor_count_stays_bounded(tmp_path: Path, modules: int) -> None:
 
     res = mwakit.run(_recipe(tmp_path, folders), on_task=on_task)
     assert res.stats.tasks == modules + 2
-    # One group is 2 factors × 4 checkpoints plus its outputs; nothing accumulates across
-    # groups, so the bound does not grow with the number of modules (8 vs 64).
-    assert peak <= 12, peak
+    # One group is 2 factors × 4 checkpoints plus its outputs, and the reader holds the next
+    # group read ahead (8 more); nothing accumulates across groups, so the bound does not grow
+    # with the number of modules (8 vs 64).
+    assert peak <= 12 + 8, peak
     assert res.stats.max_live_inputs == 8
 
 

@@ -8,8 +8,10 @@ observe (e.g. hash) exactly the bytes a merge streams.
 Large reads land in a small arena of reusable buffers: fresh memory costs a page fault per
 page on first touch, more than the copy from the page cache itself, so buffers of finished
 groups are recycled — a buffer is reused only when no tensor views it any more (its storage's
-use count says so), never while a caller still holds a tensor of it. ``prefetch`` asks the
-kernel to read a group ahead (``posix_fadvise WILLNEED``) while the current group computes.
+use count says so), never while a caller still holds a tensor of it. ``prefetch`` reads the
+next group on a helper thread while the current group computes (``preadv`` releases the GIL),
+so the copy costs no wall time; a group too big for the read-ahead budget only gets the kernel
+hint (``posix_fadvise WILLNEED``).
 
 An input that changes under the reader (size or mtime differ from when it was first opened, or
 a read comes back short) is a `SourceError` naming the file.
@@ -22,7 +24,9 @@ import os
 import re
 import stat
 import tempfile
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -34,6 +38,7 @@ from mwakit.io.header import DTYPE_NAMES, TensorInfo
 
 _ARENA_MIN = 1 << 20  # smaller reads come from malloc, which recycles small blocks itself
 _ARENA_KEEP_FREE = 1 << 30  # free buffers kept for reuse at most (least recently used go)
+_READAHEAD = 256 << 20  # read one group ahead into memory when it is at most this big
 _CHANGED_FIX = "the file changed while mwakit was reading it; wait until it is complete, run again"
 
 
@@ -102,13 +107,23 @@ class PreadReader:
     """Reads tensors of safetensors files into memory it owns, one open descriptor per file.
 
     Use it as a context manager; ``close`` closes every file. Tensors it returns are the
-    caller's: they stay valid after ``release`` and ``close``. Not thread-safe: one executor
-    thread owns a reader.
+    caller's: they stay valid after ``release`` and ``close``. One thread owns a reader (its
+    read-ahead runs on a helper thread of its own).
+
+    Args:
+        readahead: Bytes ``prefetch`` may read ahead on the helper thread (into memory, so the
+            next group's copy from the page cache overlaps this group's compute); a larger
+            request only gets the kernel hint. 0 turns reading ahead off.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, readahead: int = _READAHEAD) -> None:
         self._files: dict[Path, _Open] = {}
         self._arena = _Arena()
+        self._lock = threading.Lock()  # files and arena, shared with the read-ahead thread
+        self._readahead = readahead
+        self._pool: ThreadPoolExecutor | None = None
+        self._ahead: dict[tuple[Path, int, int], Future[torch.Tensor]] = {}
+        self._ahead_bytes = 0
 
     def __enter__(self) -> PreadReader:
         return self
@@ -122,8 +137,10 @@ class PreadReader:
         self.close()
 
     def _open(self, path: Path) -> _Open:
-        f = self._files.get(path)
-        if f is None:
+        with self._lock:
+            f = self._files.get(path)
+            if f is not None:
+                return f
             try:
                 fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             except OSError as err:
@@ -138,13 +155,16 @@ class PreadReader:
                 raise SourceError("not a regular file", where=str(path), fix="point at the file")
             f = _Open(fd, st.st_size, st.st_mtime_ns, st.st_ino)
             self._files[path] = f
-        return f
+            return f
 
     def _changed(self, path: Path, what: str) -> SourceError:
         return SourceError(what, where=str(path), fix=_CHANGED_FIX)
 
     def read_into(self, path: Path, offset: int, out: memoryview) -> None:
         """Fill ``out`` with the bytes of ``path`` at ``offset``: the one place bytes are read.
+
+        Called from the read-ahead thread too: a wrapper (a hash of what is read, say) must be
+        thread-safe, or the reader made with ``readahead=0``.
 
         Raises:
             SourceError: The read fails, comes back short (the file shrank), or the file's size
@@ -174,8 +194,32 @@ class PreadReader:
         if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
             raise self._changed(path, "file changed while being read (size or mtime differ)")
 
+    def _read(self, info: TensorInfo, path: Path) -> torch.Tensor:
+        dtype = getattr(torch, DTYPE_NAMES[info.dtype])
+        if info.numel == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        f = self._open(path)
+        if info.end > f.size:
+            raise self._changed(
+                path,
+                f"tensor {info.name!r} ends at byte {info.end}, past the end of the file "
+                f"({f.size} bytes)",
+            )
+        with self._lock:
+            raw = self._arena.take(info.nbytes)
+        # bf16 and fp8 have no numpy dtype: read into the bytes, reinterpret inside torch.
+        mv = raw.numpy().data
+        try:
+            self.read_into(path, info.start, mv)
+        finally:
+            mv.release()
+        return raw.view(dtype).reshape(info.shape)
+
     def get(self, info: TensorInfo, path: Path) -> torch.Tensor:
-        """A tensor of ``info``'s data in ``path``, read now into memory of its own.
+        """A tensor of ``info``'s data in ``path``, in memory of its own.
+
+        Read now, or taken from what ``prefetch`` read ahead (each read-ahead tensor is handed
+        out once; a second get reads again).
 
         Args:
             info: The tensor's header entry, from ``read_header(path)``.
@@ -189,35 +233,36 @@ class PreadReader:
             SourceError: The file cannot be opened or read, is shorter than its header said,
                 or changed while being read.
         """
-        dtype = getattr(torch, DTYPE_NAMES[info.dtype])
-        if info.numel == 0:
-            return torch.empty(info.shape, dtype=dtype)
-        f = self._open(path)
-        if info.end > f.size:
-            raise self._changed(
-                path,
-                f"tensor {info.name!r} ends at byte {info.end}, past the end of the file "
-                f"({f.size} bytes)",
-            )
-        raw = self._arena.take(info.nbytes)
-        # bf16 and fp8 have no numpy dtype: read into the bytes, reinterpret inside torch.
-        mv = raw.numpy().data
-        try:
-            self.read_into(path, info.start, mv)
-        finally:
-            mv.release()
-        return raw.view(dtype).reshape(info.shape)
+        fut = self._ahead.pop((path, info.start, info.end), None)
+        if fut is not None:
+            self._ahead_bytes -= info.nbytes
+            return fut.result()
+        return self._read(info, path)
 
     def prefetch(self, path: Path, infos: Sequence[TensorInfo]) -> None:
-        """Ask the kernel to start reading these tensors now (asynchronous read-ahead).
+        """Start reading these tensors now, while the caller computes something else.
 
-        A no-op where the platform lacks ``posix_fadvise``; never fails.
+        Within the read-ahead budget they are read on the helper thread into memory; beyond it
+        the kernel is only asked to read them into the page cache (``posix_fadvise
+        WILLNEED``). Never fails: errors surface at ``get``.
 
         Args:
             path: The file holding the tensors.
-            infos: Their header entries; the range covering all of them is read ahead.
+            infos: Their header entries.
         """
-        if not infos or not hasattr(os, "posix_fadvise"):
+        if not infos:
+            return
+        want = sum(i.nbytes for i in infos)
+        if self._readahead and self._ahead_bytes + want <= self._readahead:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="mwakit-read")
+            for i in infos:
+                key = (path, i.start, i.end)
+                if key not in self._ahead:
+                    self._ahead[key] = self._pool.submit(self._read, i, path)
+                    self._ahead_bytes += i.nbytes
+            return
+        if not hasattr(os, "posix_fadvise"):
             return
         try:
             f = self._open(path)
@@ -231,20 +276,39 @@ class PreadReader:
         """Say these tensors are done with: their buffers may be reused once no tensor views them.
 
         The tensors themselves stay valid (a buffer still viewed is never reused), and the
-        file's pages stay in the page cache for the next run.
+        file's pages stay in the page cache for the next run. Read-ahead of them that was never
+        taken is dropped.
 
         Args:
             path: The file holding the tensors.
             infos: Their header entries.
         """
-        self._arena.trim()
+        for i in infos:
+            fut = self._ahead.pop((path, i.start, i.end), None)
+            if fut is not None:
+                self._ahead_bytes -= i.nbytes
+                fut.cancel()
+        with self._lock:
+            self._arena.trim()
 
     def close(self) -> None:
-        """Close every file; calling it again does nothing. Tensors read stay valid."""
-        files, self._files = self._files, {}
-        for f in files.values():
-            os.close(f.fd)
-        self._arena.clear()
+        """Stop reading ahead and close every file; calling it again does nothing.
+
+        Tensors read stay valid.
+        """
+        for fut in self._ahead.values():
+            fut.cancel()
+        self._ahead.clear()
+        self._ahead_bytes = 0
+        if self._pool is not None:
+            # Wait for a read in flight: its descriptor must not be closed (and reused) under it.
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        with self._lock:
+            files, self._files = self._files, {}
+            for f in files.values():
+                os.close(f.fd)
+            self._arena.clear()
 
 
 MmapReader = PreadReader

@@ -205,3 +205,36 @@ def test_pickle_as_safetensors(tmp_path: Path) -> None:
     assert out == pickle_as_safetensors(path), "converted once, then reused"
     loaded = load_file(out)
     assert all(torch.equal(loaded[k], sd[k]) for k in sd)
+
+
+def test_read_ahead_hands_out_the_same_bytes_and_its_errors(tmp_path: Path) -> None:
+    ts = {f"t{i}": torch.randn(300, 1024) for i in range(4)}  # 1.2 MB each: arena buffers
+    path = tmp_path / "ra.safetensors"
+    save_file(ts, path)
+    h = read_header(path)
+    infos = [h.tensors[f"t{i}"] for i in range(4)]
+    reads: list[int] = []
+    with PreadReader() as r:
+        real = r.read_into
+
+        def counting(p: Path, offset: int, out: memoryview) -> None:
+            reads.append(offset)
+            real(p, offset, out)
+
+        r.read_into = counting  # type: ignore[method-assign]
+        r.prefetch(path, infos[:2])
+        for i in (0, 1):
+            assert torch.equal(r.get(infos[i], path), ts[f"t{i}"])
+        assert sorted(reads) == [infos[0].start, infos[1].start], "each read once, ahead"
+        # A read-ahead that fails (the file shrank) raises at get, in the caller's thread.
+        os.truncate(path, infos[3].start + 8)
+        r.prefetch(path, infos[2:])
+        for i in (2, 3):  # t2 is still in the file, but the file is not the one planned
+            with pytest.raises(SourceError, match=r"shrank|changed") as exc:
+                r.get(infos[i], path)
+            assert exc.value.where == str(path)
+        r.prefetch(path, infos[:1])  # left pending: close waits for it, nothing leaks
+    big = PreadReader(readahead=1024)  # over budget: only the kernel hint, read at get
+    with big:
+        big.prefetch(path, infos[:1])
+        assert torch.equal(big.get(infos[0], path), ts["t0"])
