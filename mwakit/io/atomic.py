@@ -458,9 +458,9 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def _replace(new: Path, target: Path) -> None:
     parent = target.parent
-    # The old output gets a marker too, so whichever folder a kill leaves under a temporary
-    # name is recognised as stale by the next run.
-    _write_marker(target, _marker(target.name, "old"))
+    # The old output gets a marker too ("replaced": only ever deleted, never restored), so
+    # whichever folder a kill leaves under a temporary name is recognised as stale.
+    _write_marker(target, _marker(target.name, "replaced"))
     try:
         swapped = _exchange(new, target)
     except BaseException:
