@@ -128,9 +128,23 @@ def _check_creatable(target: Path) -> None:
 
 
 def _check_inputs(target: Path, inputs: Iterable[Path]) -> None:
+    inputs = list(inputs)
+    real = Path(os.path.realpath(target))
+    # Inside a folder that holds an input file (a checkpoint or model folder, a Hub snapshot's
+    # folder): writing there would change the input. A run folder holds no input file itself,
+    # so `runs/x/merged` beside its checkpoint-* folders stays allowed.
+    for p in inputs:
+        if os.path.isfile(p):
+            holder = Path(os.path.realpath(Path(p).parent))
+            if holder in real.parents:
+                raise OutputError(
+                    f"output folder is inside the input folder {Path(p).parent}",
+                    where=str(target),
+                    fix="choose an output.path outside the checkpoint and base model folders "
+                    "(mwakit never writes into its inputs)",
+                )
     if not os.path.lexists(target):
         return  # an input exists, so a missing path can be none of them
-    real = Path(os.path.realpath(target))
     try:
         st = os.stat(target)
         ident: tuple[int, int] | None = (st.st_dev, st.st_ino)

@@ -41,10 +41,14 @@ def snapshot(*roots: Path) -> Snapshot:
 
 def leftovers(out: Path) -> list[Path]:
     """mwakit's temporary or half-swapped folders beside the output path ``out``."""
+    from mwakit.io.atomic import temp_stem
+
     parent = out.parent
     if not parent.is_dir():
         return []
-    return [p for p in parent.iterdir() if p.name.startswith(f".{out.name}.mwakit-")]
+    # Long names are cut to fit NAME_MAX with the suffix: look for the stem mwakit uses.
+    prefix = f".{temp_stem(out.name)}.mwakit-"
+    return [p for p in parent.iterdir() if p.name.startswith(prefix)]
 
 
 def invoke(*args: str | Path) -> Result:

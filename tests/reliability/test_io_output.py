@@ -56,6 +56,22 @@ def test_force_never_replaces_an_input(tmp_path: Path, run: Path, where: str, ne
     assert not leftovers(out)
 
 
+@pytest.mark.parametrize("inside", ["checkpoint-20/merged", "checkpoint-20/a/b"])
+def test_output_inside_a_checkpoint_folder_is_refused(
+    tmp_path: Path, run: Path, inside: str
+) -> None:
+    out = run / inside
+    before = snapshot(run)
+    res = invoke("run", recipe(tmp_path, out, select={"run": str(run)}))
+    assert_clean_failure(res, needle="inside the input folder", before=before, inputs=[run])
+
+
+def test_output_beside_the_checkpoints_of_a_run_is_fine(tmp_path: Path, run: Path) -> None:
+    out = run / "merged"  # the Trainer's output_dir: select only sees checkpoint-* folders
+    _ok(invoke("run", recipe(tmp_path, out, select={"run": str(run)})))
+    assert (out / "adapter_model.safetensors").is_file()
+
+
 def test_force_never_replaces_the_base_model(tmp_path: Path, models: Path) -> None:
     before = snapshot(models)
     r = recipe(
