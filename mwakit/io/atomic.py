@@ -2,8 +2,9 @@
 
 The one mechanism every writer of an output folder uses (`atomic_output_dir`). It promises:
 
-- **Inputs are sacred.** An output path that is, or contains, one of the merge's inputs is
-  refused before anything is created (real paths compared, symlinks resolved).
+- **Inputs are sacred.** An output path that is, or contains, one of the merge's inputs, or lies
+  inside a folder holding an input file (a checkpoint or model folder), is refused before
+  anything is created (real paths compared, symlinks resolved).
 - **Only mwakit's own folders are replaced.** With ``overwrite`` an existing folder is replaced
   only when it is empty or a previous mwakit output: every output holds `MANIFEST`, the list
   of what mwakit wrote; a folder that also holds other files is refused, naming them.
@@ -532,8 +533,8 @@ def atomic_output_dir(target: Path, overwrite: bool, inputs: Iterable[Path] = ()
     Args:
         target: The output folder.
         overwrite: Whether an existing empty folder or previous mwakit output may be replaced.
-        inputs: Every file and folder the merge reads: the target may be none of them and
-            contain none of them.
+        inputs: Every file and folder the merge reads: the target may be none of them,
+            contain none of them, and lie inside no folder that holds an input file.
 
     Yields:
         The temporary folder to write the output into. An ``OSError`` raised about a path in
