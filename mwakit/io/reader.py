@@ -37,7 +37,7 @@ from mwakit.errors import SourceError
 from mwakit.io.header import DTYPE_NAMES, TensorInfo
 
 _ARENA_MIN = 1 << 20  # smaller reads come from malloc, which recycles small blocks itself
-_ARENA_KEEP_FREE = 1 << 30  # free buffers kept for reuse at most (least recently used go)
+_ARENA_KEEP_FREE = 256 << 20  # idle buffers kept for reuse at most (least recently used go)
 _READAHEAD = 256 << 20  # read one group ahead into memory when it is at most this big
 _CHANGED_FIX = "the file changed while mwakit was reading it; wait until it is complete, run again"
 
