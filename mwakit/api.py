@@ -27,18 +27,22 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 def copy_model_files(p: Plan, out: Path) -> None:
     """Copy config and tokenizer files of the base (or first) checkpoint into ``out``.
 
-    ``config.json`` gets the written dtype, so loaders pick the right one.
+    ``config.json`` gets the written dtype, so loaders pick the right one, and the plan's
+    changes (slices: the layer count); slices copy from the checkpoint of the other tensors.
     """
-    src = p.base.path if p.base is not None else p.checkpoints[0].path
+    side = p.side_source or p.base
+    src = side.path if side is not None else p.checkpoints[0].path
     for name in MODEL_SIDE_FILES:
         f = src / name
         if not f.is_file():
             continue
-        if name == "config.json" and p.recipe.out_dtype:
+        if name == "config.json" and (p.recipe.out_dtype or p.config_updates):
             cfg = json.loads(f.read_text(encoding="utf-8"))
-            cfg["torch_dtype"] = p.recipe.out_dtype
-            if "dtype" in cfg:
-                cfg["dtype"] = p.recipe.out_dtype
+            cfg.update(p.config_updates)
+            if p.recipe.out_dtype:
+                cfg["torch_dtype"] = p.recipe.out_dtype
+                if "dtype" in cfg:
+                    cfg["dtype"] = p.recipe.out_dtype
             (out / name).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         else:
             shutil.copyfile(f, out / name)

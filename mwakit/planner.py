@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from mwakit import layer_params
 from mwakit.adapters import (
     AdapterConfig,
     full_rank,
@@ -141,6 +142,15 @@ class Plan:
     base: Checkpoint | None = None
     """The recipe's base_model (full models)."""
     shard_size: int = 5 * 10**9
+    layers: dict[str, Any] | None = None
+    """Per-layer parameters: the layer count, its source and the values at every layer (when
+    the recipe has per-layer lists), as `mwakit plan` shows them."""
+    side_source: Checkpoint | None = None
+    """Where config.json and tokenizer files come from (slices; default: base, else first)."""
+    config_updates: dict[str, Any] = field(default_factory=dict)
+    """Keys of config.json the merge changes (slices: the layer count, per-layer lists)."""
+    layer_map: tuple[tuple[int, int, int], ...] = ()
+    """Slices: (output layer, checkpoint index, source layer) for every output layer."""
 
     @property
     def outputs(self) -> list[OutTensor]:
@@ -179,7 +189,7 @@ class Plan:
                 }
                 for c, w in zip(self.checkpoints, self.weights, strict=True)
             ],
-            "tensors": [_task_json(t) for t in self.tasks],
+            "tensors": [_task_json(t, self.layers is not None) for t in self.tasks],
             "summary": {
                 "tasks": len(self.tasks),
                 "lora_modules": sum(isinstance(t, LoraTask) for t in self.tasks),
@@ -189,6 +199,18 @@ class Plan:
                 "output_bytes": sum(_nbytes(o) for o in self.outputs),
             },
             "adapter_config": self.adapter_config,
+            **({"layers": self.layers} if self.layers is not None else {}),
+            **({"config_updates": self.config_updates} if self.config_updates else {}),
+            **(
+                {
+                    "slices": [
+                        {"layer": j, "checkpoint": self.checkpoints[c].name, "source_layer": i}
+                        for j, c, i in self.layer_map
+                    ]
+                }
+                if self.layer_map
+                else {}
+            ),
             "warnings": list(self.warnings),
         }
 
@@ -197,7 +219,16 @@ def _nbytes(o: OutTensor) -> int:
     return math.prod(o.shape) * DTYPE_SIZES[o.dtype]
 
 
-def _task_json(t: Task) -> dict[str, Any]:
+def _task_json(t: Task, per_layer: bool = False) -> dict[str, Any]:
+    out = _task_doc(t)
+    if per_layer:
+        hit = layer_params.layer_of(t.name)
+        out["layer"] = None if hit is None else hit[1]
+        out["params"] = t.params.model_dump(mode="json")
+    return out
+
+
+def _task_doc(t: Task) -> dict[str, Any]:
     if isinstance(t, LoraTask):
         return {
             "module": t.module,
@@ -253,6 +284,8 @@ def _check_compatible(checkpoints: Sequence[Checkpoint], configs: Sequence[Adapt
 
 
 Index = dict[str, TensorRef]
+#: (per-checkpoint weights, validated params, the matching rule's glob or None).
+Settings = tuple[tuple[float, ...], BaseModel, str | None]
 
 
 def _index(i: int, c: Checkpoint, files: Sequence[Path] | None = None) -> Index:
@@ -290,12 +323,16 @@ def _check_keys(checkpoints: Sequence[Checkpoint], indexes: Sequence[Index]) -> 
 
 
 def _resolve_weights(
-    recipe: Recipe, method: MergeMethod, params: BaseModel, views: Sequence[CheckpointView]
+    recipe: Recipe,
+    method: MergeMethod,
+    params: BaseModel,
+    views: Sequence[CheckpointView],
+    t: float = 0.0,
 ) -> tuple[float, ...]:
     if recipe.weighting is not None:
         from mwakit.methods import mwa
 
-        mwa_params = mwa.Params.model_validate(recipe.weighting.mwa)
+        mwa_params = mwa.Params.model_validate(layer_params.at(recipe.weighting.mwa, t))
         ws = mwa.weigh(mwa_params, views)
         views = [CheckpointView(v.name, v.metrics, w) for v, w in zip(views, ws, strict=True)]
     return tuple(method.weigh(params, views))
@@ -309,20 +346,94 @@ class _Builder:
         self.method = method
         self.checkpoints = checkpoints
         self.params = recipe.method_params()
-        views = [CheckpointView(c.name, c.metrics, c.weight) for c in checkpoints]
+        views = self.views(0.0)
         self.weights = _resolve_weights(recipe, method, self.params, views)
         self.rule_params = [recipe.method_params(r) for r in recipe.rules]
         self.rule_weights = [_resolve_weights(recipe, method, p, views) for p in self.rule_params]
         self.used: set[int] = set()
         self.warnings: list[str] = []
         self.out_dtype = dtype_code(recipe.out_dtype) if recipe.out_dtype else None
+        self.n_layers: int | None = None
+        """Set (by `use_layers`) when the recipe has per-layer lists."""
+        self._depth_cache: dict[tuple[int | None, float], Settings] = {}
 
-    def settings(self, names: Sequence[str]) -> tuple[tuple[float, ...], BaseModel, str | None]:
+    def views(self, t: float) -> list[CheckpointView]:
+        """What the weighting sees of each checkpoint, per-layer weights taken at depth t."""
+        return [
+            CheckpointView(
+                c.name,
+                c.metrics,
+                layer_params.interpolate(c.weight, t) if isinstance(c.weight, list) else c.weight,
+            )
+            for c in self.checkpoints
+        ]
+
+    def use_layers(self, n_layers: int, source: str) -> None:
+        """Resolve per-layer lists over ``n_layers`` layers from here on."""
+        self.n_layers = n_layers
+        self.layer_source = source
+
+    def settings(self, names: Sequence[str], layer: int | None = None) -> Settings:
+        """(weights, params, matching rule) of a tensor group: the first rule whose glob matches
+        one of ``names`` wins; per-layer lists are taken at the group's depth (its ``layer``, or
+        the layer index in its names)."""
         i = _rule_for(self.recipe.rules, names)
+        if i is not None:
+            self.used.add(i)
+        if self.n_layers is not None:
+            if layer is None:
+                hit = next((h for n in names if (h := layer_params.layer_of(n))), None)
+                layer = None if hit is None else hit[1]
+            return self.at_depth(i, layer_params.depth(layer, self.n_layers))
         if i is None:
             return self.weights, self.params, None
-        self.used.add(i)
         return self.rule_weights[i], self.rule_params[i], self.recipe.rules[i].match
+
+    def at_depth(self, i: int | None, t: float) -> Settings:
+        """The settings of rule ``i`` (None: the top level) at depth t, cached."""
+        key = (i, t)
+        if key not in self._depth_cache:
+            rule = None if i is None else self.recipe.rules[i]
+            params = self.recipe.method_params(rule, t=t)
+            weights = _resolve_weights(self.recipe, self.method, params, self.views(t), t)
+            self._depth_cache[key] = (weights, params, None if rule is None else rule.match)
+        return self._depth_cache[key]
+
+    def layers_doc(self) -> dict[str, Any] | None:
+        """The per-layer values of the top-level settings, for `mwakit plan`."""
+        if self.n_layers is None:
+            return None
+        r = self.recipe
+        lists: dict[str, Any] = {
+            "params": layer_params.lists_in(r.params),
+            "weighting": layer_params.lists_in(r.weighting.mwa) if r.weighting else {},
+            "weights": {c.name: c.weight for c in self.checkpoints if isinstance(c.weight, list)},
+            "rules": {
+                rule.match: layer_params.lists_in(rule.params)
+                for rule in r.rules
+                if layer_params.lists_in(rule.params)
+            },
+        }
+        rows = []
+        for layer in range(self.n_layers):
+            t = layer_params.depth(layer, self.n_layers)
+            weights, params, _ = self.at_depth(None, t)
+            dumped = params.model_dump(mode="json", by_alias=True)
+            values = {k: dumped[k] for k in lists["params"] if k in dumped}
+            values.update(
+                {
+                    f"weighting.{k}": layer_params.interpolate(v, t)
+                    for k, v in lists["weighting"].items()
+                }
+            )
+            rows.append({"layer": layer, "t": t, "params": values, "weights": list(weights)})
+        return {
+            "count": self.n_layers,
+            "source": self.layer_source,
+            "lists": lists,
+            "outside_stack": "t = 0 (embeddings, final norm, lm_head: as the first layer)",
+            "per_layer": rows,
+        }
 
     def full_task(
         self,
@@ -375,6 +486,7 @@ class _Builder:
             weights=self.weights,
             tasks=tuple(t for _, t in sorted(tasks, key=lambda kt: kt[0])),
             warnings=tuple(self.warnings + unused),
+            layers=self.layers_doc(),
             **fields,
         )
 
@@ -447,6 +559,8 @@ def build_plan(
             fix="merge adapters with adapters and full models with full models",
         )
     lo, hi = method.inputs
+    if recipe.slices:
+        lo, hi = 1, None  # slices: one checkpoint per output tensor, any number in all
     if len(checkpoints) < lo or (hi is not None and len(checkpoints) > hi):
         want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo}–{hi}"
         raise PlanError(
@@ -456,11 +570,29 @@ def build_plan(
         )
     b = _Builder(recipe, method, checkpoints)
     indexes = [_index(i, c) for i, c in enumerate(checkpoints)]
+    if recipe.slices:
+        # Layer stacking takes each output tensor from one checkpoint: the inputs may be
+        # different models (other layer counts), checked slice by slice instead.
+        from mwakit.slices import plan_slices
+
+        return plan_slices(b, indexes, base)
     _check_keys(checkpoints, indexes)
+    if recipe.per_layer:
+        b.use_layers(*_layer_count(checkpoints[0], indexes[0]))
     aux = _aux_indexes(b.params, checkpoints)
     if next(iter(kinds)) == "full":
         return _plan_full(b, indexes, base, aux)
     return _plan_adapters(b, indexes, aux)
+
+
+def _layer_count(first: Checkpoint, index: Index) -> tuple[int, str]:
+    """Layers of the model the checkpoints belong to: a full model's config.json, an
+    adapter's local base model's config.json, else the largest layer index + 1."""
+    config: Path | None = first.path / "config.json"
+    if first.kind == "adapter":
+        base = read_adapter_config(first.path).raw.get("base_model_name_or_path")
+        config = Path(base) / "config.json" if isinstance(base, str) and base else None
+    return layer_params.layer_count(config, index)
 
 
 def _plan_full(
@@ -486,7 +618,8 @@ def _plan_full(
     tasks: list[tuple[tuple[int, int], Task]] = []
     for key, ref0 in indexes[0].items():
         refs = [idx[key] for idx in indexes]
-        bref = base_index[key] if base_index is not None and method.needs_base else None
+        uses = method.needs_base or method.uses_base
+        bref = base_index[key] if base_index is not None and uses else None
         task = b.full_task(key, refs, bref, _aux_refs(aux, key, ref0.info.shape))
         tasks.append((_order_key(refs, files), task))
     return b.finish(
@@ -501,11 +634,15 @@ def _plan_full(
 
 def _lora_mode(recipe: Recipe, method: MergeMethod) -> LoraMode:
     if recipe.lora_space == "factors":
-        if not method.linear and "factors" not in method.spaces:
+        if "factors" not in method.spaces:
+            # Averaging A and B is only the method for weighted averages: a scale or λ on
+            # both factors would scale ΔW twice (scale² for passthrough, λ² for task vectors).
             raise PlanError(
                 f"method {method.name} acts on ΔW, not on LoRA factors",
                 where="lora_space",
-                fix="use lora_space: delta with delta_rank: <rank>",
+                fix="use lora_space: delta with delta_rank: concat (exact)"
+                if method.linear
+                else "use lora_space: delta with delta_rank: <rank>",
             )
         return "factors"
     if "delta" not in method.spaces:
@@ -536,7 +673,7 @@ def _step_zero_warnings(
     from mwakit.methods import mwa
 
     if recipe.weighting is not None:
-        p: BaseModel | None = mwa.Params.model_validate(recipe.weighting.mwa)
+        p: BaseModel | None = layer_params.resolve(mwa.Params, recipe.weighting.mwa, 0.0)
     else:
         p = params if isinstance(params, mwa.Params) else None
     if not isinstance(p, mwa.Params) or p.metric != "step":

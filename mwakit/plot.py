@@ -24,7 +24,7 @@ def plot_metric(plan: Plan) -> str | None:
     if plan.recipe.weighting is not None:
         from mwakit.methods.mwa import Params as MwaParams
 
-        return MwaParams.model_validate(plan.recipe.weighting.mwa).metric
+        return str(plan.recipe.weighting.mwa.get("metric", MwaParams().metric))
     metric = getattr(plan.params, "metric", None)
     return metric if isinstance(metric, str) else None
 

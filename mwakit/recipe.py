@@ -7,6 +7,7 @@ rule's params are validated merged over the top-level params, each with its loca
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from mwakit import layer_params
 from mwakit.errors import Problem, RecipeError
 from mwakit.methods import get_method
 
@@ -50,8 +52,17 @@ class CheckpointSpec(_Strict):
     reference ``hf://org/repo[@revision][/subfolder]``."""
     metrics: dict[str, float] | None = None
     """Metrics for weighting; when absent they are read from trainer_state.json."""
-    weight: float | None = None
-    """Explicit weight (``linear``)."""
+    weight: float | list[float] | None = None
+    """Explicit weight (``linear`` …), or a per-layer list interpolated over depth."""
+
+    @field_validator("weight")
+    @classmethod
+    def _weight(cls, v: float | list[float] | None) -> float | list[float] | None:
+        if isinstance(v, list) and not v:
+            raise ValueError("a per-layer weight list needs at least one number")
+        if isinstance(v, list) and not all(map(math.isfinite, v)):
+            raise ValueError("every per-layer weight must be a finite number")
+        return v
 
     @model_validator(mode="before")
     @classmethod
@@ -122,14 +133,17 @@ class Weighting(_Strict):
     """
 
     mwa: dict[str, Any]
-    """MWA params: metric, penalty, transform, higher_is_better (see `mwakit methods`)."""
+    """MWA params: metric, penalty (a number or a per-layer list), transform,
+    higher_is_better (see `mwakit methods`)."""
 
     @field_validator("mwa")
     @classmethod
     def _mwa(cls, v: dict[str, Any]) -> dict[str, Any]:
         from mwakit.methods.mwa import Params
 
-        Params.model_validate(v)
+        problems = layer_params.check(Params, v)
+        if problems:
+            raise ValueError("; ".join(map(str, problems)))
         return v
 
 
@@ -179,6 +193,25 @@ class Output(_Strict):
         return {"path": v} if isinstance(v, str) else v
 
 
+class Slice(_Strict):
+    """A run of layers taken unchanged from one checkpoint (``method: passthrough``)."""
+
+    checkpoint: int | str
+    """The checkpoint: its index in ``checkpoints:`` (0 = first) or its ``path`` as listed."""
+    layers: tuple[int, int]
+    """[start, end): source layers start … end − 1, as mergekit's ``layer_range``."""
+
+    @field_validator("layers")
+    @classmethod
+    def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 0 or v[1] <= v[0]:
+            raise ValueError(
+                f"layers [{v[0]}, {v[1]}] is empty or negative: write [start, end) with "
+                "0 ≤ start < end"
+            )
+        return v
+
+
 class Recipe(_Strict):
     """A whole merge recipe."""
 
@@ -205,6 +238,10 @@ class Recipe(_Strict):
     base_model: str | None = None
     """Full models: the base θ_0 that task-vector methods subtract (a model folder, or
     ``hf://org/repo[@revision][/subfolder]``)."""
+    slices: list[Slice] | None = None
+    """Full models, ``method: passthrough``: the output's layers, slice after slice, each from
+    one checkpoint (renumbered from 0); the other tensors come from the checkpoint
+    ``params.rest_from`` names, else the first slice's checkpoint."""
     output: Output
 
     _base_model = field_validator("base_model")(_hub_ref)
@@ -221,12 +258,31 @@ class Recipe(_Strict):
         problems = _cross_checks(self.model_dump())
         if problems:
             raise ValueError(problems[0].msg)
+        # A slice names its checkpoint by index from here on (paths may be rewritten, e.g.
+        # pinned in the resolved recipe, and must not break the reference).
+        for sl in self.slices or []:
+            if isinstance(sl.checkpoint, str) and self.checkpoints:
+                sl.checkpoint = [c.path for c in self.checkpoints].index(sl.checkpoint)
         return self
 
-    def method_params(self, rule: Rule | None = None) -> BaseModel:
-        """The validated params of the method, with a rule's overrides merged on top."""
+    def method_params(self, rule: Rule | None = None, *, t: float = 0.0) -> BaseModel:
+        """The validated params of the method, with a rule's overrides merged on top.
+
+        Per-layer lists are taken at depth ``t`` (0: the value of the first layer and of the
+        tensors outside the layer stack).
+        """
         merged = {**self.params, **(rule.params if rule else {})}
-        return get_method(self.method).params.model_validate(merged)
+        return layer_params.resolve(get_method(self.method).params, merged, t)
+
+    @property
+    def per_layer(self) -> bool:
+        """True when a parameter or weight is a per-layer list."""
+        return bool(
+            layer_params.lists_in(self.params)
+            or any(layer_params.lists_in(r.params) for r in self.rules)
+            or (self.weighting is not None and layer_params.lists_in(self.weighting.mwa))
+            or any(isinstance(c.weight, list) for c in self.checkpoints or [])
+        )
 
     def to_yaml_dict(self) -> dict[str, Any]:
         """The recipe as plain data, without unset optional blocks."""
@@ -247,6 +303,53 @@ def _cross_checks(data: dict[str, Any]) -> list[Problem]:
         out.append(Problem("checkpoints", "`checkpoints:` is empty: list at least one checkpoint"))
     if data.get("delta_rank", "concat") != "concat" and data.get("lora_space") != "delta":
         out.append(Problem("delta_rank", "delta_rank applies only with lora_space: delta"))
+    out += _slice_problems(data)
+    return out
+
+
+def _slice_problems(data: dict[str, Any]) -> list[Problem]:
+    """``slices:`` needs passthrough and must name listed checkpoints."""
+    slices = data.get("slices")
+    if slices is None:
+        return []
+    if not isinstance(slices, list) or not slices:
+        return [Problem("slices", "`slices:` is empty: list at least one {checkpoint, layers}")]
+    out = []
+    if data.get("method", "mwa") != "passthrough":
+        out.append(
+            Problem(
+                "slices",
+                "slices stack layers taken unchanged from checkpoints: use method: passthrough "
+                "(to merge layer ranges, use per-layer weights or rules instead)",
+            )
+        )
+    cks = data.get("checkpoints")
+    paths = (
+        [c.get("path") if isinstance(c, dict) else c for c in cks]
+        if isinstance(cks, list)
+        else None
+    )
+    for i, sl in enumerate(slices):
+        ref = sl.get("checkpoint") if isinstance(sl, dict) else None
+        if isinstance(ref, bool) or ref is None:
+            continue  # the field's own validation reports it
+        if isinstance(ref, int):
+            if ref < 0 or (paths is not None and ref >= len(paths)):
+                n = "?" if paths is None else len(paths)
+                out.append(
+                    Problem(
+                        f"slices.{i}.checkpoint",
+                        f"checkpoint {ref} is not in checkpoints: (0 … {n}−1 are listed)",
+                    )
+                )
+        elif isinstance(ref, str) and (paths is None or ref not in paths):
+            out.append(
+                Problem(
+                    f"slices.{i}.checkpoint",
+                    f"{ref!r} is not a path listed under checkpoints: (name it by index "
+                    "or list it there)",
+                )
+            )
     return out
 
 
@@ -298,23 +401,19 @@ def parse_recipe(data: Any, *, source: str | None = None) -> Recipe:
         else:
             params = data.get("params") or {}
             if isinstance(params, dict):
-                try:
-                    method.params.model_validate(params)
-                except ValidationError as err:
-                    problems += _problems(err, ("params",))
+                # Per-layer lists are validated element by element (`layer_params.check`).
+                problems += layer_params.check(method.params, params, ("params",))
                 rules = data.get("rules") or []
                 for i, rule in enumerate(rules if isinstance(rules, list) else []):
                     rp = rule.get("params") if isinstance(rule, dict) else None
                     if isinstance(rp, dict):
-                        try:
-                            method.params.model_validate({**params, **rp})
-                        except ValidationError as err:
-                            problems += [
-                                p
-                                for p in _problems(err, ("rules", i, "params"))
-                                if p.loc.removeprefix(f"rules.{i}.params.") in rp
-                                or p.loc == f"rules.{i}.params"
-                            ]
+                        where = ("rules", i, "params")
+                        problems += [
+                            p
+                            for p in layer_params.check(method.params, {**params, **rp}, where)
+                            if p.loc.removeprefix(f"rules.{i}.params.").split(".")[0] in rp
+                            or p.loc == f"rules.{i}.params"
+                        ]
     if problems:
         raise RecipeError(problems, source=source)
     assert recipe is not None

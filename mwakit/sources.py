@@ -120,7 +120,7 @@ class Checkpoint:
     step: int | None
     metrics: dict[str, float] = field(hash=False)
     metrics_source: str
-    weight: float | None
+    weight: float | list[float] | None
     files: tuple[Path, ...]
     kind: Kind = "adapter"
     revision: str | None = None

@@ -5,9 +5,10 @@ Formula: θ = scale · θ_1 (``scale`` may be a per-layer list and set by ``rule
 ``*.o_proj.*``). With ``slices:`` (full models only) every output tensor comes from exactly
 one checkpoint: the layers of each slice in order, renumbered 0, 1, … across the slices
 (`mwakit.slices`), and the tensors outside the layer stack (embeddings, final norm, lm_head)
-plus config.json and tokenizer files from ``base_model`` if given, else the first slice's
-checkpoint. The output may have more or fewer layers than any input; config.json's layer
-count (and per-layer lists such as ``layer_types``) follow.
+plus config.json and tokenizer files from the checkpoint ``rest_from`` names (an index into
+``checkpoints:``), else the first slice's checkpoint. The output may have more or fewer
+layers than any input; config.json's layer count (and per-layer lists such as
+``layer_types``) follow.
 Space: delta (adapters: scale·ΔW exactly, by putting the scale on B — ``delta_rank:
 concat``) or full. ``lora_space: factors`` is refused (scaling A and B would give scale²).
 Slices of adapters are refused: an adapter's ΔW belongs to its base model's layer of the
@@ -40,6 +41,9 @@ class Params(BaseModel):
 
     scale: float = Field(default=1.0, allow_inf_nan=False)
     """Factor every float tensor is multiplied by (1: an exact copy)."""
+    rest_from: int | None = Field(default=None, ge=0)
+    """With slices: index of the checkpoint giving the tensors outside the layer stack and
+    config.json/tokenizer files (default: the first slice's checkpoint)."""
 
 
 def weigh(params: Params, checkpoints: Sequence[CheckpointView]) -> list[float]:
