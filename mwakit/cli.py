@@ -76,6 +76,7 @@ def main(debug: bool) -> None:
     mwakit push DIR --repo-id ID  upload a merged folder to the Hub
     mwakit inspect PATH           describe a checkpoint or a run folder
     mwakit methods                list merge methods and their params
+    mwakit convert mergekit.yaml  turn a mergekit config into an mwakit recipe
     mwakit fisher CKPT --base B --data D.jsonl   estimate a Fisher for `method: fisher`
     """
 
@@ -130,9 +131,55 @@ def _plan_text(plan: Any) -> str:
     ruled = [t for t in doc["tensors"] if t["rule"]]
     if ruled:
         lines.append(f"rules: {len(ruled)} tensor groups set by per-tensor rules")
+    lines += _slices_text(doc.get("slices"))
+    lines += _layers_text(doc.get("layers"))
     for w in doc["warnings"]:
         lines.append(f"warning: {w}")
     return "\n".join(lines)
+
+
+def _slices_text(slices: list[dict[str, Any]] | None) -> list[str]:
+    """Runs of output layers and where they come from: `0–15 ← m0 layers 0–15`."""
+    if not slices:
+        return []
+    runs: list[list[Any]] = []  # [first out, last out, checkpoint, first src, last src]
+    for s in slices:
+        r = runs[-1] if runs else None
+        if r and r[2] == s["checkpoint"] and r[4] + 1 == s["source_layer"]:
+            r[1], r[4] = s["layer"], s["source_layer"]
+        else:
+            src = s["source_layer"]
+            runs.append([s["layer"], s["layer"], s["checkpoint"], src, src])
+    out = [f"slices: {len(slices)} output layers"]
+    out += [f"  layers {a}–{b} ← {c} layers {x}–{y}" for a, b, c, x, y in runs]
+    return out
+
+
+def _layers_text(layers: dict[str, Any] | None) -> list[str]:
+    """The per-layer values table of `mwakit plan`."""
+    if not layers:
+        return []
+    rows = layers["per_layer"]
+    keys = list(rows[0]["params"]) if rows else []
+    vary = len({tuple(r["weights"]) for r in rows}) > 1
+    header = ["layer", "t", *keys] + (["weights"] if vary else [])
+    table = [
+        [str(r["layer"]), f"{r['t']:.3f}"]
+        + [f"{r['params'][k]:.6g}" for k in keys]
+        + ([", ".join(f"{w:.4g}" for w in r["weights"])] if vary else [])
+        for r in rows
+    ]
+    widths = [max(len(x) for x in col) for col in zip(header, *table, strict=True)]
+    out = [
+        "",
+        f"per-layer values: {layers['count']} layers (from {layers['source']}); tensors outside "
+        "the layer stack take t = 0",
+    ]
+    for row in [header, *table]:
+        out.append("  " + "  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
+    for match, lists in layers["lists"]["rules"].items():
+        out.append(f"  rule {match!r} has its own lists: {json.dumps(lists)}")
+    return out
 
 
 @main.command()
@@ -355,6 +402,44 @@ def methods(as_json: bool) -> None:
             choices = f" ({'|'.join(map(str, v['choices']))})" if "choices" in v else ""
             click.echo(f"  {k}{choices} = {json.dumps(v['default'])}: {v['description']}")
         click.echo("")
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the recipe to this file instead of stdout.",
+)
+@click.option("-f", "--force", is_flag=True, help="Replace an existing --output file.")
+@_handle_errors
+def convert(config: Path, output: Path | None, force: bool) -> None:
+    """Turn the mergekit config CONFIG into an equivalent mwakit recipe.
+
+    The recipe goes to stdout (or --output); every part of the config that has no mwakit
+    equivalent is named on stderr, one line each. Exit 1 when nothing usable is left.
+    """
+    from mwakit.convert import convert_file
+    from mwakit.errors import UsageError
+
+    if output is not None and output.exists() and not force:
+        raise UsageError(
+            "the output file exists", where=str(output), fix="pass --force to replace it"
+        )
+    conv = convert_file(config)
+    text = conv.to_yaml(str(config))
+    for line in conv.untranslated:
+        click.echo(f"cannot translate: {line}", err=True)
+    for line in conv.notes:
+        click.echo(f"note: {line}", err=True)
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        tmp = output.with_name(f".{output.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(output)  # never a half-written recipe
+        click.echo(f"wrote {output}", err=True)
 
 
 @main.command()

@@ -82,6 +82,10 @@ class HubError(MwakitError):
     """A Hugging Face Hub download or upload failed."""
 
 
+class ConvertError(MwakitError):
+    """A mergekit config could not be converted into a recipe (nothing usable in it)."""
+
+
 class UsageError(MwakitError):
     """The command line itself is wrong (exit code 2)."""
 
