@@ -161,11 +161,14 @@ def _layers_text(layers: dict[str, Any] | None) -> list[str]:
         return []
     rows = layers["per_layer"]
     keys = list(rows[0]["params"]) if rows else []
+    ruled = [(m, k) for m, ps in (rows[0]["rules"] if rows else {}).items() for k in ps]
     vary = len({tuple(r["weights"]) for r in rows}) > 1
-    header = ["layer", "t", *keys] + (["weights"] if vary else [])
+    header = ["layer", "depth", *keys, *(f"{k} [{m}]" for m, k in ruled)]
+    header += ["weights"] if vary else []
     table = [
         [str(r["layer"]), f"{r['t']:.3f}"]
         + [f"{r['params'][k]:.6g}" for k in keys]
+        + [f"{r['rules'][m][k]:.6g}" for m, k in ruled]
         + ([", ".join(f"{w:.4g}" for w in r["weights"])] if vary else [])
         for r in rows
     ]
@@ -177,8 +180,6 @@ def _layers_text(layers: dict[str, Any] | None) -> list[str]:
     ]
     for row in [header, *table]:
         out.append("  " + "  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
-    for match, lists in layers["lists"]["rules"].items():
-        out.append(f"  rule {match!r} has its own lists: {json.dumps(lists)}")
     return out
 
 

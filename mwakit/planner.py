@@ -426,7 +426,20 @@ class _Builder:
                     for k, v in lists["weighting"].items()
                 }
             )
-            rows.append({"layer": layer, "t": t, "params": values, "weights": list(weights)})
+            ruled = {}
+            for i, rule in enumerate(r.rules):
+                if rule.match in lists["rules"]:
+                    rp = self.at_depth(i, t)[1].model_dump(mode="json", by_alias=True)
+                    ruled[rule.match] = {k: rp[k] for k in lists["rules"][rule.match] if k in rp}
+            rows.append(
+                {
+                    "layer": layer,
+                    "t": t,
+                    "params": values,
+                    "weights": list(weights),
+                    "rules": ruled,
+                }
+            )
         return {
             "count": self.n_layers,
             "source": self.layer_source,
