@@ -88,8 +88,10 @@ def merge(
     if params.t == 0.0:
         return primary
     d = tensors[1].to(dt) - primary
-    # w = t / max(|d|, t) is min(1, t/|d|) without a division by 0 (|d| = 0 gives w = 1).
-    w = torch.abs(d).clamp_min_(params.t).reciprocal_().mul_(params.t)
+    a = torch.abs(d)
+    # min(1, t/|d|), with w = 1 wherever |d| ≤ t — including |d| = 0 and a t so small that
+    # it rounds to 0 in the compute dtype (t/0 would be inf, 0·inf NaN).
+    w = torch.where(a > params.t, params.t / a, 1.0)
     return primary.add_(d.mul_(w))
 
 
