@@ -35,19 +35,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     from make_run import make_tiny_llama
 
     root = tmp_path_factory.mktemp("deep")
-    return [
-        make_tiny_llama(
-            root / f"m{i}",
-            seed=i,
-            hidden=16,
-            layers=LAYERS,
-            intermediate=32,
-            vocab=32,
-            heads=2,
-            kv_heads=1,
-        )  # fmt: skip
-        for i in range(3)
-    ]
+    shape = {"hidden": 16, "layers": LAYERS, "intermediate": 32, "vocab": 32, "heads": 2}
+    return [make_tiny_llama(root / f"m{i}", seed=i, kv_heads=1, **shape) for i in range(3)]
 
 
 def _state(folder: Path) -> dict[str, torch.Tensor]:
