@@ -277,9 +277,10 @@ def convert(doc: Any, *, name: str = "merged") -> Conversion:
             recipe["base_model"] = base
             checkpoints = [c for c in checkpoints if c["path"] != base] or checkpoints
         else:
-            out.notes.append(f"base_model {base} is not used by {method} (as in mergekit)")
-            if method == "karcher":
-                checkpoints = [c for c in checkpoints if c["path"] != base] or checkpoints
+            out.notes.append(
+                f"base_model {base} is not used by {method} (as in mergekit; the models listed "
+                "are the inputs)"
+            )
     elif method in _TAKES_BASE - {"nuslerp", "multislerp"}:
         out.untranslated.append(f"{method}: no base_model (its task vectors need one)")
 

@@ -23,6 +23,9 @@ Where mwakit deliberately differs:
   the kept fraction: mergekit keeps ranks [gamma, gamma + density), so mergekit's density d
   is mwakit's d + gamma. This way ``trim_scope: model`` uses the same whole-model
   threshold as the other trims.
+- Counts: the band starts at the ⌈density·n⌉-th largest |δ| and the outliers are the
+  ⌊gamma·n⌋ largest; where those products are not whole, mergekit may round otherwise and
+  keep one element more or less.
 - With ``trim_scope: model`` the lower cut is whole-model and the outlier cut stays per tensor.
 - Density 1 with gamma > 0 still drops the outliers (mergekit returns the tensor unchanged
   whenever density ≥ 1); density 1, gamma 0 is task arithmetic.
