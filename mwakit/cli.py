@@ -362,13 +362,18 @@ def inspect(path: Path, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print methods and params as JSON.")
 @_handle_errors
 def methods(as_json: bool) -> None:
-    """List the merge methods and their parameters."""
+    """List the merge methods and their parameters.
+
+    Float parameters may also be per-layer lists, interpolated over depth (see the README).
+    """
+    from mwakit.layer_params import per_layer_keys
     from mwakit.methods import get_method, method_names
 
     docs: list[dict[str, Any]] = []
     for name in method_names():
         m = get_method(name)
         schema = m.params.model_json_schema()
+        lists = per_layer_keys(m.params)
         params = {
             k: {
                 "type": v.get("type")
@@ -379,6 +384,7 @@ def methods(as_json: bool) -> None:
                 "default": v.get("default"),
                 **({"choices": v["enum"]} if "enum" in v else {}),
                 "description": v.get("description", ""),
+                "per_layer": k in lists,
             }
             for k, v in schema.get("properties", {}).items()
         }
@@ -401,7 +407,8 @@ def methods(as_json: bool) -> None:
         click.echo(f"  spaces: {', '.join(d['spaces'])}; reference: {d['reference']}")
         for k, v in d["params"].items():
             choices = f" ({'|'.join(map(str, v['choices']))})" if "choices" in v else ""
-            click.echo(f"  {k}{choices} = {json.dumps(v['default'])}: {v['description']}")
+            layered = " (or a per-layer list)" if v["per_layer"] else ""
+            click.echo(f"  {k}{choices} = {json.dumps(v['default'])}{layered}: {v['description']}")
         click.echo("")
 
 

@@ -110,6 +110,11 @@ def _float_field(cls: type[BaseModel], name: str) -> bool:
     return ann is float or ann == (float | None)
 
 
+def per_layer_keys(cls: type[BaseModel]) -> set[str]:
+    """The data keys (aliases) of ``cls`` that accept a per-layer list."""
+    return {f.alias or name for name, f in cls.model_fields.items() if _float_field(cls, name)}
+
+
 def knots(lists: Iterable[Sequence[Any]]) -> list[float]:
     """Every depth where some list has an element: j/(L − 1) (0 for one element)."""
     ts = {0.0}

@@ -293,3 +293,17 @@ def test_lists_apply_to_any_float_param_of_every_method() -> None:
                 assert not problems, (name, field, problems)
             elif info.annotation in (int, bool, str):
                 assert problems, (name, field)
+
+
+def test_methods_lists_the_new_methods_and_which_params_vary() -> None:
+    res = CliRunner().invoke(main, ["methods", "--json"])
+    assert res.exit_code == 0
+    docs = {d["name"]: d for d in json.loads(res.output)}
+    for name in ("karcher", "multislerp", "nuslerp", "sce", "della_linear", "breadcrumbs_ties",
+                 "nearswap", "passthrough"):  # fmt: skip
+        assert name in docs
+    assert docs["ties"]["params"]["density"]["per_layer"]
+    assert docs["ties"]["params"]["lambda"]["per_layer"]
+    assert not docs["della"]["params"]["seed"]["per_layer"]
+    text = CliRunner().invoke(main, ["methods"]).output
+    assert "density = 0.2 (or a per-layer list)" in text

@@ -21,7 +21,8 @@ Where mwakit deliberately differs from mergekit:
   the lerp fallback differs from SLERP by O(Ω²) there.
 - A zero-norm tensor gives the lerp; mergekit leaves it unnormalised, so its cosine is 0 and
   it rotates by 90° (θ = sin(tπ/2)·θ_2 when θ_1 = 0).
-- ``t`` is one number per recipe (or per ``rules:`` entry), not a layer gradient.
+- ``t`` may be a per-layer list (`mwakit.layer_params`), interpolated over depth as mergekit's
+  gradients, and set per tensor by ``rules:``.
 """
 
 from __future__ import annotations
