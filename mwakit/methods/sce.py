@@ -43,8 +43,8 @@ from mwakit.methods.task_arithmetic import TASK_VECTOR_CONFIG, scaled_weights
 if TYPE_CHECKING:
     import torch
 
-_CHUNK = 1 << 18
-"""Positions per chunk when the variance across checkpoints is computed."""
+_CHUNK = 1 << 17
+"""Positions per chunk when the variance across checkpoints is computed (512 KiB buffers)."""
 
 
 class Params(BaseModel):
@@ -76,10 +76,21 @@ def variance_mask_(deltas: Sequence[torch.Tensor], select_topk: float) -> None:
         return
     flat = [d.reshape(-1) for d in deltas]
     var = torch.empty(n, dtype=flat[0].dtype, device=flat[0].device)
+    mean_buf = torch.empty(min(n, _CHUNK), dtype=var.dtype, device=var.device)
+    diff_buf = torch.empty_like(mean_buf)
     for s in range(0, n, _CHUNK):
         e = min(n, s + _CHUNK)
-        # K × chunk at a time: the variance of each position without a K × n stack.
-        torch.var(torch.stack([f[s:e] for f in flat]), dim=0, correction=0, out=var[s:e])
+        # Two passes over a cache-sized chunk with in-place float ops (no K × n stack):
+        # the mean, then Σ (δ_i − mean)² / K.
+        mean = mean_buf[: e - s].copy_(flat[0][s:e])
+        for f in flat[1:]:
+            mean.add_(f[s:e])
+        mean.mul_(1.0 / len(flat))
+        v = var[s:e].zero_()
+        for f in flat:
+            d = torch.sub(f[s:e], mean, out=diff_buf[: e - s])
+            v.addcmul_(d, d)
+        v.mul_(1.0 / len(flat))
     thr = blocks.kth_largest_abs(var, None, [k], var.dtype)[0]
     keep = var.ge_(thr)  # 1.0 where kept, 0.0 elsewhere, in var's buffer
     for f in flat:

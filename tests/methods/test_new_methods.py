@@ -545,3 +545,18 @@ def test_breadcrumbs_ties_without_a_band_is_ties(g: dict[str, Any]) -> None:
     a = _merge("breadcrumbs_ties", g["xs"], {"density": 1.0, "gamma": 0.0}, weights=g["w"])
     b = _merge("ties", g["xs"], {"density": 1.0}, weights=g["w"])
     assert torch.equal(a, b)
+
+
+def test_float64_dots_over_chunks() -> None:
+    from mwakit.methods import sphere
+
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(600_000, generator=g), torch.randn(600_000, generator=g)
+    want = float(a.double() @ b.double())
+    assert sphere.dot64(a, b) == pytest.approx(want, rel=1e-12)
+    assert sphere.norm64(a) == pytest.approx(float(a.double().norm()), rel=1e-12)
+    # Nearly parallel float32 vectors keep their cosine's digits (1 − cos ≈ 1e-9).
+    c = a + 3e-5 * b
+    cos = sphere.dot64(a, c) / (sphere.norm64(a) * sphere.norm64(c))
+    want_cos = float(a.double() @ c.double()) / float(a.double().norm() * c.double().norm())
+    assert 1 - cos == pytest.approx(1 - want_cos, rel=1e-6)
