@@ -243,14 +243,16 @@ def render_card(
         lines.append(f"- Base model: `{plan.base_model}`")
     params = plan.params.model_dump(mode="json")
     mwa = params if plan.method.name == "mwa" else None
+    raw_mwa = plan.recipe.params if mwa is not None else {}
     if plan.recipe.weighting is not None:
         from mwakit.methods.mwa import Params as MwaParams
 
-        # At depth 0 when penalty is a per-layer list (the recipe below has the list).
-        mwa = layer_params.resolve(MwaParams, plan.recipe.weighting.mwa, 0.0).model_dump(
-            mode="json"
-        )
+        raw_mwa = plan.recipe.weighting.mwa
+        mwa = layer_params.resolve(MwaParams, raw_mwa, 0.0).model_dump(mode="json")
         lines.append("- Weights: MWA (`weighting: {mwa: ...}`) feeding the method's weights")
+    if mwa is not None and layer_params.is_list(raw_mwa.get("penalty")):
+        # A per-layer penalty: say so rather than show only its first layer's value.
+        mwa["penalty"] = f"{raw_mwa['penalty']} over the layers"
     if mwa is not None:
         lines.append(
             f"- Reading of MWA: `transform: {mwa['transform']}` — "

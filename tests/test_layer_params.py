@@ -307,3 +307,16 @@ def test_methods_lists_the_new_methods_and_which_params_vary() -> None:
     assert not docs["della"]["params"]["seed"]["per_layer"]
     text = CliRunner().invoke(main, ["methods"]).output
     assert "density = 0.2 (or a per-layer list)" in text
+
+
+def test_card_and_resolved_recipe_keep_a_per_layer_penalty(
+    tmp_path: Path, models: list[Path]
+) -> None:
+    cks = [{"path": str(m), "metrics": {"loss": 1.0 + i}} for i, m in enumerate(models[:2])]
+    res = mwakit.run(
+        _recipe(tmp_path, method="mwa", params={"penalty": [0.0, 2.0]}, checkpoints=cks)
+    )
+    card = (res.path / "README.md").read_text()
+    assert "penalty p = [0.0, 2.0] over the layers" in card
+    again = yaml.safe_load((res.path / "mwakit.yaml").read_text())
+    assert again["params"]["penalty"] == [0.0, 2.0]
