@@ -201,3 +201,13 @@ def test_passthrough_without_slices_takes_one_checkpoint(
         want = t * 0.5 * (8 / 4) if "lora_B" in key else t
         torch.testing.assert_close(got[key], want)
     assert json.loads((res.path / "adapter_config.json").read_text())["lora_alpha"] == 4
+
+
+def test_per_layer_scale_follows_the_output_layers(tmp_path: Path, models: list[Path]) -> None:
+    slices = [{"checkpoint": 0, "layers": [0, 4]}, {"checkpoint": 1, "layers": [3, 4]}]
+    plan = mwakit.plan(parse_recipe(_data(tmp_path, models, slices, params={"scale": [1, 0]})))
+    assert plan.layers is not None and plan.layers["count"] == 5
+    scale = {t.name: t.weights[0] for t in plan.tasks}
+    for j in range(5):
+        assert scale[f"model.layers.{j}.mlp.up_proj.weight"] == pytest.approx(1 - j / 4)
+    assert scale["lm_head.weight"] == 1.0  # outside the stack: t = 0
