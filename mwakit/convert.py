@@ -238,12 +238,13 @@ def convert(doc: Any, *, name: str = "merged") -> Conversion:
     params = _global_params(doc.get("parameters") or {}, per_model, method, out, recipe)
     checkpoints: list[dict[str, Any]] = []
     paths: list[str] = []
+    top_weight = (doc.get("parameters") or {}).get("weight")  # mergekit: every model's default
     for path, p in models:
         if path in paths:
             continue
         paths.append(path)
         ck: dict[str, Any] = {"path": path}
-        w = p.get("weight")
+        w = p.get("weight", top_weight)
         if w is not None:
             s = _setting(w)
             if s.conditions:
@@ -440,6 +441,13 @@ def _translate(method: str, v: dict[str, Any], out: Conversion) -> dict[str, Any
         )
     if method.startswith(("dare", "della")) and v.get("rescale") is False:
         _once(out, f"{method}: rescale: false (mwakit always rescales kept values by 1/p)")
+    elif method.startswith("dare"):
+        note = (
+            f"{method}: kept values are rescaled by 1/(1 − p) (the paper); mergekit's rescale "
+            "restores each tensor's L1 norm"
+        )
+        if note not in out.notes:
+            out.notes.append(note)
     if method in ("linear", "task_arithmetic", "dare_linear", "breadcrumbs", "della_linear"):
         copy("normalize")
     copy("lambda")

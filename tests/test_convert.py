@@ -358,3 +358,16 @@ def test_converted_breadcrumbs_ties_matches_mergekit(tmp_path: Path, models: lis
     assert x[0].size == 512
     want = mk_breadcrumbs_ties(x, s[0][key].reshape(-1), density=0.5, gamma=0.125)
     np.testing.assert_allclose(out[key].double().numpy().reshape(-1), want, rtol=1e-5, atol=1e-6)
+
+
+def test_top_level_weight_is_every_models_default() -> None:
+    doc = {
+        "merge_method": "linear",
+        "models": [{"model": "org/a"}, {"model": "org/b", "parameters": {"weight": 3}}],
+        "parameters": {"weight": [1, 2]},
+    }
+    c = convert(doc)
+    assert [ck.get("weight") for ck in c.recipe["checkpoints"]] == [[1, 2], 3]
+    assert "params" not in c.recipe
+    dare = convert({**doc, "merge_method": "dare_linear", "base_model": "org/base"})
+    assert any("restores each tensor's L1 norm" in n for n in dare.notes)
