@@ -576,13 +576,20 @@ def convert_file(path: str | Path) -> Conversion:
     """
     p = Path(path)
     try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+        docs = list(yaml.safe_load_all(p.read_text(encoding="utf-8")))
     except OSError as err:
         raise ConvertError(
             f"cannot read it: {err.strerror}", where=str(p), fix="check the path"
         ) from err
     except yaml.YAMLError as err:
         raise ConvertError(f"not valid YAML: {err}", where=str(p), fix="fix the YAML") from err
+    if len(docs) > 1:
+        raise ConvertError(
+            f"{len(docs)} YAML documents (a mergekit-multi file): one recipe is one merge",
+            where=str(p),
+            fix="put each document in its own file and convert them one by one",
+        )
+    doc = docs[0] if docs else None
     try:
         return convert(doc, name=p.stem)
     except ConvertError as err:

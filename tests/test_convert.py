@@ -371,3 +371,10 @@ def test_top_level_weight_is_every_models_default() -> None:
     assert "params" not in c.recipe
     dare = convert({**doc, "merge_method": "dare_linear", "base_model": "org/base"})
     assert any("restores each tensor's L1 norm" in n for n in dare.notes)
+
+
+def test_a_multi_document_file_is_refused(tmp_path: Path) -> None:
+    f = tmp_path / "multi.yaml"
+    f.write_text("name: a\nmerge_method: linear\nmodels: [{model: x/a}]\n---\nname: b\n")
+    res = CliRunner().invoke(main, ["convert", str(f)])
+    assert res.exit_code == 1 and "2 YAML documents" in res.stderr
