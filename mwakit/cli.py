@@ -151,7 +151,10 @@ def _slices_text(slices: list[dict[str, Any]] | None) -> list[str]:
             src = s["source_layer"]
             runs.append([s["layer"], s["layer"], s["checkpoint"], src, src])
     out = [f"slices: {len(slices)} output layers"]
-    out += [f"  layers {a}–{b} ← {c} layers {x}–{y}" for a, b, c, x, y in runs]
+    for a, b, c, x, y in runs:
+        out.append(
+            f"  layer {a} ← {c} layer {x}" if a == b else f"  layers {a}–{b} ← {c} layers {x}–{y}"
+        )
     return out
 
 
