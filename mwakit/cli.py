@@ -447,9 +447,19 @@ def convert(config: Path, output: Path | None, force: bool) -> None:
     if output is None:
         click.echo(text, nl=False)
     else:
+        from mwakit.errors import OutputError
+
         tmp = output.with_name(f".{output.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(output)  # never a half-written recipe
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(output)  # never a half-written recipe
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(
+                f"cannot write the recipe: {err.strerror}",
+                where=str(output),
+                fix="write it into an existing, writable folder",
+            ) from err
         click.echo(f"wrote {output}", err=True)
 
 

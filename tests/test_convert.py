@@ -293,6 +293,8 @@ def test_cli_convert(tmp_path: Path) -> None:
     again = runner.invoke(main, ["convert", str(src), "-o", str(out)])
     assert again.exit_code == 2 and "--force" in again.stderr
     assert runner.invoke(main, ["convert", str(src), "-o", str(out), "--force"]).exit_code == 0
+    res = runner.invoke(main, ["convert", str(src), "-o", str(tmp_path / "no" / "r.yaml")])
+    assert res.exit_code == 1 and "cannot write the recipe" in res.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text("merge_method: arcee_fusion\nmodels: [{model: a/b}]\n")
     res = runner.invoke(main, ["convert", str(bad)])
