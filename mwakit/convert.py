@@ -265,6 +265,11 @@ def convert(doc: Any, *, name: str = "merged") -> Conversion:
             for c in checkpoints[1:]:
                 c.pop("weight", None)
     elif method == "passthrough" and slices is not None:
+        if any(isinstance(v, list) for v in params.values()) or "rules" in recipe:
+            out.notes.append(
+                "passthrough slices: per-layer lists run over the whole output stack in mwakit "
+                "(mergekit interpolates them within each slice)"
+            )
         if base is not None:
             if base not in [c["path"] for c in checkpoints]:
                 checkpoints.append({"path": base})
