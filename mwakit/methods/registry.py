@@ -38,6 +38,9 @@ class MergeMethod:
         spaces: The spaces the method can work in.
         needs_base: True for task-vector methods that need ``base_model``.
         inputs: (min, max) number of checkpoints; max None means any.
+        uses_weights: False when the method computes every checkpoint's weight itself (mwa
+            from metrics, slerp from t): an explicit ``weight:`` or a ``weighting:`` block
+            would be ignored, so the recipe refuses them.
     """
 
     name: str
@@ -52,6 +55,8 @@ class MergeMethod:
     needs_base: bool = False
     inputs: tuple[int, int | None] = (1, None)
     """How many checkpoints the method takes: (at least, at most or None)."""
+    uses_weights: bool = True
+    """Whether `weigh` honours the recipe's per-checkpoint ``weight`` (and ``weighting:``)."""
 
 
 @dataclass(frozen=True)
