@@ -546,6 +546,8 @@ def _yaml(text: str, source: str) -> Any:
     finally:
         loader.dispose()
     if loader.duplicates:
+        # Outer mappings are checked before their values: report in the file's order.
+        loader.duplicates.sort(key=lambda p: int(p.loc.split()[1]))
         try:
             parse_recipe(data, source=source)
         except RecipeError as err:

@@ -44,6 +44,12 @@ def checked_plan(recipe: Recipe, *, source: str | None = None) -> Plan:
     base: Checkpoint | None = None
     with col.collect():
         base = resolve_base(recipe)
+    if recipe.device.startswith("cuda"):
+        # Only a CUDA device needs torch to check; cpu and auto always work.
+        from mwakit.execute import resolve_device
+
+        with col.collect():
+            resolve_device(recipe.device)
     try:
         if specs is None:
             col.raise_if_any(source)  # nothing to plan: the run could not be listed
@@ -126,5 +132,13 @@ def validate(recipe: Recipe | str | Path, *, schema_only: bool = False) -> Verdi
         )
     if schema_only:
         return Verdict(r, None, tuple(warnings))
+    if r.output.hub is not None:
+        from mwakit.errors import HubError
+        from mwakit.hub import preflight
+
+        try:
+            preflight(r.output.hub)
+        except HubError as err:  # `run --no-push` still works: a warning, not a verdict
+            warnings.append(f"output.hub: {err.what}; `mwakit run` will stop ({err.fix})")
     plan = checked_plan(r, source=source)
     return Verdict(r, plan, (*plan.warnings, *warnings))
