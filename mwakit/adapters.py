@@ -256,7 +256,7 @@ def output_config(
     cfg = dict(first.raw)
     cfg["inference_mode"] = True
     cfg["target_modules"] = target_modules
-    if module_ranks is not None:
+    if module_ranks:  # None (factor space) or no LoRA module at all: keep the first's r/alpha
         counts: dict[int, int] = {}
         for r in module_ranks.values():
             counts[r] = counts.get(r, 0) + 1

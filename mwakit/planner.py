@@ -754,6 +754,8 @@ def _plan_adapters(b: _Builder, indexes: Sequence[Index], aux: list[Index] | Non
             module_ranks[module] = lora.rank
             tasks.append((_order_key(lora.a, files), lora))
 
+    if len(module_ranks) < len(modules):
+        return None  # a module was refused: there is no config to write
     cfg: dict[str, Any] = {}
     with col.collect():
         cfg = output_config(
@@ -794,8 +796,24 @@ def _lora_task(
             if key is not None:
                 check_dtype(idx[key].info, f"{c.name} {key}", factor=True)
         a, bb = idx[a_key].info, idx[b_key].info
+        # PEFT's layouts: linear/embedding A (r, in) with B (out, r), conv A (r, in, kh, kw)
+        # with B (out, r, 1, 1). Anything else has no ΔW = B·A to merge.
+        layout = (
+            len(a.shape) >= 2
+            and len(bb.shape) == len(a.shape)
+            and all(d == 1 for d in bb.shape[2:])
+            and 0 not in (*a.shape, *bb.shape)
+        )
+        if not layout:
+            raise PlanError(
+                f"lora_A has shape {list(a.shape)} and lora_B {list(bb.shape)}: not a LoRA "
+                "layout (A (r, in) with B (out, r), or a conv's (r, in, kh, kw) with "
+                "(out, r, 1, 1); no empty dimension)",
+                where=f"{c.name} {module}",
+                fix="the adapter file is inconsistent; restore it from training",
+            )
         r = a.shape[0]
-        if len(bb.shape) < 2 or bb.shape[1] != r:
+        if bb.shape[1] != r:
             raise PlanError(
                 f"lora_A has rank {r} but lora_B has shape {list(bb.shape)}",
                 where=f"{c.name} {module}",

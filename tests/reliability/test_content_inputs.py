@@ -125,6 +125,41 @@ def test_integer_lora_factors(tmp_path: Path) -> None:
     _fails(tmp_path, {"checkpoints": [str(a), str(b)]}, f"b {Q_A}: LoRA factor has dtype I64")
 
 
+Q_B = Q_A.replace("lora_A", "lora_B")
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [((4,), (16, 4)), ((4, 16, 3, 3), (16, 4)), ((4, 0), (0, 4)), ((4, 16), (16, 4, 1, 1))],
+    ids=["1-D A", "conv A, linear B", "empty", "linear A, conv B"],
+)
+def test_factors_that_are_not_a_lora_layout(
+    a: tuple[int, ...], b: tuple[int, ...], tmp_path: Path
+) -> None:
+    good = adapter(tmp_path / "good", seed=0)
+    odd = adapter(tmp_path / "odd", seed=1, tensors={Q_A: torch.ones(a), Q_B: torch.ones(b)})
+    data = {"checkpoints": [str(good), str(odd)], "lora_space": "delta", "delta_rank": 4}
+    _fails(tmp_path, data, "not a LoRA layout", "validate")
+
+
+def test_delta_space_with_no_lora_module(tmp_path: Path) -> None:
+    # Only modules_to_save copies: nothing to re-factorise, the config keeps its r and alpha.
+    folders = [
+        full_model(tmp_path / f"p{i}", {"base_model.model.lm_head.weight": torch.ones(2, 2) * i})
+        for i in range(2)
+    ]
+    for f in folders:
+        (f / "config.json").unlink()
+        (f / "model.safetensors").rename(f / "adapter_model.safetensors")
+        (f / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    data = {"method": "linear", "checkpoints": [str(f) for f in folders], "lora_space": "delta"}
+    res = invoke("run", "-q", recipe(tmp_path, {**data, "delta_rank": 4}))
+    assert res.exit_code == 0, res.output
+    out = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert torch.equal(out["base_model.model.lm_head.weight"], torch.full((2, 2), 0.5))
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["r"] == 8
+
+
 def test_float8_tensors(tmp_path: Path) -> None:
     w = torch.randn(4, 4).to(torch.float8_e4m3fn)
     a = full_model(tmp_path / "a", {"w": w})
