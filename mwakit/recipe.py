@@ -422,6 +422,9 @@ def _problems(err: ValidationError, prefix: tuple[int | str, ...] = ()) -> list[
             fix = "remove it or correct its spelling"
         elif e["type"] == "missing":
             fix = "add it"
+        elif e["type"] == "rank_penalty":
+            fix = "use a penalty between 0 (best checkpoint only) and 1 (uniform), or another "
+            fix += "transform"
         out.append(Problem(_loc(prefix + tuple(e["loc"])), msg, fix))
     return out
 

@@ -71,17 +71,16 @@ def weigh(params: Params, checkpoints: Sequence[CheckpointView]) -> list[float]:
     Raises:
         MetricError: A checkpoint lacks the metric, or it is not usable by the transform.
     """
-    values: list[float] = []
-    for c in checkpoints:
-        if params.metric not in c.metrics:
-            have = ", ".join(sorted(c.metrics)) or "none"
-            raise MetricError(
-                f"metric {params.metric!r} not found (metrics found: {have})",
-                where=c.name,
-                fix=f"give it in the recipe (metrics: {{{params.metric}: ...}}) "
-                "or pick a metric every checkpoint has",
-            )
-        values.append(c.metrics[params.metric])
+    lacking = [c for c in checkpoints if params.metric not in c.metrics]
+    if lacking:
+        have = ", ".join(sorted(lacking[0].metrics)) or "none"
+        raise MetricError(
+            f"metric {params.metric!r} not found (metrics found: {have})",
+            where=", ".join(c.name for c in lacking),  # every checkpoint that lacks it
+            fix=f"give it in the recipe (metrics: {{{params.metric}: ...}}) "
+            "or pick a metric every checkpoint has",
+        )
+    values = [c.metrics[params.metric] for c in checkpoints]
     higher = metric_direction(params.metric, params.higher_is_better)
     return mwa_weights(
         values,
