@@ -167,6 +167,16 @@ def _merge(
     except ValueError as err:
         # Methods raise ValueError on inputs they cannot take; say where, not a traceback.
         raise PlanError(str(err), where=key, fix=f"check the {plan.method.name} params") from err
+    except RuntimeError as err:
+        # torch refuses a scalar its dtype cannot hold (a weight times a DARE rescale beyond
+        # 3.4e38); the planner checks the weights themselves, this catches their products.
+        if "cannot be converted to type" not in str(err):
+            raise
+        raise TensorError(
+            "a weight (times its scaling) is too large for the arithmetic",
+            where=key,
+            fix="weights are relative: scale them down",
+        ) from err
     # Methods compute in float32 at least; `dtype` is what their result is rounded to.
     return out if out.dtype == dtype else out.to(dtype)
 

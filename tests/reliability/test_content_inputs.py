@@ -195,6 +195,18 @@ def test_merge_that_overflows_float32(tmp_path: Path) -> None:
     _fails(tmp_path, data, "the merge produced NaN or Inf in w", "run")
 
 
+def test_weight_times_dare_rescale_overflows(tmp_path: Path) -> None:
+    # 3e38 is a float32, 3e38 / (1 − 0.99) is not: torch would refuse the scalar mid-merge.
+    fs = [full_model(tmp_path / f"m{i}", {"w": torch.ones(4, 4) * i}) for i in range(3)]
+    data = {
+        "method": "dare_linear",
+        "params": {"drop_rate": 0.99},
+        "base_model": str(fs[0]),
+        "checkpoints": [{"path": str(f), "weight": 3e38} for f in fs[1:]],
+    }
+    _fails(tmp_path, data, "w: a weight (times its scaling) is too large", "run")
+
+
 _BAD_CONFIGS: list[tuple[dict[str, Any], str]] = [
     ({"r": 0}, "r must be a whole number ≥ 1 (a LoRA rank), got 0"),
     ({"r": -4}, "got -4"),
