@@ -355,8 +355,8 @@ class _Builder:
         self.rule_weights = [self._weights(p, views) for p in self.rule_params]
         self.used: set[int] = set()
         self.warnings: list[str] = []
+        # Modules whose delta_rank was cut to their full rank, and that rank.
         self.clamped: dict[str, int] = {}
-        """Modules whose delta_rank was cut to their full rank, and that rank."""
         self.out_dtype = dtype_code(recipe.out_dtype) if recipe.out_dtype else None
 
     def _weights(self, params: BaseModel, views: list[CheckpointView]) -> tuple[float, ...]:
