@@ -14,9 +14,9 @@ from mwakit.card import RESOLVED_RECIPE, resolved_recipe, write_assets, write_ca
 from mwakit.errors import UsageError
 from mwakit.io.atomic import atomic_output_dir, check_target
 from mwakit.io.layout import MODEL_SIDE_FILES
-from mwakit.planner import Plan, Task, build_plan
+from mwakit.planner import Plan, Task
 from mwakit.recipe import HubTarget, Recipe, dump_recipe, load_recipe
-from mwakit.sources import resolve, resolve_base
+from mwakit.validate import checked_plan
 
 if TYPE_CHECKING:
     from mwakit.execute import ExecStats
@@ -70,10 +70,11 @@ def plan(recipe: Recipe | str | Path) -> Plan:
         recipe: A validated `Recipe`, or the path of a recipe YAML file.
 
     Raises:
-        MwakitError: Any recipe, source, metric or plan problem.
+        MwakitError: Any recipe, source, metric or plan problem; several at once are one
+            `RecipeError` listing each (the same verdict as `mwakit validate`).
     """
     r = _as_recipe(recipe)
-    return build_plan(r, resolve(r), resolve_base(r))
+    return checked_plan(r, source=None if isinstance(recipe, Recipe) else str(recipe))
 
 
 def run(
@@ -126,7 +127,7 @@ def run(
         r = r.model_copy(update={"output": out})
     target = Path(r.output.path)
     check_target(target, r.output.overwrite)
-    p = build_plan(r, resolve(r), resolve_base(r))
+    p = checked_plan(r, source=None if isinstance(recipe, Recipe) else str(recipe))
     if on_plan is not None:
         on_plan(p)
     with atomic_output_dir(target, r.output.overwrite) as tmp, ThreadPoolExecutor(1) as pool:

@@ -16,17 +16,19 @@ from typing import Any, TypeVar
 import click
 
 from mwakit import __version__
-from mwakit.errors import MwakitError, RecipeError
+from mwakit.errors import RECIPE_FIX, MwakitError, RecipeError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _fail(err: MwakitError) -> None:
-    if isinstance(err, RecipeError):
-        n = len(err.problems)
-        click.echo(f"error: {err.source or 'recipe'}: {n} problem{'s' if n != 1 else ''}", err=True)
+    if isinstance(err, RecipeError) and len(err.problems) > 1:
+        # Several problems: a header, then one line per problem with its own fix.
+        click.echo(f"error: {err.source or 'recipe'}: {len(err.problems)} problems", err=True)
         for p in err.problems:
-            click.echo(f"  {p}", err=True)
+            click.echo(f"  {p}" + (f" — fix: {p.fix}" if p.fix else ""), err=True)
+        if not all(p.fix for p in err.problems):
+            click.echo(f"fix: {RECIPE_FIX}", err=True)
     else:
         click.echo(f"error: {err.message}", err=True)
 
@@ -69,7 +71,7 @@ def main(debug: bool) -> None:
     """Merge checkpoints of a fine-tuning run (PEFT/LoRA first) from a YAML recipe.
 
     \b
-    mwakit validate recipe.yaml   check the recipe, report every problem
+    mwakit validate recipe.yaml   check recipe + checkpoints, report every problem
     mwakit plan recipe.yaml       dry run: weights per checkpoint, per-tensor plan
     mwakit run recipe.yaml        merge into output.path (adapter + model card)
     mwakit init RUN_DIR|hf://REPO print a commented recipe for a run's checkpoints
@@ -83,14 +85,23 @@ def main(debug: bool) -> None:
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--schema-only",
+    is_flag=True,
+    help="Check the recipe file alone (fast: no checkpoint folder is read).",
+)
 @_handle_errors
-def validate(recipe: Path) -> None:
-    """Check RECIPE and report every problem at once, with its location."""
-    from mwakit.recipe import load_recipe
+def validate(recipe: Path, schema_only: bool) -> None:
+    """Check RECIPE as `plan` and `run` would: the recipe, every checkpoint's folder, config,
+    headers and metrics, and whether the method can merge them; every problem at once, each
+    with its location. No tensor byte is read; --schema-only reads the recipe file alone.
+    """
+    from mwakit.validate import validate as check
 
-    r = load_recipe(recipe)
-    src = f"{len(r.checkpoints)} checkpoints" if r.checkpoints else f"select over {r.select.run}"  # type: ignore[union-attr]
-    click.echo(f"ok: {recipe}: method {r.method}, {src}, output {r.output.path}")
+    verdict = check(recipe, schema_only=schema_only)
+    for w in verdict.warnings:
+        click.echo(f"warning: {w}", err=True)
+    click.echo(f"ok: {recipe}: {verdict.summary()}")
 
 
 def _plan_text(plan: Any) -> str:
@@ -199,15 +210,16 @@ def _layers_text(layers: dict[str, Any] | None) -> list[str]:
 def plan(recipe: Path, as_json: bool, plot_file: Path | None) -> None:
     """Dry run: resolve weights and plan every tensor of RECIPE; writes nothing but --plot."""
     from mwakit import api
+    from mwakit.plot import check_plot_path, save_plot
 
-    p = api.plan(recipe)
-    click.echo(json.dumps(p.to_json(), indent=2) if as_json else _plan_text(p))
     if plot_file is not None:
-        from mwakit.plot import plot_weights
-
-        plot_weights(p, plot_file)
-        if not as_json:
-            click.echo(f"plot: {plot_file}")
+        check_plot_path(plot_file)  # before the work: a plot that cannot be written fails fast
+    p = api.plan(recipe)
+    if plot_file is not None:
+        save_plot(p, plot_file)
+    click.echo(json.dumps(p.to_json(), indent=2) if as_json else _plan_text(p))
+    if plot_file is not None and not as_json:
+        click.echo(f"plot: {plot_file}")
 
 
 @main.command()

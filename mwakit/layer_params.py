@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,8 +132,25 @@ def _knot_index(v: Sequence[Any], t: float) -> int | None:
     return j if math.isclose(j / (n - 1), t, abs_tol=1e-12) else None
 
 
+#: Turns a ValidationError into located problems (the recipe's, with its fixes).
+Convert = Callable[[ValidationError, tuple[int | str, ...]], list[Problem]]
+
+
+def _plain(err: ValidationError, prefix: tuple[int | str, ...]) -> list[Problem]:
+    out = []
+    for e in err.errors():
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check spelling; `mwakit methods` lists method params)"
+        out.append(Problem(_loc((*prefix, *e["loc"])), msg))
+    return out
+
+
 def check(
-    cls: type[BaseModel], data: Mapping[str, Any], prefix: tuple[int | str, ...] = ()
+    cls: type[BaseModel],
+    data: Mapping[str, Any],
+    prefix: tuple[int | str, ...] = (),
+    convert: Convert = _plain,
 ) -> list[Problem]:
     """Every problem of ``data`` as params of ``cls``, per-layer lists included.
 
@@ -147,11 +164,13 @@ def check(
         cls: The params model.
         data: The params as written (lists allowed).
         prefix: Location prefix of the problems, e.g. ``("params",)``.
+        convert: Turns the model's ValidationError into problems (messages and fixes).
     """
     fields = _field_keys(cls)
     lists = lists_in(data)
     problems: list[Problem] = []
     bad: set[str] = set()
+    fix = "write a number, or a list of numbers for the layers (first to last)"
     for key, v in lists.items():
         loc = _loc((*prefix, key))
         name = fields.get(key)
@@ -160,18 +179,20 @@ def check(
             continue
         if not _float_field(cls, name):
             problems.append(
-                Problem(loc, "takes one value, not a per-layer list (only float parameters vary)")
+                Problem(
+                    loc,
+                    "takes one value, not a per-layer list (only float parameters vary)",
+                    "write one value",
+                )
             )
             bad.add(key)
         elif not v:
-            problems.append(Problem(loc, "a per-layer list needs at least one number"))
+            problems.append(Problem(loc, "a per-layer list needs at least one number", fix))
             bad.add(key)
         else:
             for j, x in enumerate(v):
-                if not (
-                    isinstance(x, int | float) and not isinstance(x, bool)
-                ) or not math.isfinite(x):
-                    problems.append(Problem(_loc((*prefix, key, j)), "not a finite number"))
+                if not _numbers([x]):
+                    problems.append(Problem(_loc((*prefix, key, j)), "not a finite number", fix))
                     bad.add(key)
     good = {k: v for k, v in lists.items() if k not in bad}
     seen = {(p.loc, p.msg) for p in problems}
@@ -186,29 +207,27 @@ def check(
         try:
             cls.model_validate(values)
         except ValidationError as err:
-            for e in err.errors():
-                msg = e["msg"].removeprefix("Value error, ")
-                if e["type"] == "extra_forbidden":
-                    msg = "unknown key (check spelling; `mwakit methods` lists method params)"
-                loc_parts = tuple(e["loc"])
-                head = str(loc_parts[0]) if loc_parts else ""
+            for p in convert(err, ()):
+                parts = p.loc.split(".") if p.loc else []
+                head, msg = (parts[0] if parts else ""), p.msg
                 if head in good:
                     at_j = _knot_index(good[head], t)
                     if at_j is None:
                         continue  # between two elements: their own checks report it
-                    loc = _loc((*prefix, head, at_j, *loc_parts[1:]))
-                elif not loc_parts and good:
+                    loc = _loc((*prefix, head, at_j, *parts[1:]))
+                elif not parts and good:
                     loc, msg = _loc(prefix), f"{msg} (at layer depth t = {t:g})"
                 else:
-                    loc = _loc(prefix + loc_parts)
+                    loc = _loc((*prefix, *parts))
                 if (loc, msg) not in seen:
                     seen.add((loc, msg))
-                    problems.append(Problem(loc, msg))
+                    problems.append(Problem(loc, msg, p.fix))
     if good and data.get("trim_scope") == "model" and "density" in good:
         problems.append(
             Problem(
                 _loc((*prefix, "density")),
                 "trim_scope: model takes one density for the whole model, not a per-layer list",
+                "give one density, or use trim_scope: tensor",
             )
         )
     return problems

@@ -160,8 +160,9 @@ def plan_slices(b: _Builder, indexes: Sequence[Index], base: Checkpoint | None) 
 
 def _task(b: _Builder, out_key: str, ref: TensorRef, layer: int | None = None) -> Task:
     """Output tensor ``out_key`` taken from ``ref`` (scaled by passthrough's weight)."""
-    from mwakit.planner import FullTask, OutTensor
+    from mwakit.planner import FullTask, OutTensor, check_dtype
 
+    check_dtype(ref.info, f"{b.checkpoints[ref.ckpt].name} {ref.info.name}", factor=False)
     weights, params, rule = b.settings([out_key], layer=layer)
     copy = not is_float_code(ref.info.dtype)
     dtype = ref.info.dtype if copy or b.out_dtype is None else b.out_dtype

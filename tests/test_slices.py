@@ -183,8 +183,8 @@ def test_passthrough_without_slices_takes_one_checkpoint(
 ) -> None:
     data = _data(tmp_path, models, [])
     data.pop("slices")
-    with pytest.raises(PlanError, match="takes exactly 1 checkpoints"):
-        mwakit.plan(parse_recipe(data))
+    with pytest.raises(RecipeError, match="takes exactly 1 checkpoints"):
+        parse_recipe(data)
     # One adapter, scaled: exact in delta space (the scale goes on B), refused as factors.
     a = make_adapter(tmp_path / "a", seed=0)
     one = {**data, "checkpoints": [str(a)], "params": {"scale": 0.5}}

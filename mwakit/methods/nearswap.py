@@ -107,5 +107,6 @@ METHOD = register(
         linear=False,
         spaces=("delta", "full"),
         inputs=(2, 2),
+        uses_weights=False,  # element-wise weights from t; a `weight:` is refused
     )
 )

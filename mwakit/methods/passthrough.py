@@ -63,5 +63,6 @@ METHOD = register(
         linear=True,
         spaces=("delta", "full"),
         inputs=(1, 1),  # with slices: one checkpoint per output tensor, any number in all
+        uses_weights=False,  # the weight is `scale`; a `weight:` is refused
     )
 )

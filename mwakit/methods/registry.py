@@ -40,6 +40,9 @@ class MergeMethod:
         uses_base: True for methods that work on the checkpoints themselves but switch to
             task vectors θ_i − θ_0 when a ``base_model`` is given (multislerp, nuslerp, …).
         inputs: (min, max) number of checkpoints; max None means any.
+        uses_weights: False when the method computes every checkpoint's weight itself (mwa
+            from metrics, slerp from t): an explicit ``weight:`` or a ``weighting:`` block
+            would be ignored, so the recipe refuses them.
     """
 
     name: str
@@ -55,6 +58,8 @@ class MergeMethod:
     uses_base: bool = False
     inputs: tuple[int, int | None] = (1, None)
     """How many checkpoints the method takes: (at least, at most or None)."""
+    uses_weights: bool = True
+    """Whether `weigh` honours the recipe's per-checkpoint ``weight`` (and ``weighting:``)."""
 
 
 @dataclass(frozen=True)
