@@ -8,7 +8,9 @@ on the same page-cached inputs and each in its own process, times:
 - read floor: reading every input shard once;
 - plain reference: load every checkpoint whole, weighted sum in float32, save one file;
 - mwakit linear (MWA weights), and task-vector methods against the base (`--methods`:
-  TIES and DARE-TIES by default; also dare_linear, magnitude_prune, breadcrumbs);
+  TIES and DARE-TIES by default; also dare_linear, magnitude_prune, breadcrumbs,
+  breadcrumbs_ties, della_linear, sce, and the spherical karcher, multislerp (task vectors
+  against the base), nuslerp and nearswap (the first two checkpoints));
 
 printing wall time, ratios and peak RSS. Targets (issue 3): linear ≤ 1.2× the reference at a
 fraction of its RSS; TIES/DARE ≤ 3× mwakit's own linear (mergekit: 281 s vs 9.9 s, 28×).
@@ -83,7 +85,20 @@ def main() -> int:
         "--methods",
         nargs="*",
         default=["ties", "dare_ties"],
-        choices=["ties", "dare_ties", "dare_linear", "magnitude_prune", "breadcrumbs"],
+        choices=[
+            "ties",
+            "dare_ties",
+            "dare_linear",
+            "magnitude_prune",
+            "breadcrumbs",
+            "breadcrumbs_ties",
+            "della_linear",
+            "sce",
+            "karcher",
+            "multislerp",
+            "nuslerp",
+            "nearswap",
+        ],
         help="task-vector methods to time beside linear",
     )
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
@@ -154,6 +169,19 @@ def main() -> int:
             "dare_linear": {"method": "dare_linear", "params": {"drop_rate": 0.8, "seed": 0}},
             "magnitude_prune": {"method": "magnitude_prune", "params": {"density": 0.2}},
             "breadcrumbs": {"method": "breadcrumbs", "params": {"density": 0.2, "gamma": 0.01}},
+            "breadcrumbs_ties": {
+                "method": "breadcrumbs_ties",
+                "params": {"density": 0.2, "gamma": 0.01},
+            },
+            "della_linear": {
+                "method": "della_linear",
+                "params": {"density": 0.3, "epsilon": 0.1, "seed": 0},
+            },
+            "sce": {"method": "sce", "params": {"select_topk": 0.2}},
+            "karcher": {"method": "karcher", "params": {}},
+            "multislerp": {"method": "multislerp", "params": {}},
+            "nuslerp": {"method": "nuslerp", "params": {}, "checkpoints": ck[:2]},
+            "nearswap": {"method": "nearswap", "params": {"t": 0.01}, "checkpoints": ck[:2]},
         }
         for name in a.methods:
             kw = recipes[name]

@@ -13,10 +13,17 @@ Layout written by the command line under ``OUT_DIR``::
 ``tiny_llama.json`` remembers the seed and shape the base was made with, so a reused base is
 checked rather than trusted.
 
+``--full N`` also writes full fine-tuned models for the full-model examples (passthrough
+slices, task vectors against ``OUT_DIR/base``): the last N checkpoints with their LoRA
+merged into the base weights (PEFT's ``merge_and_unload``), saved with ``save_pretrained``::
+
+    OUT_DIR/full/checkpoint-<N>/  config.json, generation_config.json, model.safetensors
+
 Usage::
 
     python examples/make_run.py examples/runs/tiny [--steps 30 --save-steps 5 --r 4 --alpha 8]
     python examples/make_run.py OUT_DIR --rslora --dora --seed 1 --force
+    python examples/make_run.py examples/runs/tiny --full 2   # + full models, offline, ~2 s
 
 Nothing is downloaded: the model comes from a config with random weights and the data is a
 learnable synthetic pattern, so the loss really goes down and the checkpoints differ.
@@ -426,6 +433,38 @@ def make_run(
     return out_dir
 
 
+def bake_full_model(checkpoint: Path, base_dir: Path, out: Path) -> Path:
+    """Save ``checkpoint``'s adapter merged into the base as a full model folder.
+
+    W = W_0 + s·B·A for every LoRA module (PEFT's own ``merge_and_unload``), saved with
+    ``save_pretrained`` (safetensors): a real full fine-tuned checkpoint of the same run.
+    Written next to ``out`` and renamed into place, so a half-written model never appears.
+
+    Args:
+        checkpoint: A PEFT adapter folder (a run's ``checkpoint-<N>``).
+        base_dir: The base model folder the adapter was trained on.
+        out: The folder to write.
+
+    Returns:
+        ``out``.
+    """
+    import torch
+    from peft import PeftModel
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with _quiet(), torch.no_grad():
+            model = PeftModel.from_pretrained(load_base(base_dir), str(checkpoint))
+            model.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def _checkpoints(run: Path) -> list[Path]:
     """The ``checkpoint-<N>`` folders of a run, by step."""
     found = [p for p in run.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
@@ -457,12 +496,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="run seed: LoRA init and data order")
     ap.add_argument("--base-seed", type=int, default=BASE_SEED, help="seed of the base model")
     ap.add_argument("--force", action="store_true", help="rebuild base and run if they exist")
+    ap.add_argument(
+        "--full",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also save the last N checkpoints merged into the base as full models "
+        "(OUT_DIR/full/checkpoint-<N>)",
+    )
     a = ap.parse_args(argv)
 
     base, run = a.out_dir / "base", a.out_dir / "run"
     existing = _checkpoints(run) if run.is_dir() else []
     if existing and not a.force:
         print(f"{run}: already holds {len(existing)} checkpoints; skipping (--force to redo)")
+        _bake(existing, base, a.out_dir / "full", a.full)
         return 0
     if a.force:
         shutil.rmtree(run, ignore_errors=True)
@@ -490,8 +538,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checkpoints ({len(found)}): {', '.join(p.name for p in found)}")
     if evals:
         print(f"eval_loss:  {evals[0]:.4f} -> {evals[-1]:.4f}")
+    _bake(found, base, a.out_dir / "full", a.full)
     print(f"took {time.perf_counter() - t0:.1f}s")
     return 0
+
+
+def _bake(checkpoints: list[Path], base: Path, full: Path, last: int) -> None:
+    """Save the last ``last`` checkpoints as full models under ``full`` (see --full)."""
+    if last <= 0:
+        return
+    for ckpt in checkpoints[-last:]:
+        out = full / ckpt.name
+        if (out / "model.safetensors").is_file():
+            continue
+        bake_full_model(ckpt, base, out)
+        print(f"full model: {out.resolve()}")
 
 
 if __name__ == "__main__":

@@ -103,27 +103,137 @@ class AdapterConfig:
         return a / math.sqrt(r) if self.use_rslora else a / r
 
 
+_RESTORE = "restore the adapter_config.json PEFT saved with these weights"
+
+
+def _show(v: Any) -> str:
+    """A JSON value for a message, cut to a readable length."""
+    text = json.dumps(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_number(v: Any) -> bool:
+    # JSON true/false are bools, a subclass of int: never a rank or an alpha.
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _rank_problem(v: Any) -> str | None:
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
+        return None
+    return f"must be a whole number ≥ 1 (a LoRA rank), got {_show(v)}"
+
+
+def _alpha_problem(v: Any) -> str | None:
+    # α = 0 would make the scaling s = α/r zero: the adapter would change nothing, and factor
+    # averaging cannot fold s_i/s_out.
+    if _is_number(v) and v > 0:
+        return None
+    return f"must be a number > 0 (LoRA's alpha), got {_show(v)}"
+
+
+def _pattern_problems(key: str, v: Any, check: Any) -> list[str]:
+    if v is None:
+        return []
+    if not isinstance(v, dict):
+        return [f"{key} must be an object of regex → value, got {_show(v)}"]
+    out = []
+    for pattern, value in v.items():
+        try:
+            re.compile(rf"(.*\.)?({pattern})$")
+        except re.error as err:
+            out.append(f"{key} key {pattern!r} is not a valid regular expression ({err})")
+        if (why := check(value)) is not None:
+            out.append(f"{key}[{pattern!r}] {why}")
+    return out
+
+
+def _optional(kind: type | tuple[type, ...], what: str) -> Any:
+    def check(v: Any) -> str | None:
+        return None if v is None or isinstance(v, kind) else f"must be {what}, got {_show(v)}"
+
+    return check
+
+
+def _string_list(v: Any) -> str | None:
+    if v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+        return None
+    return f"must be a list of module names, got {_show(v)}"
+
+
+def _targets(v: Any) -> str | None:
+    return None if isinstance(v, str) else _string_list(v)
+
+
+_FIELDS: dict[str, Any] = {
+    "peft_type": _optional(str, "a string such as LORA"),
+    "r": _rank_problem,
+    "lora_alpha": _alpha_problem,
+    "use_rslora": _optional(bool, "true or false"),
+    "use_dora": _optional(bool, "true or false"),
+    "fan_in_fan_out": _optional(bool, "true or false"),
+    "base_model_name_or_path": _optional(str, "a model name or path"),
+    "target_modules": _targets,
+    "modules_to_save": _string_list,
+    "task_type": _optional(str, "a task name such as CAUSAL_LM"),
+}
+
+
+def config_problems(raw: dict[str, Any]) -> list[str]:
+    """What is wrong with the fields of an ``adapter_config.json`` that the merge reads.
+
+    PEFT writes these with fixed types (``r`` an int ≥ 1, ``lora_alpha`` a number, patterns
+    objects of regex → value, flags booleans); anything else comes from a hand edit or another
+    tool, and would make the merge compute the wrong scaling or fail half-way.
+
+    Returns:
+        One message per problem (empty when the config is fine). Absent keys take PEFT's
+        defaults and are not problems.
+    """
+    out = []
+    for key, check in _FIELDS.items():
+        if key in raw and (why := check(raw[key])) is not None:
+            out.append(f"{key} {why}")
+    out += _pattern_problems("rank_pattern", raw.get("rank_pattern"), _rank_problem)
+    out += _pattern_problems("alpha_pattern", raw.get("alpha_pattern"), _alpha_problem)
+    return out
+
+
 def read_adapter_config(folder: Path) -> AdapterConfig:
-    """Read ``adapter_config.json`` from a folder.
+    """Read and check ``adapter_config.json`` from a folder.
 
     Raises:
-        SourceError: Missing, not JSON, or not an object.
+        SourceError: Missing or unreadable, not JSON, not an object, or a field the merge
+            reads has the wrong type or value (`config_problems`).
     """
     path = folder / "adapter_config.json"
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise SourceError(
-            f"cannot read adapter_config.json: {err.strerror}", where=str(path)
+            f"cannot read adapter_config.json: {err.strerror or err}",
+            where=str(path),
+            fix="check that the file exists and is readable (permissions)",
         ) from err
     except json.JSONDecodeError as err:
         raise SourceError(
             f"adapter_config.json is not valid JSON ({err.msg}, line {err.lineno})",
             where=str(path),
-            fix="restore the file PEFT wrote",
+            fix=_RESTORE,
+        ) from err
+    except (ValueError, RecursionError) as err:  # not UTF-8, a 5000-digit number, deep nesting
+        raise SourceError(
+            f"adapter_config.json is not valid JSON ({type(err).__name__}: {err})"[:200],
+            where=str(path),
+            fix=_RESTORE,
         ) from err
     if not isinstance(raw, dict):
-        raise SourceError("adapter_config.json is not a JSON object", where=str(path))
+        raise SourceError("adapter_config.json is not a JSON object", where=str(path), fix=_RESTORE)
+    problems = config_problems(raw)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise SourceError(
+            f"adapter_config.json: {problems[0]}{more}", where=str(path), fix=_RESTORE
+        )
     return AdapterConfig(raw=raw, path=path)
 
 
@@ -146,7 +256,7 @@ def output_config(
     cfg = dict(first.raw)
     cfg["inference_mode"] = True
     cfg["target_modules"] = target_modules
-    if module_ranks is not None:
+    if module_ranks:  # None (factor space) or no LoRA module at all: keep the first's r/alpha
         counts: dict[int, int] = {}
         for r in module_ranks.values():
             counts[r] = counts.get(r, 0) + 1

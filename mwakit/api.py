@@ -16,9 +16,10 @@ from mwakit.card import RESOLVED_RECIPE, resolved_recipe, write_assets, write_ca
 from mwakit.errors import MwakitError, UsageError
 from mwakit.io.atomic import atomic_output_dir, check_target
 from mwakit.io.layout import MODEL_SIDE_FILES, inside_folder
-from mwakit.planner import LoraTask, Plan, Task, build_plan
+from mwakit.planner import LoraTask, Plan, Task
 from mwakit.recipe import HubTarget, Recipe, dump_recipe, load_recipe
-from mwakit.sources import discover, resolve, resolve_base
+from mwakit.sources import discover
+from mwakit.validate import checked_plan
 
 if TYPE_CHECKING:
     from mwakit.execute import ExecStats
@@ -33,7 +34,8 @@ def input_paths(p: Plan) -> list[Path]:
     copy), the base model, side inputs such as Fisher files, and a local ``select.run``.
     """
     paths: list[Path] = []
-    for c in [*p.checkpoints, *([p.base] if p.base is not None else [])]:
+    extra = [c for c in (p.base, p.side_source) if c is not None]
+    for c in [*p.checkpoints, *extra]:
         paths += [c.path, *c.files]
     for task in p.tasks:
         groups = (task.aux_a, task.aux_b) if isinstance(task, LoraTask) else (task.aux,)
@@ -58,8 +60,8 @@ def _recipe_inputs(r: Recipe) -> list[Path]:
 
 
 def model_side_files(p: Plan) -> list[Path]:
-    """The config and tokenizer files of the base (or first) checkpoint that travel with a
-    merged full model.
+    """The config and tokenizer files that travel with a merged full model: those of the
+    checkpoint that gives the other tensors of a slice merge, else the base, else the first.
 
     A side file that is a symlink out of its folder is refused (it could copy a secret into an
     output that is then pushed); a Hub cache snapshot's links into its blobs are fine.
@@ -67,7 +69,8 @@ def model_side_files(p: Plan) -> list[Path]:
     Raises:
         SourceError: A side file resolves outside its folder.
     """
-    src = p.base.path if p.base is not None else p.checkpoints[0].path
+    side = p.side_source or p.base
+    src = side.path if side is not None else p.checkpoints[0].path
     found = []
     for name in MODEL_SIDE_FILES:
         if os.path.lexists(src / name):
@@ -80,18 +83,21 @@ def model_side_files(p: Plan) -> list[Path]:
 def copy_model_files(p: Plan, out: Path) -> None:
     """Copy `model_side_files` into ``out``.
 
-    ``config.json`` gets the written dtype, so loaders pick the right one.
+    ``config.json`` gets the written dtype, so loaders pick the right one, and the plan's
+    changes (slices: the layer count).
 
     Raises:
         SourceError: A side file resolves outside its folder.
     """
     for f in model_side_files(p):
         name = f.name
-        if name == "config.json" and p.recipe.out_dtype:
+        if name == "config.json" and (p.recipe.out_dtype or p.config_updates):
             cfg = json.loads(f.read_text(encoding="utf-8"))
-            cfg["torch_dtype"] = p.recipe.out_dtype
-            if "dtype" in cfg:
-                cfg["dtype"] = p.recipe.out_dtype
+            cfg.update(p.config_updates)
+            if p.recipe.out_dtype:
+                cfg["torch_dtype"] = p.recipe.out_dtype
+                if "dtype" in cfg:
+                    cfg["dtype"] = p.recipe.out_dtype
             (out / name).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         else:
             shutil.copyfile(f, out / name)
@@ -119,10 +125,11 @@ def plan(recipe: Recipe | str | Path) -> Plan:
         recipe: A validated `Recipe`, or the path of a recipe YAML file.
 
     Raises:
-        MwakitError: Any recipe, source, metric or plan problem.
+        MwakitError: Any recipe, source, metric or plan problem; several at once are one
+            `RecipeError` listing each (the same verdict as `mwakit validate`).
     """
     r = _as_recipe(recipe)
-    return build_plan(r, resolve(r), resolve_base(r))
+    return checked_plan(r, source=None if isinstance(recipe, Recipe) else str(recipe))
 
 
 def run(
@@ -175,7 +182,7 @@ def run(
         r = r.model_copy(update={"output": out})
     target = Path(r.output.path)
     check_target(target, r.output.overwrite, _recipe_inputs(r))
-    p = build_plan(r, resolve(r), resolve_base(r))
+    p = checked_plan(r, source=None if isinstance(recipe, Recipe) else str(recipe))
     if p.kind == "full":
         model_side_files(p)  # refuse a link out of the folder before the merge, not after
     if on_plan is not None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from mwakit import __version__
+from mwakit import __version__, layer_params
 from mwakit.planner import Plan
 from mwakit.plot import PLOT_FILE, finish_drawing, plot_metric, start_drawing
 from mwakit.recipe import Recipe
@@ -78,7 +78,11 @@ def resolved_recipe(plan: Plan) -> Recipe:
         }
         for c in plan.checkpoints
     ]
-    data["params"] = plan.params.model_dump(mode="json", exclude_none=True)
+    # Per-layer lists stay lists (plan.params holds their values at depth 0).
+    data["params"] = {
+        **plan.params.model_dump(mode="json", exclude_none=True),
+        **layer_params.lists_in(plan.recipe.params),
+    }
     return Recipe.model_validate(data)
 
 
@@ -239,11 +243,16 @@ def render_card(
         lines.append(f"- Base model: `{plan.base_model}`")
     params = plan.params.model_dump(mode="json")
     mwa = params if plan.method.name == "mwa" else None
+    raw_mwa = plan.recipe.params if mwa is not None else {}
     if plan.recipe.weighting is not None:
         from mwakit.methods.mwa import Params as MwaParams
 
-        mwa = MwaParams.model_validate(plan.recipe.weighting.mwa).model_dump(mode="json")
+        raw_mwa = plan.recipe.weighting.mwa
+        mwa = layer_params.resolve(MwaParams, raw_mwa, 0.0).model_dump(mode="json")
         lines.append("- Weights: MWA (`weighting: {mwa: ...}`) feeding the method's weights")
+    if mwa is not None and layer_params.is_list(raw_mwa.get("penalty")):
+        # A per-layer penalty: say so rather than show only its first layer's value.
+        mwa["penalty"] = f"{raw_mwa['penalty']} over the layers"
     if mwa is not None:
         lines.append(
             f"- Reading of MWA: `transform: {mwa['transform']}` — "

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from mwakit import __version__
-from mwakit.errors import MwakitError, RecipeError
+from mwakit.errors import RECIPE_FIX, MwakitError, RecipeError
 from mwakit.redact import redact, redact_exception
 from mwakit.signals import Terminated, terminate_on_signals
 
@@ -25,12 +25,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _fail(err: MwakitError) -> None:
-    if isinstance(err, RecipeError):
-        n = len(err.problems)
-        head = f"error: {err.source or 'recipe'}: {n} problem{'s' if n != 1 else ''}"
+    if isinstance(err, RecipeError) and len(err.problems) > 1:
+        # Several problems: a header, then one line per problem with its own fix.
+        head = f"error: {err.source or 'recipe'}: {len(err.problems)} problems"
         click.echo(redact(head), err=True)
         for p in err.problems:
-            click.echo(redact(f"  {p}"), err=True)
+            click.echo(redact(f"  {p}" + (f" — fix: {p.fix}" if p.fix else "")), err=True)
+        if not all(p.fix for p in err.problems):
+            click.echo(f"fix: {RECIPE_FIX}", err=True)
     else:
         click.echo(redact(f"error: {err.message}"), err=True)
 
@@ -80,27 +82,37 @@ def main(debug: bool) -> None:
     """Merge checkpoints of a fine-tuning run (PEFT/LoRA first) from a YAML recipe.
 
     \b
-    mwakit validate recipe.yaml   check the recipe, report every problem
+    mwakit validate recipe.yaml   check recipe + checkpoints, report every problem
     mwakit plan recipe.yaml       dry run: weights per checkpoint, per-tensor plan
     mwakit run recipe.yaml        merge into output.path (adapter + model card)
     mwakit init RUN_DIR|hf://REPO print a commented recipe for a run's checkpoints
     mwakit push DIR --repo-id ID  upload a merged folder to the Hub
     mwakit inspect PATH           describe a checkpoint or a run folder
     mwakit methods                list merge methods and their params
+    mwakit convert mergekit.yaml  turn a mergekit config into an mwakit recipe
     mwakit fisher CKPT --base B --data D.jsonl   estimate a Fisher for `method: fisher`
     """
 
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--schema-only",
+    is_flag=True,
+    help="Check the recipe file alone (fast: no checkpoint folder is read).",
+)
 @_handle_errors
-def validate(recipe: Path) -> None:
-    """Check RECIPE and report every problem at once, with its location."""
-    from mwakit.recipe import load_recipe
+def validate(recipe: Path, schema_only: bool) -> None:
+    """Check RECIPE as `plan` and `run` would: the recipe, every checkpoint's folder, config,
+    headers and metrics, and whether the method can merge them; every problem at once, each
+    with its location. No tensor byte is read; --schema-only reads the recipe file alone.
+    """
+    from mwakit.validate import validate as check
 
-    r = load_recipe(recipe)
-    src = f"{len(r.checkpoints)} checkpoints" if r.checkpoints else f"select over {r.select.run}"  # type: ignore[union-attr]
-    click.echo(f"ok: {recipe}: method {r.method}, {src}, output {r.output.path}")
+    verdict = check(recipe, schema_only=schema_only)
+    for w in verdict.warnings:
+        click.echo(f"warning: {w}", err=True)
+    click.echo(f"ok: {recipe}: {verdict.summary()}")
 
 
 def _plan_text(plan: Any) -> str:
@@ -141,9 +153,59 @@ def _plan_text(plan: Any) -> str:
     ruled = [t for t in doc["tensors"] if t["rule"]]
     if ruled:
         lines.append(f"rules: {len(ruled)} tensor groups set by per-tensor rules")
+    lines += _slices_text(doc.get("slices"))
+    lines += _layers_text(doc.get("layers"))
     for w in doc["warnings"]:
         lines.append(f"warning: {w}")
     return "\n".join(lines)
+
+
+def _slices_text(slices: list[dict[str, Any]] | None) -> list[str]:
+    """Runs of output layers and where they come from: `0–15 ← m0 layers 0–15`."""
+    if not slices:
+        return []
+    runs: list[list[Any]] = []  # [first out, last out, checkpoint, first src, last src]
+    for s in slices:
+        r = runs[-1] if runs else None
+        if r and r[2] == s["checkpoint"] and r[4] + 1 == s["source_layer"]:
+            r[1], r[4] = s["layer"], s["source_layer"]
+        else:
+            src = s["source_layer"]
+            runs.append([s["layer"], s["layer"], s["checkpoint"], src, src])
+    out = [f"slices: {len(slices)} output layers"]
+    for a, b, c, x, y in runs:
+        out.append(
+            f"  layer {a} ← {c} layer {x}" if a == b else f"  layers {a}–{b} ← {c} layers {x}–{y}"
+        )
+    return out
+
+
+def _layers_text(layers: dict[str, Any] | None) -> list[str]:
+    """The per-layer values table of `mwakit plan`."""
+    if not layers:
+        return []
+    rows = layers["per_layer"]
+    keys = list(rows[0]["params"]) if rows else []
+    ruled = [(m, k) for m, ps in (rows[0]["rules"] if rows else {}).items() for k in ps]
+    vary = len({tuple(r["weights"]) for r in rows}) > 1
+    header = ["layer", "depth", *keys, *(f"{k} [{m}]" for m, k in ruled)]
+    header += ["weights"] if vary else []
+    table = [
+        [str(r["layer"]), f"{r['t']:.3f}"]
+        + [f"{r['params'][k]:.6g}" for k in keys]
+        + [f"{r['rules'][m][k]:.6g}" for m, k in ruled]
+        + ([", ".join(f"{w:.4g}" for w in r["weights"])] if vary else [])
+        for r in rows
+    ]
+    widths = [max(len(x) for x in col) for col in zip(header, *table, strict=True)]
+    out = [
+        "",
+        f"per-layer values: {layers['count']} layers (from {layers['source']}); tensors outside "
+        "the layer stack take t = 0",
+    ]
+    for row in [header, *table]:
+        out.append("  " + "  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
+    return out
 
 
 @main.command()
@@ -159,15 +221,16 @@ def _plan_text(plan: Any) -> str:
 def plan(recipe: Path, as_json: bool, plot_file: Path | None) -> None:
     """Dry run: resolve weights and plan every tensor of RECIPE; writes nothing but --plot."""
     from mwakit import api
+    from mwakit.plot import check_plot_path, save_plot
 
-    p = api.plan(recipe)
-    click.echo(json.dumps(p.to_json(), indent=2) if as_json else _plan_text(p))
     if plot_file is not None:
-        from mwakit.plot import plot_weights
-
-        plot_weights(p, plot_file)
-        if not as_json:
-            click.echo(f"plot: {plot_file}")
+        check_plot_path(plot_file)  # before the work: a plot that cannot be written fails fast
+    p = api.plan(recipe)
+    if plot_file is not None:
+        save_plot(p, plot_file)
+    click.echo(json.dumps(p.to_json(), indent=2) if as_json else _plan_text(p))
+    if plot_file is not None and not as_json:
+        click.echo(f"plot: {plot_file}")
 
 
 @main.command()
@@ -330,13 +393,18 @@ def inspect(path: Path, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print methods and params as JSON.")
 @_handle_errors
 def methods(as_json: bool) -> None:
-    """List the merge methods and their parameters."""
+    """List the merge methods and their parameters.
+
+    Float parameters may also be per-layer lists, interpolated over depth (see the README).
+    """
+    from mwakit.layer_params import per_layer_keys
     from mwakit.methods import get_method, method_names
 
     docs: list[dict[str, Any]] = []
     for name in method_names():
         m = get_method(name)
         schema = m.params.model_json_schema()
+        lists = per_layer_keys(m.params)
         params = {
             k: {
                 "type": v.get("type")
@@ -347,6 +415,7 @@ def methods(as_json: bool) -> None:
                 "default": v.get("default"),
                 **({"choices": v["enum"]} if "enum" in v else {}),
                 "description": v.get("description", ""),
+                "per_layer": k in lists,
             }
             for k, v in schema.get("properties", {}).items()
         }
@@ -369,8 +438,57 @@ def methods(as_json: bool) -> None:
         click.echo(f"  spaces: {', '.join(d['spaces'])}; reference: {d['reference']}")
         for k, v in d["params"].items():
             choices = f" ({'|'.join(map(str, v['choices']))})" if "choices" in v else ""
-            click.echo(f"  {k}{choices} = {json.dumps(v['default'])}: {v['description']}")
+            layered = " (or a per-layer list)" if v["per_layer"] else ""
+            click.echo(f"  {k}{choices} = {json.dumps(v['default'])}{layered}: {v['description']}")
         click.echo("")
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the recipe to this file instead of stdout.",
+)
+@click.option("-f", "--force", is_flag=True, help="Replace an existing --output file.")
+@_handle_errors
+def convert(config: Path, output: Path | None, force: bool) -> None:
+    """Turn the mergekit config CONFIG into an equivalent mwakit recipe.
+
+    The recipe goes to stdout (or --output); every part of the config that has no mwakit
+    equivalent is named on stderr, one line each. Exit 1 when nothing usable is left.
+    """
+    from mwakit.convert import convert_file
+    from mwakit.errors import UsageError
+
+    if output is not None and output.exists() and not force:
+        raise UsageError(
+            "the output file exists", where=str(output), fix="pass --force to replace it"
+        )
+    conv = convert_file(config)
+    text = conv.to_yaml(str(config))
+    for line in conv.untranslated:
+        click.echo(f"cannot translate: {line}", err=True)
+    for line in conv.notes:
+        click.echo(f"note: {line}", err=True)
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        from mwakit.errors import OutputError
+
+        tmp = output.with_name(f".{output.name}.tmp")
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(output)  # never a half-written recipe
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(
+                f"cannot write the recipe: {err.strerror}",
+                where=str(output),
+                fix="write it into an existing, writable folder",
+            ) from err
+        click.echo(f"wrote {output}", err=True)
 
 
 @main.command()

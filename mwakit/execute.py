@@ -103,11 +103,37 @@ class _Loader:
     def get(self, refs: Sequence[TensorRef]) -> list[torch.Tensor]:
         return [self.reader.get(r.info, r.path).to(self.device) for r in refs]
 
-    def check_finite(self, out: torch.Tensor, refs: Sequence[TensorRef], what: str) -> None:
-        # One reduction over the result catches any non-finite input with non-zero weight
-        # (and 0·inf = nan catches zero-weight ones too); only then look for the culprit.
-        if bool(torch.isfinite(out).all()):
-            return
+    def finish(
+        self, out: torch.Tensor, code: str, refs: Sequence[TensorRef], what: str
+    ) -> torch.Tensor:
+        """``out`` cast to the written dtype ``code``, checked to be finite after the cast.
+
+        One reduction over the cast result catches any non-finite input with non-zero weight
+        (and 0·inf = nan catches zero-weight ones too) and any value the written dtype cannot
+        hold (float16 stops at 65504: the cast would write Inf); only then is the culprit
+        looked for. Checking the cast result costs what checking the merge result did, and
+        reads fewer bytes when the written dtype is narrower.
+
+        Raises:
+            TensorError: An input holds NaN/Inf, the merge overflowed, or the result does not
+                fit the written dtype; naming the tensor and the fix.
+        """
+        cast = out.to(torch_dtype(code))
+        if bool(torch.isfinite(cast).all()):
+            return cast
+        if not bool(torch.isfinite(out).all()):
+            self._culprit(refs, what)
+        name = DTYPE_NAMES[code]
+        big = float(out.abs().max())
+        raise TensorError(
+            f"values up to {big:.4g} do not fit {name} (it holds up to "
+            f"{torch.finfo(cast.dtype).max:.4g}): the file would store Inf",
+            where=what,
+            fix="write a wider dtype (out_dtype: bfloat16 or float32), or lower the weights "
+            "(or λ) that scale the result",
+        )
+
+    def _culprit(self, refs: Sequence[TensorRef], what: str) -> None:
         for r in refs:
             t = self.reader.get(r.info, r.path)
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -116,10 +142,14 @@ class _Loader:
                     where=f"{self.plan.checkpoints[r.ckpt].name} {r.info.name}",
                     fix="the checkpoint is corrupt or training diverged; drop it from the recipe",
                 )
+        narrow = self.plan.recipe.dtype in ("bfloat16", "float16")
         raise TensorError(
-            f"the merge produced NaN or Inf in {what} (weights or values overflow the dtype)",
+            f"the merge produced NaN or Inf in {what} (weights or values overflow "
+            f"{self.plan.recipe.dtype if narrow else 'the arithmetic'})",
             where=what,
-            fix="use dtype: float32 (or float64) for computing",
+            fix="use dtype: float32 (or float64) for computing"
+            if narrow
+            else "lower the weights (or λ), or compute in float64 (dtype: float64)",
         )
 
 
@@ -133,10 +163,22 @@ def _merge(
     **extra: Any,
 ) -> torch.Tensor:
     try:
-        return plan.method.merge(tensors, weights, params, dtype=dtype, key=key, **extra)
+        out = plan.method.merge(tensors, weights, params, dtype=dtype, key=key, **extra)
     except ValueError as err:
         # Methods raise ValueError on inputs they cannot take; say where, not a traceback.
         raise PlanError(str(err), where=key, fix=f"check the {plan.method.name} params") from err
+    except RuntimeError as err:
+        # torch refuses a scalar its dtype cannot hold (a weight times a DARE rescale beyond
+        # 3.4e38); the planner checks the weights themselves, this catches their products.
+        if "cannot be converted to type" not in str(err):
+            raise
+        raise TensorError(
+            "a weight (times its scaling) is too large for the arithmetic",
+            where=key,
+            fix="weights are relative: scale them down",
+        ) from err
+    # Methods compute in float32 at least; `dtype` is what their result is rounded to.
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 def _aux(ld: _Loader, refs: Sequence[TensorRef] | None, stats: ExecStats) -> dict[str, Any]:
@@ -159,14 +201,14 @@ def _run_full(
     if task.out.key in stats.thresholds:
         extra["thresholds"] = stats.thresholds[task.out.key]
     out = _merge(plan, tensors, task.weights, task.params, task.out.key, dtype, base=base, **extra)
-    ld.check_finite(out, task.inputs, task.out.key)
-    return {task.out.key: out}
+    return {task.out.key: ld.finish(out, task.out.dtype, task.inputs, task.out.key)}
 
 
 def _run_lora(
     task: LoraTask, plan: Plan, ld: _Loader, dtype: torch.dtype, stats: ExecStats
 ) -> dict[str, torch.Tensor]:
     As, Bs = ld.get(task.a), ld.get(task.b)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
     fold = [w * s / task.out_scaling for w, s in zip(task.weights, task.scalings, strict=True)]
     if task.mode == "factors" and plan.method.linear:
         a, b = factors_average(As, Bs, task.weights, task.scalings, task.out_scaling, dtype=dtype)
@@ -212,27 +254,31 @@ def _run_lora(
         if task.mode == "full":
             ref = full_factors(merged)
         else:
-            ref = dense_refactor(merged, task.rank, compute_dtype=dtype)
+            # No bf16/fp16 SVD exists: factorise in float32 (float64) whatever `dtype` is.
+            ref = dense_refactor(merged, task.rank, compute_dtype=acc)
         a, b = ref.A, ref.B
         stats.rel_errors[task.module] = ref.rel_error
         coeffs = [w * s for w, s in zip(task.weights, task.scalings, strict=True)]
     else:
         coeffs = [w * s for w, s in zip(task.weights, task.scalings, strict=True)]
-        a, b = concat_factors(As, Bs, coeffs, dtype=dtype)
+        # Scaled (and factorised) in float32 at least, then rounded to `dtype` once.
+        a, b = concat_factors(As, Bs, coeffs, dtype=acc)
         if task.mode == "svd":
-            ref = refactor(a, b, task.rank, compute_dtype=dtype)
+            ref = refactor(a, b, task.rank, compute_dtype=acc)
             a, b = ref.A, ref.B
             stats.rel_errors[task.module] = ref.rel_error
-    ld.check_finite(a, task.a, task.out_a.key)
-    ld.check_finite(b, task.b, task.out_b.key)
-    out = {task.out_a.key: a, task.out_b.key: b}
+    a, b = a.to(dtype), b.to(dtype)  # the results of a step are rounded to `dtype`
+    out = {
+        task.out_a.key: ld.finish(a, task.out_a.dtype, task.a, task.out_a.key),
+        task.out_b.key: ld.finish(b, task.out_b.dtype, task.b, task.out_b.key),
+    }
     if task.bias is not None and task.out_bias is not None:
         # lora_B's bias is scaled with B: it merges with the same coefficients as B.
-        bias = torch.zeros(task.out_bias.shape, dtype=dtype, device=ld.device)
+        bias = torch.zeros(task.out_bias.shape, dtype=acc, device=ld.device)
         for t, c in zip(ld.get(task.bias), coeffs, strict=True):
             bias.add_(t, alpha=c)
-        ld.check_finite(bias, task.bias, task.out_bias.key)
-        out[task.out_bias.key] = bias
+        key = task.out_bias.key
+        out[key] = ld.finish(bias.to(dtype), task.out_bias.dtype, task.bias, key)
     return out
 
 

@@ -37,7 +37,10 @@ def _weighted_sum(
         raise ValueError(f"no {what} tensors to average")
     if len(ts) != len(ws):
         raise ValueError(f"{len(ts)} {what} tensors but {len(ws)} weights")
-    acc = torch.zeros(ts[0].shape, dtype=dtype, device=ts[0].device)
+    # The sum runs in float32 (float64 for float64) whatever ``dtype`` is, rounded to it once:
+    # a bf16 accumulator would round after every checkpoint.
+    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = torch.zeros(ts[0].shape, dtype=acc_dtype, device=ts[0].device)
     for t, w in zip(ts, ws, strict=True):
         if t.shape != acc.shape:
             raise ValueError(f"{what} shapes differ: {list(t.shape)} vs {list(acc.shape)}")
@@ -45,7 +48,7 @@ def _weighted_sum(
         # each input is ever held; weight 0 skips the pass over memory entirely.
         if w != 0.0:
             acc.add_(t, alpha=w)
-    return acc
+    return acc if acc.dtype == dtype else acc.to(dtype)
 
 
 def factors_average(

@@ -8,10 +8,14 @@ change), imported only when a plot is drawn. The model card embeds it as ``weigh
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from mwakit.errors import OutputError
 
 if TYPE_CHECKING:
     from mwakit.planner import Plan
@@ -24,7 +28,7 @@ def plot_metric(plan: Plan) -> str | None:
     if plan.recipe.weighting is not None:
         from mwakit.methods.mwa import Params as MwaParams
 
-        return MwaParams.model_validate(plan.recipe.weighting.mwa).metric
+        return str(plan.recipe.weighting.mwa.get("metric", MwaParams().metric))
     metric = getattr(plan.params, "metric", None)
     return metric if isinstance(metric, str) else None
 
@@ -95,6 +99,55 @@ def plot_weights(plan: Plan, path: str | Path) -> Path:
         The path written.
     """
     return draw(plot_data(plan), path)
+
+
+def check_plot_path(path: str | Path) -> None:
+    """Refuse a plot file that cannot be written, before any work.
+
+    Raises:
+        OutputError: The path is a folder, or its folder is missing or not a folder.
+    """
+    target = Path(path)
+    parent = target.parent
+    if target.is_dir():
+        raise OutputError(
+            "the plot path is a folder", where=str(target), fix="give a file name, e.g. weights.png"
+        )
+    if not parent.is_dir():
+        raise OutputError(
+            f"folder {parent} {'is not a folder' if parent.exists() else 'does not exist'}",
+            where=str(target),
+            fix="create the folder first, or write the plot elsewhere",
+        )
+
+
+def save_plot(plan: Plan, path: str | Path) -> Path:
+    """`plot_weights` into ``path`` atomically: drawn beside it, renamed when complete.
+
+    Raises:
+        OutputError: The path cannot be written (`check_plot_path`, or the OS refuses).
+    """
+    check_plot_path(path)
+    target = Path(path)
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{target.name[:64]}.mwakit-tmp-", suffix=".png", dir=target.parent
+        )
+        os.close(fd)
+        plot_weights(plan, tmp)
+        os.replace(tmp, target)
+        tmp = None
+    except OSError as err:
+        raise OutputError(
+            f"cannot write the plot: {err.strerror or err}",
+            where=str(target),
+            fix="write it into a folder you can write to (--plot PATH)",
+        ) from err
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+    return target
 
 
 def start_drawing(plan: Plan, path: Path) -> subprocess.Popen[bytes]:

@@ -10,13 +10,16 @@ come from the recipe when given, else from the checkpoint's ``trainer_state.json
 from __future__ import annotations
 
 import json
+import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar
 
 from mwakit import hub
-from mwakit.errors import SourceError
+from mwakit.errors import PlanError, Problems, SourceError
 from mwakit.io.layout import inside_folder
 from mwakit.recipe import CheckpointSpec, Recipe, Select
 from mwakit.trainer_state import read_metrics, step_from_name
@@ -29,6 +32,22 @@ MODEL_INDEX = "model.safetensors.index.json"
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 Kind = Literal["adapter", "full"]
 _T = TypeVar("_T")
+
+
+@contextmanager
+def os_errors(where: str, what: str = "cannot read the checkpoint folder") -> Iterator[None]:
+    """Turn an OS error while looking into a folder (no permission, I/O error) into a
+    `SourceError` with a fix; ``where`` names the place as the recipe does."""
+    try:
+        yield
+    except OSError as err:
+        why = err.strerror or str(err)
+        fix = (
+            "make the folder and its files readable by you (chmod -R u+rX), or copy them"
+            if isinstance(err, PermissionError)
+            else "check the path and the disk it is on"
+        )
+        raise SourceError(f"{what}: {why}", where=where, fix=fix) from err
 
 
 def model_files(folder: Path) -> tuple[Path, ...] | None:
@@ -84,7 +103,8 @@ def resolve_base(recipe: Recipe) -> Checkpoint | None:
         folder, revision = hub.download(hub.parse_hf_ref(recipe.base_model))
     else:
         folder = Path(recipe.base_model)
-    files = model_files(folder) if folder.is_dir() else None
+    with os_errors(f"base_model {recipe.base_model}", "cannot read the base model folder"):
+        files = model_files(folder) if folder.is_dir() else None
     if files is None:
         raise SourceError(
             "base model folder not found or holds no model.safetensors[.index.json]",
@@ -131,7 +151,7 @@ class Checkpoint:
     step: int | None
     metrics: dict[str, float] = field(hash=False)
     metrics_source: str
-    weight: float | None
+    weight: float | list[float] | None
     files: tuple[Path, ...]
     kind: Kind = "adapter"
     revision: str | None = None
@@ -152,17 +172,20 @@ def discover(select: Select) -> list[Path]:
         SourceError: The run folder is missing, or no checkpoint is left after filtering.
     """
     run = Path(select.run)
-    if not run.is_dir():
-        raise SourceError(
-            "run folder not found",
-            where=f"select.run {select.run}",
-            fix="point select.run at the Trainer output_dir that holds checkpoint-<step>/ folders",
+    where = f"select.run {select.run}"
+    with os_errors(where, "cannot list the run folder"):
+        if not run.is_dir():
+            raise SourceError(
+                "run folder not found",
+                where=where,
+                fix="point select.run at the Trainer output_dir that holds checkpoint-<step>/ "
+                "folders",
+            )
+        found = sorted(
+            (int(m.group(1)), p)
+            for p in run.iterdir()
+            if (m := _CHECKPOINT_DIR.match(p.name)) and p.is_dir()
         )
-    found = sorted(
-        (int(m.group(1)), p)
-        for p in run.iterdir()
-        if p.is_dir() and (m := _CHECKPOINT_DIR.match(p.name))
-    )
     return _apply_select(found, select)
 
 
@@ -242,9 +265,23 @@ def _resolve_one(
     if local is not None:
         ref = hub.parse_hf_ref(spec.path)
         name = ref.subfolder.rsplit("/", 1)[-1] if ref.subfolder else ref.repo_id.split("/")[1]
+    with os_errors(spec.path):
+        return _read_one(spec, folder, name, loss_window, allow_pickle, local)
+
+
+def _read_one(
+    spec: CheckpointSpec,
+    folder: Path,
+    name: str,
+    loss_window: int,
+    allow_pickle: bool,
+    local: tuple[Path, str] | None,
+) -> Checkpoint:
     if not folder.is_dir():
         raise SourceError(
-            "checkpoint folder not found",
+            "checkpoint path is a file, not a folder"
+            if folder.exists()
+            else "checkpoint folder not found",
             where=spec.path,
             fix="check the path (relative paths are relative to the current directory)",
         )
@@ -283,11 +320,14 @@ def _resolve_one(
     )
 
 
-def _download_all(specs: list[CheckpointSpec], recipe: Recipe) -> dict[str, tuple[Path, str]]:
+def _download_all(
+    specs: list[CheckpointSpec], recipe: Recipe, problems: Problems
+) -> dict[str, tuple[Path, str]]:
     """Download the Hub sources among ``specs``: one snapshot per repo and revision.
 
     Returns:
-        Reference → (local folder, commit sha) for every ``hf://`` spec.
+        Reference → (local folder, commit sha) for every ``hf://`` spec that downloaded; the
+        failures are recorded in ``problems``.
     """
     files = list(hub.CHECKPOINT_FILES)
     if recipe.allow_pickle:
@@ -303,12 +343,14 @@ def _download_all(specs: list[CheckpointSpec], recipe: Recipe) -> dict[str, tupl
     out: dict[str, tuple[Path, str]] = {}
     for (repo_id, revision), texts in groups.items():
         refs = [hub.parse_hf_ref(t) for t in texts]
-        root, sha = hub.fetch(repo_id, revision, [r.subfolder for r in refs], files)
-        for text, ref in zip(texts, refs, strict=True):
-            folder = root / ref.subfolder if ref.subfolder else root
-            if not folder.is_dir() or not any(folder.iterdir()):
-                raise hub.missing_folder(ref, sha)
-            out[text] = (folder, sha)
+        with problems.collect():
+            root, sha = hub.fetch(repo_id, revision, [r.subfolder for r in refs], files)
+            for text, ref in zip(texts, refs, strict=True):
+                folder = root / ref.subfolder if ref.subfolder else root
+                with problems.collect():
+                    if not folder.is_dir() or not any(folder.iterdir()):
+                        raise hub.missing_folder(ref, sha)
+                    out[text] = (folder, sha)
     return out
 
 
@@ -333,25 +375,80 @@ def _unique_names(checkpoints: list[Checkpoint]) -> list[Checkpoint]:
     return out
 
 
-def resolve(recipe: Recipe) -> list[Checkpoint]:
+def checkpoint_specs(recipe: Recipe) -> list[CheckpointSpec]:
+    """The recipe's checkpoints: its list, or the folders ``select:`` discovers.
+
+    Raises:
+        SourceError: The run folder is missing or unreadable, or ``select`` keeps nothing.
+        HubError: A Hub run cannot be listed.
+    """
+    if recipe.select is not None and hub.is_hf_ref(recipe.select.run):
+        return [CheckpointSpec(path=r) for r in discover_hub(recipe.select)]
+    if recipe.select is not None:
+        return [CheckpointSpec(path=str(p)) for p in discover(recipe.select)]
+    assert recipe.checkpoints is not None  # the recipe's schema requires one of the two
+    return list(recipe.checkpoints)
+
+
+def resolve(
+    recipe: Recipe,
+    *,
+    specs: list[CheckpointSpec] | None = None,
+    problems: Problems | None = None,
+) -> list[Checkpoint]:
     """Resolve every checkpoint of a recipe to a local folder with its metrics.
 
     Hub sources are downloaded first (only the files a checkpoint needs), one snapshot per
-    repo and revision.
+    repo and revision. Every checkpoint is tried, so one call finds every missing folder.
+
+    Args:
+        recipe: The validated recipe.
+        specs: The checkpoints, if already discovered (`checkpoint_specs`).
+        problems: Where to record what fails and carry on (`mwakit.validate`); None raises.
+
+    Returns:
+        The checkpoints that resolved, in recipe order (all of them unless ``problems`` got
+        some).
 
     Raises:
-        SourceError: A folder or file is missing or unreadable.
-        HubError: A Hub source cannot be listed or downloaded.
+        SourceError: A folder or file is missing or unreadable (without ``problems``).
+        HubError: A Hub source cannot be listed or downloaded (without ``problems``).
+        PlanError: The same checkpoint is listed twice (without ``problems``).
     """
-    if recipe.select is not None and hub.is_hf_ref(recipe.select.run):
-        specs = [CheckpointSpec(path=r) for r in discover_hub(recipe.select)]
-    elif recipe.select is not None:
-        specs = [CheckpointSpec(path=str(p)) for p in discover(recipe.select)]
-    else:
-        assert recipe.checkpoints is not None
-        specs = recipe.checkpoints
-    local = _download_all(specs, recipe)
-    resolved = [
-        _resolve_one(s, recipe.loss_window, recipe.allow_pickle, local.get(s.path)) for s in specs
-    ]
-    return _unique_names(resolved)
+    col = Problems() if problems is None else problems
+    if specs is None:
+        with col.collect():
+            specs = checkpoint_specs(recipe)
+    local: dict[str, tuple[Path, str]] = {}
+    if specs:
+        local = _download_all(specs, recipe, col)
+    resolved: list[tuple[int, Checkpoint]] = []
+    for i, s in enumerate(specs or []):
+        if hub.is_hf_ref(s.path) and s.path not in local:
+            continue  # its download failed, and that is recorded
+        with col.collect():
+            c = _resolve_one(s, recipe.loss_window, recipe.allow_pickle, local.get(s.path))
+            resolved.append((i, c))
+    with col.collect():
+        _check_duplicates(resolved, recipe.select is None)
+    if problems is None:
+        col.raise_if_any()
+    return _unique_names([c for _, c in resolved])
+
+
+def _check_duplicates(resolved: list[tuple[int, Checkpoint]], listed: bool) -> None:
+    """The same folder twice (through another spelling, a symlink, or one Hub commit under two
+    revision names) would count twice: refuse it, naming both entries."""
+    seen: dict[str, tuple[int, Checkpoint]] = {}
+    for i, c in resolved:
+        key = os.path.realpath(c.path)
+        if key in seen:
+            j, first = seen[key]
+            entry = (lambda k: f"checkpoints.{k}") if listed else (lambda k: f"select #{k}")
+            raise PlanError(
+                f"is the same checkpoint as {entry(j)} ({first.ref}), so it would count twice",
+                where=f"{entry(i)} {c.ref}",
+                fix="list each checkpoint once (to weigh one more, give it a larger weight: "
+                "with a method that takes weights)",
+            )
+        seen[key] = (i, c)

@@ -77,9 +77,12 @@ def _load(path: Path) -> dict[str, Any]:
     try:
         # json.loads accepts NaN/Infinity, which the Trainer writes for diverged runs.
         state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, ValueError, RecursionError) as err:
+        # ValueError: invalid JSON, not UTF-8, or a number of thousands of digits.
         raise SourceError(
-            f"{_STATE_FILE} is unreadable ({err})", where=str(path), fix=_FIX
+            f"{_STATE_FILE} is unreadable ({type(err).__name__}: {err})"[:200],
+            where=str(path),
+            fix=_FIX,
         ) from err
     if not isinstance(state, dict):
         raise SourceError(

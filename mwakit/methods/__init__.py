@@ -19,9 +19,15 @@ from mwakit.methods import dare as _dare  # noqa: F401  isort: skip
 from mwakit.methods import magnitude_prune as _magnitude_prune  # noqa: F401  isort: skip
 from mwakit.methods import breadcrumbs as _breadcrumbs  # noqa: F401  isort: skip
 from mwakit.methods import della as _della  # noqa: F401  isort: skip
+from mwakit.methods import sce as _sce  # noqa: F401  isort: skip
 from mwakit.methods import slerp as _slerp  # noqa: F401  isort: skip
+from mwakit.methods import karcher as _karcher  # noqa: F401  isort: skip
+from mwakit.methods import nuslerp as _nuslerp  # noqa: F401  isort: skip
+from mwakit.methods import multislerp as _multislerp  # noqa: F401  isort: skip
 from mwakit.methods import model_stock as _model_stock  # noqa: F401  isort: skip
+from mwakit.methods import nearswap as _nearswap  # noqa: F401  isort: skip
 from mwakit.methods import fisher as _fisher  # noqa: F401  isort: skip
 from mwakit.methods import sparse as _sparse  # noqa: F401  isort: skip
+from mwakit.methods import passthrough as _passthrough  # noqa: F401  isort: skip
 
 __all__ = ["MergeMethod", "get_method", "method_names", "register"]

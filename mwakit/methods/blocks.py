@@ -427,8 +427,11 @@ def _consensus(
     idx = _positions(zero_mass, _positive)
     if idx.numel():
         a, sg = cnt[idx], sgn[idx]
-        p = pos[idx] / ((a + sg) * 0.5) * scale
-        q = neg[idx] / ((a - sg) * 0.5) * scale
+        # A side may have no agreeing weight (the mass underflowed: 0.5 × the smallest
+        # subnormal is 0): 0 / tiny = 0 there, as in the main path, never 0 / 0.
+        tiny = torch.finfo(a.dtype).tiny
+        p = pos[idx] / ((a + sg) * 0.5).clamp_min_(tiny) * scale
+        q = neg[idx] / ((a - sg) * 0.5).clamp_min_(tiny) * scale
         if bb is not None:
             p, q = p.add_(bb[idx]), q.add_(bb[idx])
         ambiguous.append((idx + start, p, q))

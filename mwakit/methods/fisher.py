@@ -112,22 +112,26 @@ def merge(
             )
         if bool((f < 0).any()):
             raise ValueError(f"Fisher {i}{where} has negative values (a Fisher is ≥ 0)")
+    from mwakit.methods.precision import accumulator
+
     dt = dtype or torch.float32
     if n == 1:
         # A weighted average of one tensor is that tensor; F·θ/F would round it.
         return tensors[0].to(dt, copy=True)
-    num = torch.zeros(tensors[0].shape, dtype=dt, device=tensors[0].device)
+    acc = accumulator(dt)  # sums in float32 at least whatever dt is, rounded once
+    num = torch.zeros(tensors[0].shape, dtype=acc, device=tensors[0].device)
     den = torch.zeros_like(num)
     for i, (theta, f, lam) in enumerate(zip(tensors, fishers, weights, strict=True)):
-        fi = f.to(dt, copy=True)  # a fresh tensor: the input may be a memory-mapped view
+        fi = f.to(acc, copy=True)  # a fresh tensor: the input may be a memory-mapped view
         if params.normalize_fisher and fisher_norms is not None and fisher_norms[i] > 0:
             fi.div_(fisher_norms[i])
         fi.add_(params.floor).mul_(lam)  # λ_i F̂_i
         den.add_(fi)
-        num.addcmul_(fi, theta.to(dt))
+        num.addcmul_(fi, theta.to(acc))
     if not bool((den > 0).all()):
         raise ValueError(f"Σ λ_i F_i is ≤ 0 somewhere{where}: use non-negative weights")
-    return num.div_(den)
+    out = num.div_(den)
+    return out if out.dtype == dt else out.to(dt)
 
 
 METHOD = register(

@@ -2,8 +2,10 @@
 
 Formula: θ = Σ_i w_i θ_i / Σ_i w_i (``normalize: true``, the default), else θ = Σ_i w_i θ_i.
 Space: factors, delta or full — it is linear, so LoRA factors and low-rank forms are exact per
-checkpoint. Reference: Wortsman et al. 2022 (model soups); Schmidt et al. 2023 (checkpoint
-averaging). Each checkpoint's ``weight`` comes from the recipe (default 1: a uniform soup).
+checkpoint. The sum accumulates in float32 (float64 for ``dtype: float64``) whatever the compute
+dtype, then is rounded to it once.
+Reference: Wortsman et al. 2022 (model soups); Schmidt et al. 2023 (checkpoint averaging).
+Each checkpoint's ``weight`` comes from the recipe (default 1: a uniform soup).
 """
 
 from __future__ import annotations
@@ -44,18 +46,22 @@ def weighted_sum(
     dtype: torch.dtype | None = None,
     key: str = "",
 ) -> torch.Tensor:
-    """Σ_i w_i t_i, accumulated in ``dtype`` (default float32).
+    """Σ_i w_i t_i in ``dtype`` (default float32), accumulated in float32 (float64 for
+    ``dtype: float64``) whatever ``dtype`` is, and rounded to it once at the end.
 
     Inputs may be bf16/fp16 views straight from the file: ``add_`` promotes each into the
     float32 accumulator without materialising a float32 copy of every input.
     """
     import torch
 
-    acc = torch.zeros(tensors[0].shape, dtype=dtype or torch.float32, device=tensors[0].device)
+    from mwakit.methods.precision import accumulator
+
+    dt = dtype or torch.float32
+    acc = torch.zeros(tensors[0].shape, dtype=accumulator(dt), device=tensors[0].device)
     for t, w in zip(tensors, weights, strict=True):
         if w != 0.0:
             acc.add_(t, alpha=w)
-    return acc
+    return acc if acc.dtype == dt else acc.to(dt)
 
 
 METHOD = register(

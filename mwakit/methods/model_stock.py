@@ -17,6 +17,8 @@ Where mwakit deliberately differs from mergekit:
   which is also 0 for an exact zero, but scales tiny vectors' cosines down).
 - The average honours per-checkpoint ``weight`` (normalised); mergekit always uses equal
   weights. The cosines, and so t, are unweighted, as in the paper.
+- Cosines come from norms and dot products summed in float64; deltas and the average are
+  computed in float32 (float64 for ``dtype: float64``) and rounded to ``dtype`` once.
 - With ``filter_wise`` a row is everything under one index of dim 0 (one t per output
   filter, also for 3-D+ tensors, where mergekit takes the cosine over the last dim only);
   tensors of at most one dimension have a single row, as in mergekit.
@@ -60,23 +62,32 @@ def stock_ratio(cos: torch.Tensor, n: int) -> torch.Tensor:
 def mean_pairwise_cosine(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     """Mean of cos(x_i, x_j) over pairs i < j, per row of 2-D inputs (0 for a zero vector).
 
+    Norms and dot products are summed in float64 block by block
+    (`mwakit.methods.precision.row_grams64`): in float32 they drift by 1e-5 relative over
+    large rows, and a float64 copy of every input would double the memory.
+
     Args:
         rows: N ≥ 2 tensors of shape (R, D): R rows, each a vector of D elements.
 
     Returns:
-        Shape (R,): the mean pairwise cosine of each row.
+        Shape (R,), float64: the mean pairwise cosine of each row.
     """
     import torch
 
-    norms = [torch.linalg.vector_norm(x, dim=1) for x in rows]
+    from mwakit.methods.precision import row_grams64
+
+    g = row_grams64(rows)
+    n = len(rows)
+    norms = [g[i, i].sqrt() for i in range(n)]
     total = torch.zeros_like(norms[0])
     pairs = 0
-    for i in range(len(rows)):
-        for j in range(i + 1, len(rows)):
-            dot = (rows[i] * rows[j]).sum(dim=1)
+    for i in range(n):
+        for j in range(i + 1, n):
             denom = norms[i] * norms[j]
             # No direction, no agreement: a zero vector counts as orthogonal to everything.
-            cos = torch.where(denom > 0, dot / denom.clamp_min(torch.finfo(dot.dtype).tiny), 0.0)
+            cos = torch.where(
+                denom > 0, g[i, j] / denom.clamp_min(torch.finfo(denom.dtype).tiny), 0.0
+            )
             total += cos.clamp(-1.0, 1.0)
             pairs += 1
     return total / pairs
@@ -109,12 +120,15 @@ def merge(
     """
     import torch
 
+    from mwakit.methods.precision import accumulator
+
     n = len(tensors)
     if n < 2:
         raise ValueError(f"model_stock needs at least 2 checkpoints, got {n}")
     dt = dtype or torch.float32
-    b = None if base is None else base.to(dt)
-    deltas = [t.to(dt) if b is None else t.to(dt) - b for t in tensors]
+    acc = accumulator(dt)  # deltas, sums and the base add in float32 at least; rounded once
+    b = None if base is None else base.to(acc)
+    deltas = [t.to(acc) if b is None else t.to(acc) - b for t in tensors]
     shape = deltas[0].shape
     # Rows: dim 0 when filter-wise (one t per output filter), else the whole tensor as one.
     n_rows = shape[0] if params.filter_wise and len(shape) >= 2 else 1
@@ -123,8 +137,10 @@ def merge(
     avg = torch.zeros_like(rows[0])
     for d, w in zip(rows, weights, strict=True):
         avg.add_(d, alpha=w)
-    out = avg.mul_(t.unsqueeze(1)).reshape(shape)
-    return out if b is None else out.add_(b)
+    out = avg.mul_(t.to(acc).unsqueeze(1)).reshape(shape)
+    if b is not None:
+        out = out.add_(b)
+    return out if out.dtype == dt else out.to(dt)
 
 
 METHOD = register(

@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from mwakit.errors import MetricError
 from mwakit.methods.linear import weighted_sum
@@ -49,6 +50,20 @@ class Params(BaseModel):
             raise ValueError("metric must name a metric, e.g. loss, eval_loss or step")
         return v
 
+    @model_validator(mode="after")
+    def _rank_decay(self) -> Params:
+        # With `rank` the penalty is a decay per rank: p > 1 would favour the worst checkpoint.
+        # Reported at params.penalty (a model validator's error would sit at `params`).
+        if self.transform == "rank" and self.penalty > 1:
+            msg = (
+                "with transform: rank the penalty is the decay per rank (w ∝ p^rank) and must "
+                f"be in [0, 1], got {self.penalty}"
+            )
+            err = PydanticCustomError("rank_penalty", msg)
+            detail = InitErrorDetails(type=err, loc=("penalty",), input=self.penalty)
+            raise ValidationError.from_exception_data("Params", [detail])
+        return self
+
 
 def weigh(params: Params, checkpoints: Sequence[CheckpointView]) -> list[float]:
     """MWA weights from each checkpoint's ``params.metric``.
@@ -56,17 +71,16 @@ def weigh(params: Params, checkpoints: Sequence[CheckpointView]) -> list[float]:
     Raises:
         MetricError: A checkpoint lacks the metric, or it is not usable by the transform.
     """
-    values: list[float] = []
-    for c in checkpoints:
-        if params.metric not in c.metrics:
-            have = ", ".join(sorted(c.metrics)) or "none"
-            raise MetricError(
-                f"metric {params.metric!r} not found (metrics found: {have})",
-                where=c.name,
-                fix=f"give it in the recipe (metrics: {{{params.metric}: ...}}) "
-                "or pick a metric every checkpoint has",
-            )
-        values.append(c.metrics[params.metric])
+    lacking = [c for c in checkpoints if params.metric not in c.metrics]
+    if lacking:
+        have = ", ".join(sorted(lacking[0].metrics)) or "none"
+        raise MetricError(
+            f"metric {params.metric!r} not found (metrics found: {have})",
+            where=", ".join(c.name for c in lacking),  # every checkpoint that lacks it
+            fix=f"give it in the recipe (metrics: {{{params.metric}: ...}}) "
+            "or pick a metric every checkpoint has",
+        )
+    values = [c.metrics[params.metric] for c in checkpoints]
     higher = metric_direction(params.metric, params.higher_is_better)
     return mwa_weights(
         values,
@@ -88,5 +102,6 @@ METHOD = register(
         reference="Choi & Yu 2025, Metrics-Weighted Averaging (arXiv 2504.18580)",
         linear=True,
         spaces=("factors", "delta", "full"),
+        uses_weights=False,  # weights come from metrics; a `weight:` is refused
     )
 )

@@ -37,7 +37,12 @@ class MergeMethod:
         linear: True when the result is Σ w_i θ_i, so LoRA factors and low-rank forms apply.
         spaces: The spaces the method can work in.
         needs_base: True for task-vector methods that need ``base_model``.
+        uses_base: True for methods that work on the checkpoints themselves but switch to
+            task vectors θ_i − θ_0 when a ``base_model`` is given (multislerp, nuslerp, …).
         inputs: (min, max) number of checkpoints; max None means any.
+        uses_weights: False when the method computes every checkpoint's weight itself (mwa
+            from metrics, slerp from t): an explicit ``weight:`` or a ``weighting:`` block
+            would be ignored, so the recipe refuses them.
     """
 
     name: str
@@ -50,8 +55,11 @@ class MergeMethod:
     linear: bool
     spaces: tuple[Space, ...]
     needs_base: bool = False
+    uses_base: bool = False
     inputs: tuple[int, int | None] = (1, None)
     """How many checkpoints the method takes: (at least, at most or None)."""
+    uses_weights: bool = True
+    """Whether `weigh` honours the recipe's per-checkpoint ``weight`` (and ``weighting:``)."""
 
 
 @dataclass(frozen=True)

@@ -120,7 +120,10 @@ def merge(
         mask = masks[0].clone()
         for m in masks[1:]:
             mask &= m
-    acc = torch.zeros(tensors[0].shape, dtype=dt, device=tensors[0].device)
+    from mwakit.methods.precision import accumulator
+
+    # Summed in float32 at least whatever dt is; rounded to dt once, after the mask.
+    acc = torch.zeros(tensors[0].shape, dtype=accumulator(dt), device=tensors[0].device)
     for t, w in zip(tensors, weights, strict=True):
         if w != 0.0:
             acc.add_(t, alpha=w)
@@ -132,7 +135,8 @@ def merge(
         mask = _top_k_mask(acc, k)
     # For `shared`, positions zero in every input already average to 0; masking anyway makes
     # the guarantee hold by construction rather than by the arithmetic.
-    return acc if mask is None else acc.masked_fill_(~mask, 0.0)
+    out = acc if mask is None else acc.masked_fill_(~mask, 0.0)
+    return out if out.dtype == dt else out.to(dt)
 
 
 METHOD = register(

@@ -86,9 +86,12 @@ def merge(
     import torch
 
     from mwakit.methods import sparsify
+    from mwakit.methods.precision import accumulator
 
     dt = dtype or torch.float32
-    return sparsify.finish(sparsify.sparse_sum(tensors, weights, base, dt), base, dt)
+    acc = accumulator(dt)  # sum (and add the base) in float32 at least, round once
+    out = sparsify.finish(sparsify.sparse_sum(tensors, weights, base, acc), base, acc)
+    return out if out.dtype == dt else out.to(dt)
 
 
 METHOD = register(

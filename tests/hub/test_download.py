@@ -169,6 +169,22 @@ def test_plan_with_hub_select(tmp_path: Path, hub_cache: Path) -> None:
     assert [c["weight"] for c in doc["checkpoints"]] == pytest.approx([4 / 17, 5 / 17, 8 / 17])
 
 
+def test_one_commit_under_two_revision_names_is_one_checkpoint(
+    tmp_path: Path, hub_cache: Path
+) -> None:
+    # main resolves to SHA: both references fetch the very same folder, which would count twice.
+    rec = _recipe(
+        tmp_path,
+        checkpoints=[f"hf://{REPO}@main/checkpoint-10", f"hf://{REPO}@{SHA}/checkpoint-10"],
+    )
+    for cmd in ("validate", "plan"):
+        line = _one_error_line(
+            _invoke(cmd, str(rec)), "is the same checkpoint as checkpoints.0", "fix:"
+        )
+        assert f"checkpoints.1 hf://{REPO}@{SHA}/checkpoint-10" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_offline_with_nothing_cached(tmp_path: Path, offline: None, monkeypatch: Any) -> None:
     monkeypatch.setenv("MWAKIT_HUB_CACHE", str(tmp_path / "empty-cache"))
     rec = _recipe(tmp_path, checkpoints=[f"hf://{REPO}/checkpoint-10"])

@@ -189,3 +189,15 @@ def test_half_precision_computes_in_float32() -> None:
     assert blocks.compute_dtype(torch.bfloat16) == torch.float32
     assert blocks.compute_dtype(None) == torch.float32
     assert blocks.compute_dtype(torch.float64) == torch.float64
+
+
+def test_ties_mass_that_underflows_stays_finite() -> None:
+    # 0.5 × the smallest subnormal rounds to 0: no side has mass, the sign is "ambiguous", and
+    # the side without agreeing weight must give 0 / tiny = 0, not 0 / 0 (hypothesis found it).
+    from mwakit.methods import get_method
+
+    m = get_method("ties")
+    p = m.params.model_validate({"density": 1.0})
+    x = [torch.tensor([-1.4013e-45, 1.0])]
+    out = m.merge(x, [0.5], p, base=None, dtype=torch.float32, key="k")
+    assert torch.equal(out, torch.tensor([0.0, 1.0]))  # a disjoint mean: 0.5·1 / 0.5
