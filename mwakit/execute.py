@@ -289,19 +289,42 @@ def task_refs(task: Task) -> tuple[TensorRef, ...]:
     return task.inputs + ((task.base,) if task.base else ()) + (task.aux or ())
 
 
+class MemorySink:
+    """A tensor sink that keeps the merged tensors in memory (no file is written).
+
+    What `execute` writes into it equals, tensor for tensor, what it writes into the output
+    file: the same plan, methods and output dtypes. Used to score merges without a disk write.
+    """
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def __enter__(self) -> MemorySink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Keep one merged tensor (already on the CPU, in its output dtype)."""
+        self.tensors[name] = tensor
+
+
 def execute(
     plan: Plan,
-    out_dir: Path,
+    out_dir: Path | None,
     *,
     on_task: Callable[[int, Task], None] | None = None,
+    sink: MemorySink | None = None,
 ) -> ExecStats:
     """Stream every task of the plan into the output folder's safetensors file(s).
 
     Args:
         plan: The plan to run.
         out_dir: The (temporary) output folder: ``adapter_model.safetensors`` for adapters,
-            ``model.safetensors`` or shards + index for full models.
+            ``model.safetensors`` or shards + index for full models. None with ``sink``.
         on_task: Called after each task is written with its index and the task (progress).
+        sink: Receive the merged tensors here instead of writing files (``out_dir`` unused).
 
     Raises:
         TensorError: An input holds NaN/Inf, or the merge overflowed.
@@ -315,11 +338,15 @@ def execute(
     out_dtypes = {o.key: o.dtype for o in plan.outputs}
     metadata = {"format": "pt", "mwakit_version": __version__, "mwakit_method": plan.method.name}
     tasks = plan.tasks
-    writer: StreamingWriter | ShardedWriter = (
-        ShardedWriter(out_dir, entries, plan.shard_size, metadata)
-        if plan.kind == "full"
-        else StreamingWriter(out_dir / "adapter_model.safetensors", entries, metadata)
-    )
+    writer: StreamingWriter | ShardedWriter | MemorySink
+    if sink is not None:
+        writer = sink
+    elif out_dir is None:
+        raise ValueError("execute needs an output folder or a sink")
+    elif plan.kind == "full":
+        writer = ShardedWriter(out_dir, entries, plan.shard_size, metadata)
+    else:
+        writer = StreamingWriter(out_dir / "adapter_model.safetensors", entries, metadata)
     with PreadReader() as reader, writer:
         ld = _Loader(plan, reader, device)
         _prepasses(plan, ld, stats, dtype)
