@@ -20,9 +20,10 @@ import yaml
 
 from mwakit import __version__, layer_params
 from mwakit.planner import Plan
-from mwakit.plot import PLOT_FILE, finish_drawing, plot_metric, start_drawing
+from mwakit.plot import PLOT_FILE, finish_drawing, plot_caption, plot_metric, start_drawing
 from mwakit.recipe import Recipe
 from mwakit.sources import Checkpoint
+from mwakit.wording import plural
 
 RESOLVED_RECIPE = "mwakit.yaml"
 CARD_FILE = "README.md"
@@ -84,6 +85,21 @@ def resolved_recipe(plan: Plan) -> Recipe:
         **layer_params.lists_in(plan.recipe.params),
     }
     return Recipe.model_validate(data)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A GitHub-flavoured Markdown table: header, separator and rows with the same cell count.
+
+    A ``|`` inside a cell is escaped, so a name cannot add a column.
+    """
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    for row in rows:
+        if len(row) != len(header):  # a bug in the caller: a broken table is never written
+            raise ValueError(f"row of {len(row)} cells under a header of {len(header)}")
+    return [line(header), "|" + "---|" * len(header), *(line(r) for r in rows)]
 
 
 def _fmt(v: float | None) -> str:
@@ -233,13 +249,15 @@ def render_card(
     lines += [
         f"This {'model' if full else 'adapter'} was merged by "
         f"[mwakit](https://pypi.org/project/mwakit/) {__version__} "
-        f"from {len(plan.checkpoints)} checkpoints with **{plan.method.name}** "
+        f"from {plural(len(plan.checkpoints), 'checkpoint')} with **{plan.method.name}** "
         f"({plan.method.summary}).",
         "",
         f"- Formula: `{plan.method.formula}`",
         f"- Reference: {plan.method.reference}",
     ]
-    if plan.base_model and "base_model" not in front:
+    # A full merge with base_model names it once below, as θ_0 of the task vectors.
+    theta0 = full and plan.base is not None
+    if plan.base_model and "base_model" not in front and not theta0:
         lines.append(f"- Base model: `{plan.base_model}`")
     params = plan.params.model_dump(mode="json")
     mwa = params if plan.method.name == "mwa" else None
@@ -287,18 +305,21 @@ def render_card(
         m for m in metric_names if m not in (*first, "step", *_NOISE)
     ][:3]
     lines += ["", "## Checkpoints", ""]
-    lines.append("| checkpoint | source | revision | step | " + " | ".join(shown) + " | weight |")
-    lines.append("|---" * (len(shown) + 5) + "|")
-    for c, w in zip(plan.checkpoints, plan.weights, strict=True):
-        cells = [_fmt(c.metrics.get(m)) for m in shown]
-        step = "" if c.step is None else str(c.step)
-        rev = f"`{c.revision}`" if c.revision else "local"
-        lines.append(
-            f"| {c.name} | `{c.ref}` | {rev} | {step} | " + " | ".join(cells) + f" | {w:.6f} |"
-        )
+    rows = [
+        [
+            c.name,
+            f"`{c.ref}`",
+            f"`{c.revision}`" if c.revision else "local",
+            "" if c.step is None else str(c.step),
+            *(_fmt(c.metrics.get(m)) for m in shown),
+            f"{w:.6f}",
+        ]
+        for c, w in zip(plan.checkpoints, plan.weights, strict=True)
+    ]
+    lines += markdown_table(["checkpoint", "source", "revision", "step", *shown, "weight"], rows)
     if plot:
-        metric = plot_metric(plan) or "step"
-        lines += ["", f"![Weight of each checkpoint against {metric}]({plot})"]
+        caption = plot_caption(plan)
+        lines += ["", f"![{caption[0].upper()}{caption[1:]}]({plot})"]
     if plan.recipe.rules:
         lines += [
             "",
@@ -308,9 +329,11 @@ def render_card(
     if plan.warnings:
         lines += ["", "## Notes", ""] + [f"- {w}" for w in plan.warnings]
     if fingerprints:
-        lines += ["", "## Input fingerprints", "", "| checkpoint | file | bytes | sha256 |"]
-        lines.append("|---|---|---|---|")
-        lines += [f"| {c} | {f} | {n} | `{h}` |" for c, f, h, n in fingerprints]
+        lines += ["", "## Input fingerprints", ""]
+        lines += markdown_table(
+            ["checkpoint", "file", "bytes", "sha256"],
+            [[c, f, str(n), f"`{h}`"] for c, f, h, n in fingerprints],
+        )
     lines += [
         "",
         "## Reproduce",

@@ -668,6 +668,18 @@ def load_recipe(path: str | Path) -> Recipe:
             is invalid; every problem at once.
     """
     p = Path(path)
+    recipe = parse_recipe(read_recipe_data(p), source=str(p))
+    recipe._source = str(p)
+    return recipe
+
+
+def read_recipe_data(path: str | Path) -> Any:
+    """Read a recipe file's YAML document, unvalidated (`mwakit.overrides` edits it first).
+
+    Raises:
+        RecipeError: The file is missing, is not UTF-8 YAML, or gives a key twice.
+    """
+    p = Path(path)
     try:
         raw = p.read_bytes()
     except (OSError, ValueError) as err:  # ValueError: a NUL byte in the path
@@ -691,9 +703,7 @@ def load_recipe(path: str | Path) -> Recipe:
             ],
             source=str(p),
         ) from err
-    recipe = parse_recipe(_yaml(text, str(p)), source=str(p))
-    recipe._source = str(p)
-    return recipe
+    return _yaml(text, str(p))
 
 
 def dump_recipe(recipe: Recipe) -> str:
