@@ -51,3 +51,14 @@ def lora_space(kind: str, mode: str, delta_rank: object = None) -> str | None:
         "dense": f"delta, dense ΔW re-factorised to rank {delta_rank} (truncated SVD)",
         "full": "delta, exact ΔW stored as full-rank factors",
     }.get(mode, mode)
+
+
+def count(n: int) -> str:
+    """A large count in short form: ``512``, ``26.8 k``, ``1.10 B``."""
+    if n < 1000:
+        return str(n)
+    for unit, scale in (("k", 1e3), ("M", 1e6), ("B", 1e9)):
+        if n < scale * 1000 or unit == "B":
+            v = n / scale
+            return f"{v:.3g} {unit}" if v < 100 else f"{v:.0f} {unit}"
+    raise AssertionError("unreachable")  # pragma: no cover
