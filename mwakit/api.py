@@ -207,9 +207,10 @@ def run(
             (tmp / "adapter_config.json").write_text(
                 json.dumps(p.adapter_config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
             )
-        text = dump_recipe(resolved_recipe(p))
+        resolved = resolved_recipe(p, folder=target)
+        text = dump_recipe(resolved)
         (tmp / RESOLVED_RECIPE).write_text(text, encoding="utf-8")
-        write_card(p, tmp, text, stats.rel_errors, assets.result())
+        write_card(p, tmp, text, stats.rel_errors, assets.result(), rerun=resolved.output.path)
     # The upload starts only once the local folder is complete; if it fails, the folder stays
     # and the error says how to retry with `mwakit push`.
     url = _push(target, dest) if dest is not None else None

@@ -58,22 +58,59 @@ _READINGS = {
 }
 
 
-def resolved_recipe(plan: Plan) -> Recipe:
+def rerun_path(folder: Path) -> str:
+    """``output.path`` of the resolved recipe in ``folder``: a sibling, ``../NAME-rerun``.
+
+    Re-running the recipe from its folder then neither nests a copy inside it nor replaces
+    the folder it is read from, and the two results sit side by side to compare.
+    """
+    return f"../{Path(os.path.abspath(folder)).name}-rerun"
+
+
+def _portable(ref: str, folder: Path | None) -> str:
+    """A local input's path relative to ``folder`` when they share a parent below the root
+    (a project folder), else as is (absolute); Hub references as is."""
+    from mwakit.hub import is_hf_ref
+
+    if folder is None or is_hf_ref(ref):
+        return ref
+    target = Path(os.path.abspath(ref)).resolve()
+    root = Path(os.path.abspath(folder)).resolve()
+    try:
+        common = Path(os.path.commonpath([target, root]))
+    except ValueError:  # different drives
+        return ref
+    if common == Path(common.anchor):
+        return ref
+    return os.path.relpath(target, root)
+
+
+def resolved_recipe(plan: Plan, folder: Path | None = None) -> Recipe:
     """The recipe as run: explicit checkpoints with the metrics used.
 
     Local checkpoints get absolute paths, Hub ones ``hf://org/repo@<sha>/subfolder`` pinned to
     the commit they resolved to, so a re-run fetches exactly the same bytes. Re-running it
     reproduces the merge even when ``select:`` would now find other folders or trainer_state.json
     files are gone. ``output.hub`` is dropped: re-running a published recipe must not publish.
+
+    Args:
+        plan: The plan that ran.
+        folder: The output folder the recipe is written into. Given, local paths are made
+            relative to it where they share a parent below the root (``relative_to:
+            recipe``), so the output folder and its inputs can move together, to another
+            machine too, and ``output.path`` becomes `rerun_path`.
     """
     data = plan.recipe.to_yaml_dict()
     data.pop("select", None)
     data["output"].pop("hub", None)
-    if plan.base is not None and plan.base.revision is not None:
-        data["base_model"] = plan.base.pinned_ref
+    if plan.base is not None:
+        data["base_model"] = _portable(plan.base.pinned_ref, folder)
+    if folder is not None:
+        data["relative_to"] = "recipe"
+        data["output"]["path"] = rerun_path(folder)
     data["checkpoints"] = [
         {
-            "path": c.pinned_ref,
+            "path": _portable(c.pinned_ref, folder),
             **({"metrics": dict(c.metrics)} if c.metrics else {}),
             **({"weight": c.weight} if c.weight is not None else {}),
         }
@@ -210,6 +247,7 @@ def write_card(
     recipe_yaml: str,
     rel_errors: dict[str, float],
     prints: Fingerprints | None = None,
+    rerun: str | None = None,
 ) -> list[Path]:
     """Write README.md (and, unless ``prints`` says `write_assets` ran, the plot).
 
@@ -219,7 +257,9 @@ def write_card(
     if prints is None:
         prints = write_assets(plan, folder)
     card = folder / CARD_FILE
-    text = render_card(plan, recipe_yaml, rel_errors, plot=PLOT_FILE, fingerprints=prints)
+    text = render_card(
+        plan, recipe_yaml, rel_errors, plot=PLOT_FILE, fingerprints=prints, rerun=rerun
+    )
     card.write_text(text, encoding="utf-8")
     return [folder / PLOT_FILE, card]
 
@@ -231,6 +271,7 @@ def render_card(
     *,
     plot: str | None = None,
     fingerprints: Sequence[tuple[str, str, str, int]] = (),
+    rerun: str | None = None,
 ) -> str:
     """README.md for the merged checkpoint: Hub front matter, method, checkpoints, recipe.
 
@@ -240,6 +281,8 @@ def render_card(
         rel_errors: Relative truncation error per module (delta space re-factorised).
         plot: The weights plot's file name in the folder, to link.
         fingerprints: (checkpoint, file, sha256, size) of each input file.
+        rerun: Where the recipe re-runs to (its ``output.path``, relative to the folder),
+            when its paths are relative to the folder (``relative_to: recipe``).
     """
     full = plan.kind == "full"
     front = _front_matter(plan)
@@ -334,15 +377,24 @@ def render_card(
             ["checkpoint", "file", "bytes", "sha256"],
             [[c, f, str(n), f"`{h}`"] for c, f, h, n in fingerprints],
         )
+    lines += ["", "## Reproduce", "", "```bash", f"pip install mwakit=={__version__}"]
+    if rerun is not None:
+        lines += [
+            f"mwakit run {RESOLVED_RECIPE}   # in this folder; writes {rerun}",
+            f'for f in *.safetensors; do cmp "$f" "{rerun}/$f"; done   # the same bytes',
+        ]
+    else:
+        lines.append(f"mwakit run {RESOLVED_RECIPE}")
+    lines += ["```", ""]
+    if rerun is not None:
+        lines += [
+            f"Local paths in `{RESOLVED_RECIPE}` are relative to this folder (`relative_to: "
+            "recipe`), so `mwakit run path/to/this/folder/mwakit.yaml` works from anywhere, and "
+            "on another machine when the inputs keep their place relative to this folder; "
+            "inputs with no common parent folder keep absolute paths.",
+            "",
+        ]
     lines += [
-        "",
-        "## Reproduce",
-        "",
-        "```bash",
-        f"pip install mwakit=={__version__}",
-        f"mwakit run {RESOLVED_RECIPE}",
-        "```",
-        "",
         f"The recipe as run (`{RESOLVED_RECIPE}` in this folder; Hub inputs pinned to the "
         "commit they resolved to, `output.hub` left out so a re-run does not publish):",
         "",

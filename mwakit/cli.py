@@ -325,9 +325,10 @@ def run(
         s, p = res.stats, res.plan
         space = wording.lora_space(p.kind, p.lora_mode, p.recipe.delta_rank)
         click.echo(
-            f"merged {wording.plural(len(p.checkpoints), 'checkpoint')} with {p.method.name}"
-            + (f" (lora space: {space})" if space else " (full models)")
-            + f" into {res.path} — {wording.plural(s.tasks, 'tensor group')}, "
+            f"merged {wording.plural(len(p.checkpoints), 'checkpoint')} with {p.method.name} "
+            f"into {res.path} — "
+            + (f"lora space {space}; " if space else "full models; ")
+            + f"{wording.plural(s.tasks, 'tensor group')}, "
             f"{wording.size(s.bytes_written)} written in {s.seconds:.2f} s on {s.device}"
         )
     if res.commit_url:

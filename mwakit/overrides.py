@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from mwakit.errors import Problem, RecipeError, UsageError
-from mwakit.recipe import Recipe, parse_recipe, read_recipe_data
+from mwakit.recipe import Recipe, loaded, parse_recipe, read_recipe_data
 
 #: The help text of the ``--set`` option, shared by every command that has it.
 SET_HELP = (
@@ -160,5 +160,4 @@ def load_recipe_with(path: str | Path, sets: Sequence[str] = ()) -> Recipe:
         recipe = parse_recipe(data, source=str(p))
     except RecipeError as err:
         raise RecipeError(_relocate(err.problems, keys), source=err.source) from err
-    recipe._source = str(p)
-    return recipe
+    return loaded(recipe, p)

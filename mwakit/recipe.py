@@ -270,6 +270,10 @@ class Recipe(_Strict):
     """Full models, ``method: passthrough``: the output's layers, slice after slice, each from
     one checkpoint (renumbered from 0); the other tensors come from the checkpoint
     ``params.rest_from`` names, else the first slice's checkpoint."""
+    relative_to: Literal["cwd", "recipe"] = "cwd"
+    """What relative local paths in the recipe are relative to: the current directory, or the
+    folder of the recipe file (the resolved recipe ``mwakit.yaml`` of an output folder uses
+    ``recipe``, so it re-runs from anywhere, and on another machine with the same layout)."""
     output: Output
 
     _base_model = field_validator("base_model")(_hub_ref)
@@ -668,8 +672,38 @@ def load_recipe(path: str | Path) -> Recipe:
             is invalid; every problem at once.
     """
     p = Path(path)
-    recipe = parse_recipe(read_recipe_data(p), source=str(p))
-    recipe._source = str(p)
+    return loaded(parse_recipe(read_recipe_data(p), source=str(p)), p)
+
+
+def _rebase(path: str, folder: Path) -> str:
+    from mwakit.hub import is_hf_ref
+
+    if is_hf_ref(path) or Path(path).is_absolute():
+        return path
+    return str(folder / path)
+
+
+def loaded(recipe: Recipe, path: Path) -> Recipe:
+    """A recipe just read from ``path``: its source noted and, with ``relative_to: recipe``,
+    its relative local paths (checkpoints, ``select.run``, ``base_model``, ``output.path``)
+    joined to the recipe file's folder."""
+    if recipe.relative_to == "recipe":
+        folder = path.parent
+        update: dict[str, Any] = {
+            "output": recipe.output.model_copy(update={"path": _rebase(recipe.output.path, folder)})
+        }
+        if recipe.checkpoints is not None:
+            update["checkpoints"] = [
+                c.model_copy(update={"path": _rebase(c.path, folder)}) for c in recipe.checkpoints
+            ]
+        if recipe.select is not None:
+            update["select"] = recipe.select.model_copy(
+                update={"run": _rebase(recipe.select.run, folder)}
+            )
+        if recipe.base_model is not None:
+            update["base_model"] = _rebase(recipe.base_model, folder)
+        recipe = recipe.model_copy(update=update)
+    recipe._source = str(path)
     return recipe
 
 

@@ -97,7 +97,7 @@ class Verdict:
         n = len(p.checkpoints)
         if p.kind == "adapter":
             space = lora_space(p.kind, p.lora_mode, r.delta_rank)
-            inputs = f"{plural(n, 'adapter')}, lora space: {space}"
+            inputs = f"{plural(n, 'adapter')}, lora space {space}"
             work = f"{doc['lora_modules']} LoRA modules, {doc['full_tensors']} full tensors"
         else:
             inputs = plural(n, "full model") + (", base_model" if p.base is not None else "")
