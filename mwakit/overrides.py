@@ -12,6 +12,7 @@ Used by ``mwakit run``, ``plan`` and ``validate`` (and any command that loads a 
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ SET_HELP = (
 )
 
 _FIX = "write --set KEY=VALUE, e.g. --set params.penalty=2"
+_EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
 def parse_set(item: str) -> tuple[tuple[str, ...], Any]:
@@ -56,6 +58,9 @@ def parse_set(item: str) -> tuple[tuple[str, ...], Any]:
             where=f"--set {key}",
             fix="quote a string that YAML cannot read, e.g. --set 'name=\"a: b\"'",
         ) from err
+    if isinstance(value, str) and _EXPONENT.match(value.strip()):
+        # YAML 1.1 (PyYAML) reads 1e-3 as a string: a person means the number.
+        value = float(value)
     return parts, value
 
 

@@ -45,11 +45,11 @@ def lora_space(kind: str, mode: str, delta_rank: object = None) -> str | None:
     if kind == "full":
         return None
     return {
-        "factors": "factors: A and B merged, same rank",
-        "concat": "delta: exact, ranks concatenated",
-        "svd": f"delta: re-factorised to rank {delta_rank} with QR + small SVD",
-        "dense": f"delta: dense ΔW re-factorised to rank {delta_rank} with a truncated SVD",
-        "full": "delta: exact ΔW stored as full-rank factors",
+        "factors": "factors (A and B merged, same rank)",
+        "concat": "delta (exact: ranks concatenated)",
+        "svd": f"delta (re-factorised to rank {delta_rank} with QR + small SVD)",
+        "dense": f"delta (dense ΔW re-factorised to rank {delta_rank} with a truncated SVD)",
+        "full": "delta (exact ΔW stored as full-rank factors)",
     }.get(mode, mode)
 
 

@@ -176,7 +176,7 @@ def test_validate_ok_summarises_the_plan_and_warns(cks: list[Path], tmp_path: Pa
     res = invoke("validate", r)
     assert res.exit_code == 0, res.output
     assert res.stdout.startswith(
-        f"ok: {r}: method mwa, 3 adapters, lora space delta: re-factorised to rank"
+        f"ok: {r}: method mwa, 3 adapters, lora space delta (re-factorised to rank"
     )
     warnings = res.stderr.splitlines()
     # delta_rank beyond a module's full rank is cut to it (min(out, in) = 16), and said once.
