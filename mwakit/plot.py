@@ -120,11 +120,11 @@ def draw(data: dict[str, Any], path: str | Path, fmt: str | None = None) -> Path
     out = Path(path)
     # No version or date entries, so the file does not change with the matplotlib version.
     fmt = fmt or "png"
-    if fmt == "svg":
-        import matplotlib
+    import matplotlib
 
-        matplotlib.rcParams["svg.hashsalt"] = "mwakit"  # fixed element ids: same bytes twice
-    fig.savefig(out, format=fmt, metadata=PLOT_FORMATS[fmt])
+    # A fixed salt for the SVG's element ids: the same plot gives the same bytes.
+    with matplotlib.rc_context({"svg.hashsalt": "mwakit"}):
+        fig.savefig(out, format=fmt, metadata=PLOT_FORMATS[fmt])
     return out
 
 

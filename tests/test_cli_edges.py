@@ -178,6 +178,15 @@ def test_plot_format_follows_the_extension(
     assert not [p for p in tmp_path.iterdir() if "mwakit-tmp" in p.name]
 
 
+@pytest.mark.parametrize("fmt", ["svg", "pdf"])
+def test_plot_files_are_the_same_bytes_twice(tmp_path: Path, fmt: str) -> None:
+    from mwakit.plot import draw
+
+    data = {"name": "loss", "xs": [1.0, 2.0], "ws": [0.4, 0.6], "labels": ["a", "b"], "title": "t"}
+    one = draw(data, tmp_path / f"1.{fmt}", fmt).read_bytes()
+    assert one == draw(data, tmp_path / f"2.{fmt}", fmt).read_bytes()
+
+
 @pytest.mark.parametrize("name", ["w.jpg", "weights"])
 def test_plot_with_another_extension_is_refused(project: Path, tmp_path: Path, name: str) -> None:
     res = _invoke("plan", str(_recipe(tmp_path, project / "run")), "--plot", str(tmp_path / name))
