@@ -70,6 +70,8 @@ def quiet() -> Iterator[None]:
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.filterwarnings("ignore", message=r".*lora_bias.*")
+            # The adapter config names the base it was trained from; the one loaded is ours.
+            warnings.filterwarnings("ignore", message=r".*base_model_name_or_path. was renamed")
             yield
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -147,8 +149,17 @@ class LoadedModel:
                 yield self.peft
 
     def _without_peft(self) -> Any:
-        # A full merge replaces the base: an adapter slot from before would add to it.
-        self.base = self.peft.unload()
+        """Remove the adapter slot, giving back the base model exactly as loaded."""
+        from peft.utils.other import ModulesToSaveWrapper
+
+        # PEFT's unload keeps a modules_to_save module's *trained copy* in the base; put the
+        # original module back first, so the base weights stay those read from disk.
+        for name, m in list(self.peft.base_model.model.named_modules()):
+            if isinstance(m, ModulesToSaveWrapper):
+                parent_name, _, child = name.rpartition(".")
+                parent = self.peft.base_model.model.get_submodule(parent_name)
+                setattr(parent, child, m.original_module)
+        self.base = self.peft.unload()  # drops the LoRA layers; their base layers stay
         self.peft, self._structure = None, None
         return self.base
 
@@ -158,8 +169,7 @@ class LoadedModel:
         structure = _structure(adapter)
         if structure != self._structure:
             if self.peft is not None:
-                self.base = self.peft.unload()  # drops the LoRA layers; the base is untouched
-                self.peft, self._structure = None, None
+                self._without_peft()
             with quiet():
                 self.peft = get_peft_model(self.base, _lora_config(adapter.adapter_config))
             self.peft.to(self.device).eval().requires_grad_(False)
