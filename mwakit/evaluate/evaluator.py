@@ -310,7 +310,8 @@ class Evaluator:
                     generation_config=cfg,
                 )
             for b, k in enumerate(chunk):
-                toks = gen[b, width:].tolist()
+                # Each row's own limit: a batch generates for its longest answer.
+                toks = gen[b, width:].tolist()[: sizes[k] + M.GEN_SLACK]
                 cut = next((n for n, t in enumerate(toks) if t in self.eos_ids), len(toks))
                 out[k] = self.tokenizer.decode(toks[:cut], skip_special_tokens=True)
         return out
