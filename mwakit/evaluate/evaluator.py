@@ -159,8 +159,9 @@ class Evaluator:
         rows = list(rows)
         self._check_kinds(rows)
         seqs = self.encode(rows)
+        t_swap = time.perf_counter()
         with self.model.use(adapter) as model:
-            swap = time.perf_counter() - t0
+            swap = time.perf_counter() - t_swap
             tok = self._forward(model, seqs)
             result = self._metrics(model, rows, seqs, tok)
         result.swap_seconds = swap
