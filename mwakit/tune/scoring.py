@@ -100,4 +100,7 @@ class ModelScorer:
         t1 = time.perf_counter()
         res = self.evaluator.score(self.rows[split], merged)
         per_row = tuple(float(x) for x in res.per_row.get(self.metric, ()))
-        return Score(float(res.metrics[self.metric]), per_row, time.perf_counter() - t0, t1 - t0)
+        # merge_seconds: what tuning adds to an evaluation (the merge, and the swap into the
+        # loaded model), to compare with the evaluation itself.
+        overhead = t1 - t0 + res.swap_seconds
+        return Score(float(res.metrics[self.metric]), per_row, time.perf_counter() - t0, overhead)

@@ -30,7 +30,7 @@ class Score:
         value: The metric over the split (as the evaluator reports it).
         per_row: The metric per row, for paired standard errors.
         seconds: Wall time of the whole trial (merge + evaluation).
-        merge_seconds: Of which the in-memory merge and swap.
+        merge_seconds: Of which the in-memory merge and the swap into the loaded model.
     """
 
     value: float
