@@ -15,7 +15,7 @@ import mwakit
 from mwakit.cli import main
 from mwakit.errors import UsageError
 from mwakit.evaluate import Evaluator, load_rows
-from mwakit.memory import merge_in_memory
+from mwakit.memory import MergedAdapter, merge_in_memory
 from mwakit.recipe import load_recipe
 from mwakit.tune import tune
 from mwakit.tune.scoring import ScorerSpec
@@ -65,14 +65,9 @@ def test_tune_chooses_and_best_yaml_reproduces_the_scored_candidate(
     for k, t in disk.items():
         torch.testing.assert_close(mem.tensors[k], t, atol=1e-6, rtol=0)
     # Scoring the written adapter gives the chosen candidate's VAL score.
+    cfg = json.loads((written / "adapter_config.json").read_text())
     ev = Evaluator(tune_base, metrics=["loss"])
-    from peft import PeftModel
-
-    from make_run import load_base
-
-    model = PeftModel.from_pretrained(load_base(tune_base), str(written))
-    del model  # loads: the folder is a real PEFT adapter
-    again = ev.score(load_rows(val), mem).metrics["loss"]
+    again = ev.score(load_rows(val), MergedAdapter(disk, cfg)).metrics["loss"]
     assert again == pytest.approx(res.best.val.value, abs=1e-6)
     card = (written / "README.md").read_text()
     assert "## Tuning" in card and res.best.name in card and "sha256" in card
