@@ -246,7 +246,9 @@ def build_space(recipe: Recipe) -> Space:
         vec = [r.get(metric) for r in rows]
         if all(vec != [r.get(metric) for r in seen] for seen in windows.values()):
             windows[w] = rows
-    base = recipe.to_yaml_dict()
+    # Only what the recipe sets: best.yaml stays as short as a hand-written recipe.
+    base = recipe.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+    base["output"] = recipe.output.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
     base.pop("tuning", None)
     return Space(
         base=base,
