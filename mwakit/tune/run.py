@@ -143,6 +143,15 @@ class TuneResult:
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                  for r in table]  # fmt: skip
         better = "higher" if self.direction > 0 else "lower"
+        timed = [t.score for t in self.trials if t.score.seconds > 0]
+        if timed:
+            merge = math.fsum(s.merge_seconds for s in timed) / len(timed)
+            share = math.fsum(s.merge_seconds for s in timed) / math.fsum(s.seconds for s in timed)
+            lines += [
+                "",
+                f"{len(timed)} candidates scored: merge + swap {merge * 1e3:.0f} ms each on "
+                f"average, {share:.1%} of the trial time",
+            ]
         lines += [
             "",
             f"{better} is better; ± is one standard error, paired on the same rows for "
@@ -404,8 +413,14 @@ def tune(
     val_path = _data_file(data, "VAL")
     test_path = None if test is None else _data_file(test, "TEST")
     space = build_space(r)
-    if base is None and scorer is None:
-        base = _default_base(r)
+    if scorer is None:
+        from mwakit.evaluate import load_rows
+
+        for p in (val_path, test_path):
+            if p is not None:
+                load_rows(p)  # a bad row is reported here, before any model loads
+        if base is None:
+            base = _default_base(r)
     direction = _direction(metric)
     files = {"val": str(val_path), **({"test": str(test_path)} if test_path else {})}
     context = {
@@ -479,6 +494,17 @@ def _default_base(r: Recipe) -> str:
     )
 
 
+def _need_cmaes() -> None:
+    try:
+        import cmaes  # noqa: F401
+    except ImportError as err:
+        raise UsageError(
+            "the weights search needs the cmaes library",
+            where="--search weights",
+            fix="pip install 'mwakit[tune]'",
+        ) from err
+
+
 def _run(
     t: _Tuner, names: Sequence[str], budget: int, with_test: bool, seed: int
 ) -> tuple[Choice, dict[str, Entry], dict[str, Entry], Entry]:
@@ -495,6 +521,7 @@ def _run(
         elif name == "greedy":
             got = S.greedy_search(space, t.evaluate, budget, singles)
         elif name == "weights":
+            _need_cmaes()
             start = S.start_weights(space, tried)
             got = S.weights_search(space, t.evaluate, budget, start, seed=seed)
         else:  # groups

@@ -35,14 +35,16 @@ def test_tune_chooses_and_best_yaml_reproduces_the_scored_candidate(
         data=val,
         test=test,
         base=tune_base,
-        searches="penalty,last,greedy,weights",
+        searches="penalty,last,greedy,weights,groups",
         budget=6,
         out=out,
         on_trial=lambda t, done, total: seen.append(done),
     )
     assert set(res.baselines) == {"last", "best_single", "uniform"}
     assert res.baselines["last"].name == "checkpoint-25"
-    assert set(res.searches) == {"penalty", "last", "greedy", "weights"}
+    assert set(res.searches) == {"penalty", "last", "greedy", "weights", "groups"}
+    groups = [t for t in res.trials if t.kind == "groups"]
+    assert groups and all(t.recipe["rules"][0]["match"] == "*self_attn*" for t in groups)
     assert all(e.test is not None for e in res.baselines.values()) and res.best.test is not None
     # TEST only for the baselines and the chosen one: at most 4 test trials.
     tests = [t for t in res.trials if t.split == "test"]
@@ -152,6 +154,16 @@ def test_cli_tune_errors_are_one_line(
     assert got == code, out
     lines = out.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], out
+
+
+def test_cli_tune_bad_row_is_one_line_naming_it(
+    tune_run: Path, tune_base: Path, tmp_path: Path
+) -> None:
+    bad = tmp_path / "val.jsonl"
+    bad.write_text('{"text": "w6 w7"}\n{"prompt": 3}\n', encoding="utf-8")
+    rec = str(write_recipe(tmp_path, tune_run))
+    got, out = _invoke("tune", rec, "--data", str(bad), "--base", str(tune_base))
+    assert got == 1 and out.count("\n") == 1 and f"{bad}:2" in out, out
 
 
 def test_cli_tune_missing_data_and_one_checkpoint(
