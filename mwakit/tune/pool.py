@@ -243,7 +243,9 @@ class RayWorkers:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         self.n = n or max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.spec = spec
-        self._remote = ray.remote(num_cpus=1, max_restarts=0)(_Actor)
+        # An actor evaluating on CUDA holds one GPU (Ray then places actors on GPU nodes).
+        gpus = 1 if str(spec.kwargs.get("device", "cpu")).startswith("cuda") else 0
+        self._remote = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=0)(_Actor)
         self._actors: list[Any] = []
 
     def run(self, jobs: Sequence[Job]) -> Iterator[tuple[Job, Score]]:

@@ -65,6 +65,7 @@ def ray_cluster() -> Iterator[None]:
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_ray_actors_equal_in_process_and_survive_a_dead_actor(
     ray_cluster: None, in_process: Any, tune_run: Path, val_test: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -81,3 +82,17 @@ def test_ray_actors_equal_in_process_and_survive_a_dead_actor(
     assert (tmp_path / "died").is_file()
     assert _values(res) == _values(in_process)
     assert res.best.name == in_process.best.name
+
+
+@pytest.mark.slow
+def test_ray_with_the_real_scorer_equals_in_process(
+    ray_cluster: None, tune_base: Path, tune_run: Path, val_test: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # Each actor loads the base model once and scores the candidates the driver hands it.
+    kw: dict[str, Any] = dict(data=val_test[0], base=tune_base, searches="last", budget=2)
+    here = tune(write_recipe(tmp_path, tune_run), **kw)
+    there = tune(write_recipe(tmp_path, tune_run), ray=True, workers=2, **kw)
+    want = _values(here)
+    assert set(_values(there)) == set(want)
+    for k, v in _values(there).items():
+        assert v == pytest.approx(want[k], abs=1e-6), k

@@ -24,6 +24,7 @@ from tests.tune.conftest import write_recipe
 HASH = ScorerSpec("tests.tune.helpers:HashScorer")
 
 
+@pytest.mark.slow
 def test_tune_chooses_and_best_yaml_reproduces_the_scored_candidate(
     tune_base: Path, tune_run: Path, val_test: tuple[Path, Path], tmp_path: Path
 ) -> None:
