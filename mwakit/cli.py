@@ -91,6 +91,7 @@ def main(debug: bool) -> None:
     mwakit methods                list merge methods and their params
     mwakit convert mergekit.yaml  turn a mergekit config into an mwakit recipe
     mwakit fisher CKPT --base B --data D.jsonl   estimate a Fisher for `method: fisher`
+    mwakit eval TARGET --data D.jsonl            score an adapter/model/recipe on held-out data
     mwakit tune recipe.yaml --data VAL.jsonl --out best.yaml   choose the merge on held-out data
     """
 
@@ -547,6 +548,77 @@ def fisher(
         out_name=out_name,
     )
     click.echo(f"wrote {out}")
+
+
+@main.command(name="eval")
+@click.argument("target")
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help='JSONL rows: {"prompt","completion"}, {"text"}, {"messages"} or '
+    '{"prompt","choices","label"}.',
+)
+@click.option(
+    "--base",
+    help="Base model folder or hf:// ref [default: the adapters' base_model_name_or_path].",
+)
+@click.option(
+    "--metric",
+    "metric",
+    default="loss",
+    show_default=True,
+    help="Comma-separated: loss, perplexity, exact_match, accuracy, module:function.",
+)
+@click.option("--tokenizer", help="Tokenizer folder [default: the base's, else the adapter's].")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option(
+    "--batch-tokens", default=2048, show_default=True, help="Padded tokens per forward pass."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_handle_errors
+def eval_cmd(
+    target: str,
+    data: Path,
+    base: str | None,
+    metric: str,
+    tokenizer: str | None,
+    device: str,
+    batch_tokens: int,
+    as_json: bool,
+) -> None:
+    """Score TARGET on held-out DATA: an adapter folder (a checkpoint), a model folder, or a
+    recipe (merged in memory, nothing written).
+
+    Metrics are means over rows, shown with their standard error. exact_match uses greedy
+    decoding (no generation when the completion ends with the EOS token).
+    """
+    from mwakit.evaluate import evaluate
+
+    res = evaluate(
+        target,
+        base=base,
+        data=data,
+        metrics=metric,
+        tokenizer=tokenizer,
+        device=device,
+        batch_tokens=batch_tokens,
+    )
+    if as_json:
+        click.echo(json.dumps(res.to_json(), indent=2, sort_keys=True))
+        return
+    click.echo(f"target: {res.target}")
+    click.echo(f"base:   {res.base}")
+    se = res.standard_errors()
+    rows = [
+        [k, f"{v:.6g}", f"± {se[k]:.3g}" if k in se else "", str(len(res.per_row.get(k, [])) or "")]
+        for k, v in res.metrics.items()
+    ]
+    header = ["metric", "value", "se", "rows"]
+    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=False)]
+    for r in [header, *rows]:
+        click.echo("  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)).rstrip())
+    click.echo(f"{res.tokens} tokens scored in {res.seconds:.2f}s", err=True)
 
 
 @main.command()

@@ -89,4 +89,6 @@ def evaluate(
         batch_tokens=batch_tokens,
         tokenizer_fallback=t.tokenizer,
     )
-    return ev.score(rows, t.adapter)
+    result = ev.score(rows, t.adapter)
+    result.target, result.base = t.label, t.base
+    return result

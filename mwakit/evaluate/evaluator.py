@@ -45,6 +45,8 @@ class EvalResult:
         seconds: Wall time of the scoring.
         swap_seconds: Of which putting the candidate in place (copying its tensors).
         tokens: Scored tokens.
+        target: What was scored (set by `mwakit.evaluate.evaluate`).
+        base: The base model it was scored on (set by `mwakit.evaluate.evaluate`).
     """
 
     metrics: dict[str, float]
@@ -53,6 +55,24 @@ class EvalResult:
     seconds: float = 0.0
     swap_seconds: float = 0.0
     tokens: int = 0
+    target: str | None = None
+    base: str | None = None
+
+    def standard_errors(self) -> dict[str, float]:
+        """The standard error of each metric that has per-row scores."""
+        return {k: M.standard_error(v) for k, v in self.per_row.items()}
+
+    def to_json(self) -> dict[str, object]:
+        """The result as `mwakit eval --json` prints it (per-row scores left out)."""
+        return {
+            "target": self.target,
+            "base": self.base,
+            "metrics": self.metrics,
+            "se": self.standard_errors(),
+            "rows": {k: len(v) for k, v in self.per_row.items()},
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 4),
+        }
 
 
 @dataclass
@@ -139,8 +159,9 @@ class Evaluator:
         rows = list(rows)
         self._check_kinds(rows)
         seqs = self.encode(rows)
+        t_swap = time.perf_counter()
         with self.model.use(adapter) as model:
-            swap = time.perf_counter() - t0
+            swap = time.perf_counter() - t_swap
             tok = self._forward(model, seqs)
             result = self._metrics(model, rows, seqs, tok)
         result.swap_seconds = swap
@@ -310,7 +331,8 @@ class Evaluator:
                     generation_config=cfg,
                 )
             for b, k in enumerate(chunk):
-                toks = gen[b, width:].tolist()
+                # Each row's own limit: a batch generates for its longest answer.
+                toks = gen[b, width:].tolist()[: sizes[k] + M.GEN_SLACK]
                 cut = next((n for n, t in enumerate(toks) if t in self.eos_ids), len(toks))
                 out[k] = self.tokenizer.decode(toks[:cut], skip_special_tokens=True)
         return out

@@ -178,3 +178,16 @@ def perplexity_scores(loss: float, per_row_loss: Sequence[float]) -> tuple[float
 def mean(xs: Sequence[float]) -> float:
     """The arithmetic mean (of a non-empty list)."""
     return sum(xs) / len(xs)
+
+
+def standard_error(xs: Sequence[float]) -> float:
+    """The standard error of the mean of ``xs`` (0 for fewer than two values).
+
+    Applied to the per-row differences of two candidates on the same rows, it is the paired
+    standard error of the difference of their metrics.
+    """
+    n = len(xs)
+    if n < 2:
+        return 0.0
+    m = mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n)

@@ -29,7 +29,7 @@ def word(i: int) -> str:
     return WORDS[i - len(SPECIALS)]
 
 
-def save_tokenizer(folder: Path) -> Path:
+def save_tokenizer(folder: Path, eos_token: str = "</s>") -> Path:
     """Save the word-level tokenizer (fast, with offsets) into ``folder``."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -45,7 +45,7 @@ def save_tokenizer(folder: Path) -> Path:
         unk_token="[UNK]",
         pad_token="<pad>",
         bos_token="<s>",
-        eos_token="</s>",
+        eos_token=eos_token,
         additional_special_tokens=["<|user|>", "<|assistant|>"],
     )
     fast.chat_template = CHAT_TEMPLATE
