@@ -311,3 +311,17 @@ def test_factor_space_refuses_different_ranks(tiny_base: Path) -> None:
     model = _model(tiny_base, {"first": PLAIN, "second": {"r": 2, "lora_alpha": 8}})
     with pytest.raises(PlanError, match="ranks differ"):
         merge_adapters(model, ["first", "second"], lora_space="factors")
+
+
+def test_peft_cat_is_off_by_sqrt_rank_on_rslora_where_ours_is_exact(tiny_base: Path) -> None:
+    # The README's claim about add_weighted_adapter (PEFT 0.21): the merged config inherits
+    # use_rslora, so α = r = Σr scales by √(Σr) instead of 1.
+    rs = {"r": 4, "lora_alpha": 8, "use_rslora": True}
+    model = _model(tiny_base, {"first": rs, "second": rs}, seed=11)
+    merge_adapters(model, ["first", "second"], name="ours")
+    model.add_weighted_adapter(["first", "second"], [0.5, 0.5], "cat", combination_type="cat")
+    assert _check_exact(model, "ours", ["first", "second"], [0.5, 0.5]) == ALL_MODULES
+    for layer in _lora_layers(model).values():
+        torch.testing.assert_close(
+            _delta(layer, "cat"), math.sqrt(8) * _delta(layer, "ours"), rtol=1e-5, atol=1e-6
+        )

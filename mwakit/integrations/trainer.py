@@ -51,6 +51,11 @@ def _value(v: Any) -> str:
     return str(getattr(v, "value", v))
 
 
+def _eval_strategy(args: Any) -> str:
+    # `evaluation_strategy` is the name before transformers 4.41.
+    return _value(getattr(args, "eval_strategy", getattr(args, "evaluation_strategy", "no")))
+
+
 def _read_recipe(recipe: str | Path | Mapping[str, Any] | Recipe) -> tuple[dict[str, Any], str]:
     """The recipe as plain data (to be completed by the callback) and its name for messages."""
     if isinstance(recipe, Recipe):
@@ -252,7 +257,7 @@ class MergeCallback(TrainerCallback):
                 stacklevel=2,
             )
         metric = self._metric()
-        if metric is not None and metric.startswith("eval_") and _value(args.eval_strategy) == "no":
+        if metric is not None and metric.startswith("eval_") and _eval_strategy(args) == "no":
             warnings.warn(
                 f"MergeCallback: the merge weighs by {metric}, but eval_strategy='no' logs no "
                 "evaluation, so the checkpoints will lack it. Set eval_strategy to the "
@@ -260,11 +265,7 @@ class MergeCallback(TrainerCallback):
                 UserWarning,
                 stacklevel=2,
             )
-        if (
-            self._tune is not None
-            and self._tune_data is None
-            and _value(args.eval_strategy) == "no"
-        ):
+        if self._tune is not None and self._tune_data is None and _eval_strategy(args) == "no":
             raise UsageError(
                 "tune= scores merges on the Trainer's eval data, but eval_strategy='no' never "
                 "evaluates",

@@ -32,6 +32,7 @@ def _cli_run(recipe: dict[str, Any], path: Path) -> Path:
     return Path(recipe["output"]["path"])
 
 
+@pytest.mark.slow
 def test_outputs_equal_mwakit_run_of_the_same_recipe(train: Train, tmp_path: Path) -> None:
     run = tmp_path / "run"
     recipe_file = tmp_path / "merge.yaml"
@@ -86,6 +87,7 @@ def test_outputs_equal_mwakit_run_of_the_same_recipe(train: Train, tmp_path: Pat
         ).read_text()
 
 
+@pytest.mark.slow
 def test_sft_trainer(tmp_path: Path, tiny_base: Path, word_tokenizer: Any) -> None:
     import torch
     from datasets import Dataset
