@@ -239,6 +239,8 @@ class MergeCallback(TrainerCallback):
 
         Raises:
             UsageError: The Trainer saves no checkpoints, or a tune has no data to tune on.
+            OutputError: The output folder exists (and ``overwrite`` is off) or cannot be
+                written.
         """
         if _value(args.save_strategy) == "no":
             raise UsageError(
@@ -247,6 +249,7 @@ class MergeCallback(TrainerCallback):
                 where="MergeCallback",
                 fix="set save_strategy='steps' with save_steps (or 'epoch') in TrainingArguments",
             )
+        self._check_output(Path(args.output_dir or "trainer_output"))
         limit, last = args.save_total_limit, self.last
         if limit is not None and last is not None and limit < last:
             warnings.warn(
@@ -273,6 +276,23 @@ class MergeCallback(TrainerCallback):
                 fix="give the Trainer an eval_dataset and eval_strategy='steps', or pass "
                 "tune_data=FILE.jsonl",
             )
+
+    def _check_output(self, run_dir: Path) -> None:
+        """Refuse now an output folder the merge could not write after training."""
+        from mwakit.errors import OutputError
+        from mwakit.io.atomic import check_target
+
+        out = self.recipe_for(run_dir).output
+        try:
+            check_target(Path(out.path), out.overwrite)
+        except OutputError as err:
+            if not Path(out.path).is_dir() or out.overwrite:
+                raise
+            raise OutputError(
+                err.what,
+                where=err.where,
+                fix="pass MergeCallback(overwrite=True) to replace it, or another output_dir",
+            ) from err
 
     def _metric(self) -> str | None:
         d = self._data
@@ -344,6 +364,11 @@ class MergeCallback(TrainerCallback):
                 data = Path(tmp) / "eval.jsonl"
                 rows = eval_rows(dataset, events.get("processing_class"))
                 data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+            tokenizer: Any = events.get("processing_class")
+            if "tokenizer" not in options and hasattr(tokenizer, "save_pretrained"):
+                # The tokenizer the run trained with, which the base folder may lack.
+                tokenizer.save_pretrained(str(Path(tmp) / "tokenizer"))
+                options["tokenizer"] = Path(tmp) / "tokenizer"
             options.setdefault("out", out)
             tune(recipe, data=data, **options)
         chosen = load_recipe(options["out"])

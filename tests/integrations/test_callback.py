@@ -214,3 +214,12 @@ def test_eval_rows_from_tokenised_and_text_rows(word_tokenizer: Any) -> None:
         eval_rows([{"input_ids": ids}])
     with pytest.raises(UsageError, match="neither text fields"):
         eval_rows([{"pixels": [1]}], tok)
+
+
+def test_an_existing_output_is_refused_before_training(tmp_path: Path, tiny_base: Path) -> None:
+    from mwakit.errors import OutputError
+
+    (tmp_path / "run" / "merged").mkdir(parents=True)
+    with pytest.raises(OutputError, match=r"already exists.*overwrite=True"):
+        build_trainer(tmp_path / "run", tiny_base, [MergeCallback()])
+    build_trainer(tmp_path / "run", tiny_base, [MergeCallback(overwrite=True)])
