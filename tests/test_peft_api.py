@@ -325,3 +325,16 @@ def test_peft_cat_is_off_by_sqrt_rank_on_rslora_where_ours_is_exact(tiny_base: P
         torch.testing.assert_close(
             _delta(layer, "cat"), math.sqrt(8) * _delta(layer, "ours"), rtol=1e-5, atol=1e-6
         )
+
+
+def test_a_non_lora_adapter_is_refused(tiny_base: Path) -> None:
+    from make_run import load_base
+    from peft import IA3Config, get_peft_model
+
+    def cfg() -> Any:
+        return IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
+
+    model = get_peft_model(load_base(tiny_base), cfg(), adapter_name="first")
+    model.add_adapter("second", cfg())
+    with pytest.raises(PlanError, match="adapter type IA3 is not supported"):
+        merge_adapters(model, ["first", "second"])
