@@ -325,6 +325,8 @@ class MergeCallback(TrainerCallback):
             for p in run_dir.glob("checkpoint-*")
             if p.name.removeprefix("checkpoint-").isdigit()
         ]
+        # Recent Trainers save the last step too; older ones (and save_strategy="epoch" runs
+        # cut short by max_steps) may not, and those steps then miss the merge silently.
         if saved and max(saved) < state.global_step:
             logger.warning(
                 "MergeCallback: training ran to step %d but the last checkpoint is step %d; the "
@@ -387,9 +389,10 @@ def eval_rows(dataset: Iterable[Mapping[str, Any]], tokenizer: Any = None) -> li
     Rows that already hold text in a TRL format (``text``, ``prompt``/``completion``,
     ``messages``, ``prompt``/``choices``/``label``) keep those fields. Tokenised rows
     (``input_ids``, as the Trainer sees them) are decoded with the Trainer's tokenizer: padding
-    (``attention_mask`` 0) is dropped, and when ``labels`` mask a prefix with -100 that prefix
-    becomes the ``prompt`` and the rest the ``completion`` (loss on the completion only, as in
-    training); otherwise the row is ``{"text": ...}``.
+    (``attention_mask`` 0) is dropped, and when the loss skips a prefix (TRL's
+    ``completion_mask`` 0, or ``labels`` -100) that prefix becomes the ``prompt`` and the rest the
+    ``completion`` (loss on the completion only, as in training); otherwise the row is
+    ``{"text": ...}``.
 
     Args:
         dataset: The rows (a `datasets.Dataset`, a torch dataset, a list of dicts).
@@ -426,12 +429,16 @@ def eval_rows(dataset: Iterable[Mapping[str, Any]], tokenizer: Any = None) -> li
             )
         ids = list(_plain(ex["input_ids"]))
         mask = _plain(ex.get("attention_mask"))
-        labels = _plain(ex.get("labels"))
         keep = [j for j in range(len(ids)) if mask is None or mask[j]]
         ids = [ids[j] for j in keep]
-        labels = [labels[j] for j in keep] if labels is not None else None
+        # What the loss skips: TRL's completion_mask (0 on the prompt), else labels of -100.
+        skipped: list[bool] | None = None
+        if ex.get("completion_mask") is not None:
+            skipped = [not _plain(ex["completion_mask"])[j] for j in keep]
+        elif ex.get("labels") is not None:
+            skipped = [_plain(ex["labels"])[j] == -100 for j in keep]
         prefix = 0
-        while labels is not None and prefix < len(labels) and labels[prefix] == -100:
+        while skipped is not None and prefix < len(skipped) and skipped[prefix]:
             prefix += 1
         decode = tokenizer.decode
         if 0 < prefix < len(ids):

@@ -103,7 +103,8 @@ def test_sft_trainer(tmp_path: Path, tiny_base: Path, word_tokenizer: Any) -> No
     cb = MergeCallback(method="mwa", metric="loss", penalty=1.0, last=2)
     with _quiet(), _preserved_rng(), _one_thread():
         torch.manual_seed(0)
-        args = SFTConfig(**_common(run, steps=4, save_steps=2, evaluate=False), max_length=16)
+        # 5 steps, a checkpoint every 2: the Trainer also saves the last step (checkpoint-5).
+        args = SFTConfig(**_common(run, steps=5, save_steps=2, evaluate=False), max_length=16)
         trainer = SFTTrainer(
             model=load_base(tiny_base),
             args=args,
@@ -115,7 +116,7 @@ def test_sft_trainer(tmp_path: Path, tiny_base: Path, word_tokenizer: Any) -> No
         trainer.remove_callback(PrinterCallback)
         trainer.train()
     assert cb.result is not None and cb.result.path == run / "merged"
-    assert [c.name for c in cb.result.plan.checkpoints] == ["checkpoint-2", "checkpoint-4"]
+    assert [c.name for c in cb.result.plan.checkpoints] == ["checkpoint-4", "checkpoint-5"]
     cli = _cli_run(
         {
             "method": "mwa",
@@ -201,12 +202,15 @@ def test_eval_rows_from_tokenised_and_text_rows(word_tokenizer: Any) -> None:
             "attention_mask": torch.tensor([1, 1, 1, 1, 0]),
         },
         {"input_ids": ids, "labels": ids},
+        # TRL's prompt-completion layout: completion_mask instead of labels.
+        {"input_ids": ids, "completion_mask": [0, 1, 1, 1]},
         {"text": "w5 w6"},
         {"prompt": "w7", "completion": "w8"},
     ]
     assert eval_rows(rows, tok) == [
         {"prompt": "w1 w2", "completion": "w3 w4"},
         {"text": "w1 w2 w3 w4"},
+        {"prompt": "w1", "completion": "w2 w3 w4"},
         {"text": "w5 w6"},
         {"prompt": "w7", "completion": "w8"},
     ]
