@@ -227,3 +227,52 @@ def test_an_existing_output_is_refused_before_training(tmp_path: Path, tiny_base
     with pytest.raises(OutputError, match=r"already exists.*overwrite=True"):
         build_trainer(tmp_path / "run", tiny_base, [MergeCallback()])
     build_trainer(tmp_path / "run", tiny_base, [MergeCallback(overwrite=True)])
+
+
+HAS_EVAL = importlib.util.find_spec("mwakit.evaluate") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (HAS_TUNE and HAS_EVAL), reason="needs mwakit.tune and mwakit.evaluate")
+def test_tune_on_the_trainers_eval_dataset(
+    tmp_path: Path, tiny_base: Path, word_tokenizer: Any
+) -> None:
+    import torch
+    from make_run import _one_thread, _preserved_rng, _quiet, load_base, lora_config
+    from peft import get_peft_model
+    from transformers import PrinterCallback, Trainer
+
+    from .conftest import WORDS, training_args
+
+    def rows(n: int, seed: int) -> list[dict[str, list[int]]]:
+        g = torch.Generator().manual_seed(seed)
+        out = []
+        for _ in range(n):
+            start = int(torch.randint(0, 16, (1,), generator=g))
+            text = " ".join(WORDS[(start + k) % 16] for k in range(8))
+            ids = word_tokenizer(text)["input_ids"]
+            out.append({"input_ids": ids, "labels": ids, "attention_mask": [1] * len(ids)})
+        return out
+
+    run = tmp_path / "run"
+    cb = MergeCallback(last=3, tune={"searches": "penalty", "budget": 3})
+    with _quiet(), _preserved_rng(), _one_thread():
+        torch.manual_seed(0)
+        model = get_peft_model(load_base(tiny_base), lora_config(lora_dropout=0.0))
+        trainer = Trainer(
+            model=model,
+            args=training_args(run, steps=6, save_steps=2, evaluate=True),
+            train_dataset=rows(32, 0),
+            eval_dataset=rows(8, 1),
+            processing_class=word_tokenizer,
+            callbacks=[cb],
+        )
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+    tuned = run / "mwakit-tuned.yaml"
+    assert tuned.is_file() and cb.result is not None and cb.result.path == run / "merged"
+    # The written adapter is what `mwakit run` of the chosen recipe writes.
+    chosen = yaml.safe_load(tuned.read_text(encoding="utf-8"))
+    chosen["output"] = {"path": str(tmp_path / "cli")}
+    cli = _cli_run(chosen, tmp_path / "chosen.yaml")
+    assert (run / "merged" / WEIGHTS).read_bytes() == (cli / WEIGHTS).read_bytes()
