@@ -149,6 +149,7 @@ class MergeCallback(TrainerCallback):
         select = dict(data.get("select") or {})
         if last is not None:
             select["last"] = last
+        self._recipe_run = select.get("run")
         select["run"] = _RUN_PLACEHOLDER
         data["select"] = select
         for key, value in (
@@ -249,7 +250,15 @@ class MergeCallback(TrainerCallback):
                 where="MergeCallback",
                 fix="set save_strategy='steps' with save_steps (or 'epoch') in TrainingArguments",
             )
-        self._check_output(Path(args.output_dir or "trainer_output"))
+        run_dir = Path(args.output_dir or "trainer_output")
+        if isinstance(self._recipe_run, str) and Path(self._recipe_run) != run_dir:
+            warnings.warn(
+                f"MergeCallback: the recipe's select.run {self._recipe_run} is not the Trainer's "
+                f"output_dir {run_dir}; the callback merges the checkpoints of {run_dir}",
+                UserWarning,
+                stacklevel=2,
+            )
+        self._check_output(run_dir)
         limit, last = args.save_total_limit, self.last
         if limit is not None and last is not None and limit < last:
             warnings.warn(

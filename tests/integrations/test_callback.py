@@ -138,6 +138,14 @@ def test_warns_when_save_total_limit_keeps_fewer_than_last(tmp_path: Path, tiny_
         build_trainer(tmp_path / "ok", tiny_base, [MergeCallback(last=2)], save_total_limit=2)
 
 
+def test_warns_when_the_recipe_names_another_run(tmp_path: Path, tiny_base: Path) -> None:
+    cb = MergeCallback(recipe={"select": {"run": "runs/other", "last": 2}})
+    with pytest.warns(UserWarning, match="select.run runs/other is not the Trainer's output_dir"):
+        build_trainer(tmp_path / "run", tiny_base, [cb])
+    select = cb.recipe_for(tmp_path / "run").select
+    assert select is not None and select.run == str(tmp_path / "run") and select.last == 2
+
+
 def test_warns_when_the_metric_is_never_evaluated(tmp_path: Path, tiny_base: Path) -> None:
     with pytest.warns(UserWarning, match="eval_strategy='no'"):
         build_trainer(tmp_path, tiny_base, [MergeCallback(metric="eval_loss")], evaluate=False)
