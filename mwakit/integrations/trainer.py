@@ -172,7 +172,9 @@ class MergeCallback(TrainerCallback):
         # training, not after it.
         parse_recipe(data, source=self._source)
         self._data = data
-        self._tune = {} if tune is True else dict(tune) if tune else None
+        self._tune: dict[str, Any] | None = (
+            None if tune is None or tune is False else {} if tune is True else dict(tune)
+        )
         self._tune_data = Path(tune_data) if tune_data is not None else None
         if self._tune is not None:
             try:

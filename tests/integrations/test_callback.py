@@ -191,8 +191,10 @@ def test_keywords_map_onto_the_recipe(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(HAS_TUNE, reason="mwakit.tune is installed: tune= is accepted")
 def test_tune_without_mwakit_tune_is_refused_at_construction() -> None:
-    with pytest.raises(UsageError, match="tune is not available"):
-        MergeCallback(tune=True)
+    for tune in (True, {}, {"searches": "penalty"}):
+        with pytest.raises(UsageError, match="tune is not available"):
+            MergeCallback(tune=tune)
+    assert MergeCallback(tune=False).result is None  # no tune asked for: accepted
 
 
 def test_eval_rows_from_tokenised_and_text_rows(word_tokenizer: Any) -> None:
