@@ -692,6 +692,7 @@ def eval_cmd(
 )
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@set_option
 @_handle_errors
 def tune(
     recipe: Path,
@@ -709,6 +710,7 @@ def tune(
     trial_log: Path | None,
     device: str,
     quiet: bool,
+    sets: tuple[str, ...],
 ) -> None:
     """Search how to merge RECIPE's checkpoints, scoring each candidate on --data (VAL).
 
@@ -717,8 +719,11 @@ def tune(
     baselines and the chosen merge only. --out gets a plain recipe that `mwakit run`
     reproduces.
     """
+    from mwakit.overrides import load_recipe_with
     from mwakit.tune import tune as run_tune
 
+    # Read (and --set) before any data or model is loaded: a bad recipe fails at once.
+    loaded = load_recipe_with(recipe, sets) if sets else recipe
     bar: Any = None
 
     def on_trial(trial: Any, done: int, total: int) -> None:
@@ -735,7 +740,7 @@ def tune(
 
     try:
         res = run_tune(
-            recipe,
+            loaded,
             data=data,
             test=test,
             base=base,
