@@ -1,0 +1,137 @@
+"""Benchmark: what scoring a candidate merge costs, split into merge, swap and evaluation.
+
+Builds the tiny random Llama of examples/make_run.py with a word-level tokenizer, K random
+LoRA checkpoints (r 4, all seven linear modules, modules_to_save lm_head optional) and N
+prompt/completion rows, loads one `Evaluator`, then scores C candidates (MWA at several
+penalties, in factor and delta space) and prints per candidate: the in-memory merge
+(`merge_in_memory`), the swap into the loaded model (`EvalResult.swap_seconds`) and the
+evaluation itself, with (merge + swap) / evaluation. Issue 9 targets ≤ 5 %.
+
+The tiny model makes the evaluation as cheap as it gets, so the ratio here is an upper bound:
+on a real model the evaluation grows with the model and the data, the merge and swap with
+the adapter only.
+
+Usage::
+
+    python benchmarks/bench_eval.py [--rows 64] [--checkpoints 5] [--candidates 8] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _setup(tmp: Path, k: int, n_rows: int, seq: int) -> tuple[Path, Path, Path]:
+    import torch
+    from make_run import load_base, lora_config, make_tiny_llama
+    from peft import get_peft_model
+
+    from tests.evaluate.conftest import save_tokenizer  # the tests' offline word tokenizer
+
+    base = save_tokenizer(make_tiny_llama(tmp / "base"))
+    run = tmp / "run"
+    for i in range(k):
+        torch.manual_seed(i + 1)
+        model = get_peft_model(load_base(base), lora_config(init_lora_weights=False))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn_like(p) * 0.1)
+        out = run / f"checkpoint-{10 * (i + 1)}"
+        model.save_pretrained(out)
+        losses = [{"loss": 2.0 - 0.1 * i + 0.05 * (j % 3), "step": 10 * i + j} for j in range(10)]
+        (out / "trainer_state.json").write_text(
+            json.dumps({"global_step": 10 * (i + 1), "log_history": losses})
+        )
+    g = torch.Generator().manual_seed(0)
+    data = tmp / "val.jsonl"
+    with data.open("w") as f:
+        for _ in range(n_rows):
+            ids = torch.randint(6, 128, (seq,), generator=g).tolist()
+            half = seq // 2
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": " ".join(f"w{t}" for t in ids[:half]),
+                        "completion": " ".join(f"w{t}" for t in ids[half:]) + " </s>",
+                    }
+                )
+                + "\n"
+            )
+    return base, run, data
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    ap.add_argument("--rows", type=int, default=64)
+    ap.add_argument("--seq", type=int, default=32, help="tokens per row (half prompt)")
+    ap.add_argument("--checkpoints", type=int, default=5)
+    ap.add_argument("--candidates", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--metric", default="loss,exact_match")
+    a = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(a.threads)
+    from mwakit.evaluate import Evaluator, load_rows
+    from mwakit.memory import merge_in_memory
+    from mwakit.recipe import parse_recipe
+
+    with tempfile.TemporaryDirectory() as d:
+        base, run, data = _setup(Path(d), a.checkpoints, a.rows, a.seq)
+        t0 = time.perf_counter()
+        ev = Evaluator(base, metrics=a.metric.split(","))
+        rows = load_rows(data)
+        ev.encode(rows)
+        print(f"load base + tokenizer + tokenise {a.rows} rows: {time.perf_counter() - t0:.2f}s")
+        print(f"{'candidate':<24} {'merge ms':>9} {'swap ms':>8} {'eval ms':>8} {'overhead':>9}")
+        totals = [0.0, 0.0, 0.0]
+        for c in range(a.candidates):
+            space = "delta" if c % 2 else "factors"
+            penalty = [0.0, 0.5, 1.0, 2.0, 4.0, 8.0][c // 2 % 6]
+            spec = {
+                "method": "mwa",
+                "params": {"penalty": penalty},
+                "select": {"run": str(run)},
+                "lora_space": space,
+                "output": {"path": str(Path(d) / "never")},
+                "device": "cpu",
+            }
+            if space == "delta":
+                spec["delta_rank"] = 4
+            t1 = time.perf_counter()
+            merged = merge_in_memory(parse_recipe(spec))
+            merge = time.perf_counter() - t1
+            res = ev.score(rows, merged)
+            swap, evaluation = res.swap_seconds, res.seconds - res.swap_seconds
+            if c >= 2:  # the first of each space builds its adapter slot: reported apart
+                totals = [totals[0] + merge, totals[1] + swap, totals[2] + evaluation]
+            name = f"mwa p={penalty} {space}"
+            pct = 100 * (merge + swap) / evaluation
+            print(
+                f"{name:<24} {1e3 * merge:9.1f} {1e3 * swap:8.1f} {1e3 * evaluation:8.1f} "
+                f"{pct:8.1f}%"
+            )
+        n = max(1, a.candidates - 2)
+        m, s, e = (1e3 * t / n for t in totals)
+        print(
+            f"mean of candidates 3..{a.candidates}: merge {m:.1f} ms, swap {s:.1f} ms, "
+            f"eval {e:.1f} ms: (merge + swap) / eval = {100 * (m + s) / e:.1f}% "
+            f"(swap alone {100 * s / e:.1f}%); adapter slot rebuilds {ev.model.rebuilds}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
