@@ -113,6 +113,7 @@ class LoadedModel:
         self.base: Any = loaded.to(device).eval().requires_grad_(False)
         self.peft: Any = None  # the PeftModel around `base`, once an adapter was scored
         self._structure: str | None = None
+        self._keys: frozenset[str] | None = None  # the adapter slot's tensor names
         self._pristine: dict[str, torch.Tensor] | None = None  # base weights, after a full merge
         self.swaps = 0
         self.rebuilds = 0
@@ -173,9 +174,11 @@ class LoadedModel:
             with quiet():
                 self.peft = get_peft_model(self.base, _lora_config(adapter.adapter_config))
             self.peft.to(self.device).eval().requires_grad_(False)
-            self._structure = structure
+            self._structure, self._keys = structure, None
             self.rebuilds += 1
-        expected = set(_adapter_keys(self.peft))
+        if self._keys is None:
+            self._keys = frozenset(_adapter_keys(self.peft))
+        expected = self._keys
         given = set(adapter.tensors)
         if expected != given:
             # A key the model has but the candidate lacks would keep a previous candidate's
