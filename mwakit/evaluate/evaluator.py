@@ -126,6 +126,12 @@ class Evaluator:
             tok_folder = _tokenizer_folder(tokenizer)
         elif tokenizer_fallback is not None and not _has_tokenizer(folder):
             tok_folder = _tokenizer_folder(tokenizer_fallback)
+            if not _has_tokenizer(tok_folder):
+                raise SourceError(
+                    f"no tokenizer files here, nor in {tok_folder}",
+                    where=str(folder),
+                    fix="save the tokenizer into the base folder, or pass --tokenizer FOLDER",
+                )
         else:
             tok_folder = folder
         self.tokenizer = _load_tokenizer(tok_folder)
