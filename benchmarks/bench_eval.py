@@ -14,6 +14,7 @@ the adapter only.
 Usage::
 
     python benchmarks/bench_eval.py [--rows 64] [--checkpoints 5] [--candidates 8] [--threads 1]
+    python benchmarks/bench_eval.py --shape smollm --rows 32 --candidates 4   # a real size
 """
 
 from __future__ import annotations
@@ -31,24 +32,75 @@ sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _setup(tmp: Path, k: int, n_rows: int, seq: int) -> tuple[Path, Path, Path]:
+#: SmolLM2-135M's shape (random weights: nothing is downloaded).
+SMOLLM = {
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": True,
+}
+
+
+def _smollm(folder: Path) -> Path:
     import torch
-    from make_run import load_base, lora_config, make_tiny_llama
-    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**SMOLLM)).save_pretrained(folder)
+    return folder
+
+
+def _adapter(out: Path, base: Path, cfg: dict[str, int], r: int, seed: int) -> None:
+    """A PEFT LoRA folder over every linear module, written directly (no model load)."""
+    import torch
+    from make_run import LLAMA_MODULES
+    from safetensors.torch import save_file
+
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    dims = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h)}
+    dims.update(gate_proj=(h, inter), up_proj=(h, inter), down_proj=(inter, h))
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(cfg["num_hidden_layers"]):
+        for m in LLAMA_MODULES:
+            part = "self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            key = f"base_model.model.model.layers.{layer}.{part}.{m}"
+            fan_in, fan_out = dims[m]
+            tensors[f"{key}.lora_A.weight"] = torch.randn(r, fan_in, generator=g) * 0.05
+            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, r, generator=g) * 0.05
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": 2 * r,
+        "target_modules": list(LLAMA_MODULES),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "base_model_name_or_path": str(base),
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config))
+
+
+def _setup(tmp: Path, k: int, n_rows: int, seq: int, shape: str) -> tuple[Path, Path, Path]:
+    import torch
+    from make_run import make_tiny_llama
 
     from tests.evaluate.conftest import save_tokenizer  # the tests' offline word tokenizer
 
-    base = save_tokenizer(make_tiny_llama(tmp / "base"))
+    base = _smollm(tmp / "base") if shape == "smollm" else make_tiny_llama(tmp / "base")
+    save_tokenizer(base)
+    cfg = json.loads((base / "config.json").read_text())
     run = tmp / "run"
     for i in range(k):
-        torch.manual_seed(i + 1)
-        model = get_peft_model(load_base(base), lora_config(init_lora_weights=False))
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_" in name:
-                    p.copy_(torch.randn_like(p) * 0.1)
         out = run / f"checkpoint-{10 * (i + 1)}"
-        model.save_pretrained(out)
+        _adapter(out, base, cfg, 8 if shape == "smollm" else 4, seed=i + 1)
         losses = [{"loss": 2.0 - 0.1 * i + 0.05 * (j % 3), "step": 10 * i + j} for j in range(10)]
         (out / "trainer_state.json").write_text(
             json.dumps({"global_step": 10 * (i + 1), "log_history": losses})
@@ -79,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--candidates", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--metric", default="loss,exact_match")
+    ap.add_argument(
+        "--shape",
+        choices=["tiny", "smollm"],
+        default="tiny",
+        help="tiny: the make_run Llama; smollm: SmolLM2-135M's shape, random weights, r 8",
+    )
     a = ap.parse_args(argv)
 
     import torch
@@ -89,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     from mwakit.recipe import parse_recipe
 
     with tempfile.TemporaryDirectory() as d:
-        base, run, data = _setup(Path(d), a.checkpoints, a.rows, a.seq)
+        base, run, data = _setup(Path(d), a.checkpoints, a.rows, a.seq, a.shape)
         t0 = time.perf_counter()
         ev = Evaluator(base, metrics=a.metric.split(","))
         rows = load_rows(data)
@@ -112,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                 "device": "cpu",
             }
             if space == "delta":
-                spec["delta_rank"] = 4
+                spec["delta_rank"] = 8 if a.shape == "smollm" else 4
             t1 = time.perf_counter()
             merged = merge_in_memory(parse_recipe(spec))
             merge = time.perf_counter() - t1
