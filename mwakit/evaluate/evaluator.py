@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mwakit.errors import DataError, SourceError
+from mwakit.errors import DataError, SourceError, UsageError
 from mwakit.evaluate import metrics as M
 from mwakit.evaluate.data import Row
 from mwakit.evaluate.model import LoadedModel, quiet, resolve_model_folder
@@ -118,6 +118,12 @@ class Evaluator:
         from mwakit.execute import resolve_device
 
         self.metrics = M.parse_metrics(metrics)
+        if dtype not in ("float32", "bfloat16", "float16", "float64"):
+            raise UsageError(
+                f"unknown dtype {dtype!r}",
+                where="dtype",
+                fix="use float32, bfloat16, float16 or float64",
+            )
         self.device = resolve_device(device)
         self.batch_tokens = max(1, int(batch_tokens))
         folder = resolve_model_folder(base)
