@@ -76,6 +76,7 @@ def bigram_logits(seed: int = 0) -> torch.Tensor:
     logits[:, EOS] = logits.min() - 1  # EOS only after `ENDERS`
     for i in ENDERS:
         logits[i, EOS] = logits[i].max() + 1
+    logits[5, ENDERS[0]] = logits[5].max() + 1  # an assistant turn's greedy answer: w100 </s>
     return logits
 
 
