@@ -621,8 +621,9 @@ def eval_cmd(
     """Score TARGET on held-out DATA: an adapter folder (a checkpoint), a model folder, or a
     recipe (merged in memory, nothing written).
 
-    Metrics are means over rows, shown with their standard error. exact_match uses greedy
-    decoding (no generation when the completion ends with the EOS token).
+    Each metric is shown with its standard error over the rows (loss: mean token NLL).
+    exact_match uses greedy decoding (no generation when the completion ends with the EOS
+    token).
     """
     from mwakit.evaluate import evaluate
 
