@@ -29,6 +29,7 @@ TIER = {
     "uniform": 0,
     "last_k": 0,
     "mwa": 1,
+    "recipe": 1,
     "greedy": 2,
     "weights": 3,
     "groups": 4,
@@ -67,6 +68,9 @@ class Space:
     metric: str = "loss"
     higher_is_better: bool = False
     metrics: Mapping[int | str, tuple[dict[str, float], ...]] = field(default_factory=dict)
+    given: dict[str, Any] | None = None
+    """The recipe as given, resolved (explicit checkpoints, the metrics it read), for the
+    ``recipe`` candidate."""
 
     @property
     def n(self) -> int:
@@ -92,7 +96,7 @@ class Candidate:
 
     Attributes:
         name: A short human label (``mwa power p=2.1``, ``last 5``, ``greedy soup (4)``).
-        kind: A `TIER` key: what sort of merge this is.
+        kind: A `TIER` key: what sort of merge this is (``recipe``: the recipe as given).
         search: The search (or ``baseline``) that proposed it.
         members: Indices of the checkpoints merged (the others get weight 0 and are left out
             of the recipe).
@@ -125,6 +129,8 @@ class Candidate:
         set ``method: mwa``; the others are ``method: linear`` with explicit weights (none
         when uniform, linear's default).
         """
+        if self.kind == "recipe" and space.given is not None:
+            return copy.deepcopy(space.given)
         data = {k: copy.deepcopy(v) for k, v in space.base.items() if k not in _OWNED}
         cks = []
         for j, i in enumerate(self.members):
@@ -165,6 +171,8 @@ class Candidate:
             ValueError: The space has no values of its MWA metric.
         """
         out = [0.0] * space.n
+        if self.kind == "recipe":
+            raise ValueError("the recipe as given weighs by its own method")
         if self.penalty is None:
             raw = list(self.weights) if self.weights is not None else [1.0] * len(self.members)
             total = math.fsum(raw)

@@ -44,6 +44,9 @@ def test_tune_chooses_and_best_yaml_reproduces_the_scored_candidate(
     assert set(res.baselines) == {"last", "best_single", "uniform"}
     assert res.baselines["last"].name == "checkpoint-25"
     assert set(res.searches) == {"penalty", "last", "greedy", "weights", "groups"}
+    # The recipe as written (MWA p = 1) is scored too, with its checkpoints made absolute.
+    assert res.given is not None and res.given.recipe["params"]["penalty"] == 1.0
+    assert all(Path(c["path"]).is_absolute() for c in res.given.recipe["checkpoints"])
     groups = [t for t in res.trials if t.kind == "groups"]
     assert groups and all(t.recipe["rules"][0]["match"] == "*self_attn*" for t in groups)
     assert all(e.test is not None for e in res.baselines.values()) and res.best.test is not None
