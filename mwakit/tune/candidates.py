@@ -105,6 +105,8 @@ class Candidate:
         transform: MWA transform.
         loss_window: MWA loss window (None: the recipe's).
         group_penalties: Per-module-group MWA penalties (glob, penalty), as ``rules:``.
+        layer_penalties: An MWA penalty per layer depth (first layer … last layer, a
+            per-layer list interpolated over depth); replaces ``penalty`` in the recipe.
     """
 
     name: str
@@ -116,6 +118,7 @@ class Candidate:
     transform: Transform = "power"
     loss_window: int | str | None = None
     group_penalties: tuple[tuple[str, float], ...] = ()
+    layer_penalties: tuple[float, ...] = ()
 
     @property
     def tier(self) -> int:
@@ -143,7 +146,7 @@ class Candidate:
         else:
             params: dict[str, Any] = {
                 "metric": space.metric,
-                "penalty": self.penalty,
+                "penalty": list(self.layer_penalties) if self.layer_penalties else self.penalty,
                 "transform": self.transform,
                 "higher_is_better": space.higher_is_better,
             }
