@@ -92,6 +92,11 @@ class InProcess:
 
 def _worker_main(conn: Any, spec: ScorerSpec) -> None:
     """A local worker: build the scorer, then score what the driver sends until None."""
+    import signal
+
+    # Ctrl-C reaches the whole process group: the driver stops the workers itself, so a
+    # worker must not die printing a KeyboardInterrupt traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         scorer = spec.build()
     except BaseException as err:
@@ -239,7 +244,8 @@ class RayWorkers:
                 fix="pip install 'mwakit[ray]'",
             ) from err
         self.ray = ray
-        if not ray.is_initialized():
+        self._started = not ray.is_initialized()
+        if self._started:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         self.n = n or max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.spec = spec
@@ -281,11 +287,13 @@ class RayWorkers:
             yield job, payload
 
     def close(self) -> None:
-        """Stop the actors (the cluster stays up)."""
+        """Stop the actors; disconnect from Ray if this pool connected."""
         for a in self._actors:
             with contextlib.suppress(Exception):
                 self.ray.kill(a)
         self._actors = []
+        if self._started:  # a connection (or a local cluster) this pool opened: close it
+            self.ray.shutdown()
 
 
 def make_pool(spec: ScorerSpec, workers: int = 0, ray: str | bool | None = None) -> Pool:
