@@ -11,6 +11,7 @@ raised in the driver as if scored here.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -90,9 +91,17 @@ class InProcess:
         self._scorer = None
 
 
-def _worker_main(conn: Any, spec: ScorerSpec) -> None:
-    """A local worker: build the scorer, then score what the driver sends until None."""
+def _worker_main(conn: Any, spec: ScorerSpec, threads: int = 0) -> None:
+    """A local worker: build the scorer, then score what the driver sends until None.
+
+    ``threads`` (> 0) caps the worker's math threads, so N workers share the cores instead
+    of each starting one thread per core.
+    """
     import signal
+    import sys
+
+    if threads > 0:
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # read when torch is first imported
 
     # Ctrl-C reaches the whole process group: the driver stops the workers itself, so a
     # worker must not die printing a KeyboardInterrupt traceback of its own.
@@ -102,6 +111,8 @@ def _worker_main(conn: Any, spec: ScorerSpec) -> None:
     except BaseException as err:
         conn.send(("init", "err", _pack(err)))
         return
+    if threads > 0 and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
     conn.send(("init", "ok", None))
     while True:
         job = conn.recv()
@@ -127,7 +138,8 @@ class LocalWorkers:
 
     def _start(self) -> tuple[Any, Any]:
         parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_worker_main, args=(child, self.spec), daemon=True)
+        threads = max(1, (os.cpu_count() or 1) // self.n)
+        proc = self._ctx.Process(target=_worker_main, args=(child, self.spec, threads), daemon=True)
         proc.start()
         child.close()
         return proc, parent
