@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from mwakit import __version__
-from mwakit.errors import MetricError, UsageError
+from mwakit.errors import MetricError, OutputError, UsageError
 from mwakit.recipe import Recipe, load_recipe
 from mwakit.trainer_state import LossWindow
 from mwakit.tune import searches as S
@@ -439,7 +439,13 @@ def tune(
         if base is None:
             base = _default_base(r)
     direction = _direction(metric)
-    files = {"val": str(val_path), **({"test": str(test_path)} if test_path else {})}
+    if out is not None:
+        _check_out(Path(out))
+    # Absolute paths: a Ray actor runs in a folder of its own.
+    base, tokenizer = _absolute(base), _absolute(tokenizer)
+    files = {"val": str(val_path.resolve())}
+    if test_path is not None:
+        files["test"] = str(test_path.resolve())
     context = {
         "checkpoints": [s["path"] for s in space.specs],
         "data": {k: sha256_of(Path(p)) for k, p in files.items()},
@@ -467,7 +473,14 @@ def tune(
     out_path = None if out is None else Path(out)
     if out_path is not None:
         text = yaml.safe_dump(chosen, sort_keys=False, allow_unicode=True)
-        _atomic_write(out_path, text)
+        try:
+            _atomic_write(out_path, text)
+        except OSError as err:
+            raise OutputError(
+                f"cannot write the chosen recipe: {err.strerror or err}",
+                where=str(out_path),
+                fix="write it into a folder you can write to (--out PATH)",
+            ) from err
     plot_path = _plot_path(plot, out_path)
     if plot_path is not None:
         from mwakit.tune.plot import draw
@@ -488,6 +501,26 @@ def tune(
         plot=plot_path,
         resumed=log.resumed,
     )
+
+
+def _absolute(p: str | Path | None) -> str | None:
+    """A local path made absolute; an ``hf://`` reference (or None) as it is."""
+    if p is None or str(p).startswith("hf://"):
+        return None if p is None else str(p)
+    return str(Path(p).resolve())
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an --out that cannot be a file before any candidate is scored."""
+    if out.is_dir():
+        raise OutputError(
+            "--out is a folder", where=str(out), fix="give a file name, e.g. best.yaml"
+        )
+    parent = next((p for p in out.resolve().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise OutputError(
+            f"{parent} is a file, not a folder", where=str(out), fix="write --out elsewhere"
+        )
 
 
 def _plot_path(plot: str | Path | bool | None, out: Path | None) -> Path | None:
