@@ -360,7 +360,10 @@ def _searches(names: Sequence[str] | str) -> list[str]:
             where="--search",
             fix=f"use one or more of {', '.join(S.SEARCHES)}, comma-separated",
         )
-    return list(dict.fromkeys(items))
+    # weights starts from the best MWA solution and groups varies it: both need penalty's.
+    if {"weights", "groups"} & set(items):
+        items.append("penalty")
+    return [name for name in S.SEARCHES if name in items]  # prerequisites first
 
 
 def _direction(metric: str) -> int:
@@ -399,7 +402,8 @@ def tune(
         base: The base model (default: the adapters' ``base_model_name_or_path``).
         metric: The metric to score by (``loss``, ``exact_match``, ``accuracy``, …).
         searches: Any of ``penalty``, ``last``, ``greedy``, ``weights``, ``groups`` (a list or
-            a comma-separated string); the baselines are always scored.
+            a comma-separated string), run in that order; ``weights`` and ``groups`` bring
+            ``penalty`` (they start from its best). The baselines are always scored.
         budget: The most candidates each search scores (the baselines are not counted).
         out: Where to write the chosen recipe (``best.yaml``); None writes nothing.
         trial_log: A JSONL trial log: scores already in it are reused (resume), new ones

@@ -199,3 +199,13 @@ def test_unusable_out_and_trial_log(
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputError, match="is a file, not a folder"):
         tune(rec, out=tmp_path / "file" / "best.yaml", **kw)
+
+
+def test_searches_run_in_order_with_their_prerequisites() -> None:
+    from mwakit.tune.run import _searches
+
+    assert _searches("greedy,penalty") == ["penalty", "greedy"]
+    assert _searches(["weights"]) == ["penalty", "weights"]
+    assert _searches("groups, last") == ["penalty", "last", "groups"]
+    with pytest.raises(UsageError, match="no search given"):
+        _searches([])
