@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 import torch
-from tests.bake.conftest import assert_same_model, build_adapter, greedy, peft_bake
 
 from mwakit.bake import bake
+from tests.bake.reference import assert_same_model, build_adapter, greedy, peft_bake
 
 CASES: dict[str, dict[str, Any]] = {
     "lora": {},
