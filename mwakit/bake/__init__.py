@@ -329,6 +329,8 @@ def merged_base(p: Plan) -> Checkpoint:
         )
     if p.base is not None:
         return p.base
+    if p.recipe.base_model:
+        return resolve_base_model(p.recipe.base_model)
     name = p.adapter_config.get("base_model_name_or_path")
     if not isinstance(name, str) or not name:
         raise PlanError(
@@ -357,6 +359,8 @@ def run_merged(
     Raises:
         MwakitError: Any plan, source, tensor or output problem (nothing is left written).
     """
+    import torch
+
     from mwakit.bake.card import rebrand_card
     from mwakit.card import RESOLVED_RECIPE, render_card, resolved_recipe, write_assets
     from mwakit.execute import MemorySink, execute
@@ -366,6 +370,10 @@ def run_merged(
     t0 = time.perf_counter()
     b = base or merged_base(p)
     size = p.shard_size
+    # The merged adapter's shapes are known from the plan: check that it fits the base (and is
+    # bakeable) before any merge work, with tensors that hold no data.
+    shapes = {o.key: torch.empty(o.shape, device="meta") for o in p.outputs}
+    _plan(parse_adapter(shapes, p.adapter_config, source="the merged adapter"), b, None)
     all_inputs: Sequence[Path] = [*inputs, b.path, *b.files]
     with atomic_output_dir(target, overwrite, all_inputs) as tmp, ThreadPoolExecutor(1) as pool:
         assets = pool.submit(write_assets, p, tmp)
