@@ -72,7 +72,7 @@ def assert_same_model(ours: Path, ref: Path, max_ulp: int = 0) -> dict[str, Any]
 
 
 def build_adapter(base: Path, out: Path, *, seed: int = 0, **lora: Any) -> Path:
-    """A real PEFT LoRA adapter of ``base`` (random non-zero factors), saved with
+    """A real PEFT LoRA adapter of ``base`` (every trained tensor random), saved with
     save_pretrained. ``lora`` are LoraConfig fields (target_modules default: every linear
     module of the tiny Llama)."""
     from make_run import LLAMA_MODULES
@@ -90,10 +90,10 @@ def build_adapter(base: Path, out: Path, *, seed: int = 0, **lora: Any) -> Path:
         pm = get_peft_model(model, cfg)
         with torch.no_grad():
             for name, p in pm.named_parameters():
-                if p.requires_grad and ("lora_" in name or "modules_to_save" in name):
-                    p.copy_(torch.randn_like(p) * 0.1)
                 if "lora_magnitude_vector" in name:
                     p.mul_(1.0 + 0.1 * torch.rand_like(p))
+                elif p.requires_grad:  # factors, modules_to_save copies, trained biases
+                    p.copy_(torch.randn_like(p) * 0.1)
         pm.save_pretrained(out)
     return out
 

@@ -16,7 +16,13 @@ import pytest
 import torch
 
 from mwakit.bake import bake
-from tests.bake.reference import assert_same_model, build_adapter, greedy, peft_bake
+from tests.bake.reference import (
+    assert_same_model,
+    build_adapter,
+    greedy,
+    load_folder,
+    peft_bake,
+)
 
 CASES: dict[str, dict[str, Any]] = {
     "lora": {},
@@ -82,3 +88,18 @@ def test_transformers_generates_as_peft(case: str, tiny_base: Path, tmp_path: Pa
     assert (ours / "model.safetensors.index.json").is_file()  # sharded, and it still loads
     assert greedy(ours) == greedy(ref)
     assert greedy(ours) != greedy(tiny_base)  # the adapter really changed the model
+
+
+@pytest.mark.parametrize(
+    "lora",
+    [{"lora_bias": True}, {"bias": "all"}, {"bias": "lora_only", "use_dora": True}],
+    ids=["lora_bias", "bias_all", "bias_lora_only_dora"],
+)
+def test_biases_as_peft(lora: dict[str, Any], biased_base: Path, tmp_path: Path) -> None:
+    adapter = build_adapter(biased_base, tmp_path / "adapter", target_modules=["q_proj", "v_proj"],
+                            **lora)  # fmt: skip
+    res = bake(adapter, biased_base, tmp_path / "ours")
+    ref = peft_bake(biased_base, adapter, tmp_path / "ref")
+    assert_same_model(res.path, ref)
+    key = "model.layers.0.self_attn.q_proj.bias"
+    assert not load_folder(res.path)[key].equal(load_folder(biased_base)[key])
