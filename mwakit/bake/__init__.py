@@ -37,6 +37,7 @@ __all__ = ["BakeResult", "bake", "run_merged", "unsupported"]
 
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
 _CARD = "README.md"
+_MODEL_CONFIGS = ("config.json", "generation_config.json")  # the base's own, never an adapter's
 
 
 @dataclass(frozen=True)
@@ -120,8 +121,14 @@ def _side_files(base: Path) -> list[Path]:
     return found
 
 
-def _write_side_files(base: Path, out: Path, out_dtype: str, untied: bool) -> None:
-    for f in _side_files(base):
+def _write_side_files(
+    base: Path, out: Path, out_dtype: str, untied: bool, fallback: Path | None = None
+) -> None:
+    found = _side_files(base)
+    if fallback is not None and not any(f.name not in _MODEL_CONFIGS for f in found):
+        # A base saved without its tokenizer: take the one the Trainer saved with the adapter.
+        found += [f for f in _side_files(fallback) if f.name not in _MODEL_CONFIGS]
+    for f in found:
         if f.name == "config.json":
             cfg = json.loads(f.read_text(encoding="utf-8"))
             cfg["torch_dtype"] = out_dtype
@@ -208,12 +215,13 @@ def _stream(
     tmp: Path,
     shard_size: int,
     on_tensor: Callable[[int, int], None] | None,
+    fallback: Path | None = None,
 ) -> tuple[BakeStats, str]:
     from mwakit.bake.stream import stream_bake
 
     stats = stream_bake(layout, adapter, tmp, shard_size=shard_size, on_tensor=on_tensor)
     out_dtype = _dominant_dtype(layout)
-    _write_side_files(base.path, tmp, out_dtype, layout.untied)
+    _write_side_files(base.path, tmp, out_dtype, layout.untied, fallback)
     return stats, out_dtype
 
 
@@ -282,7 +290,7 @@ def bake(
         prints = pool.submit(
             lambda: [("adapter", f.name, sha256_file(f), f.stat().st_size) for f in adapter_files]
         )
-        stats, out_dtype = _stream(layout, parsed, b, tmp, size, on_tensor)
+        stats, out_dtype = _stream(layout, parsed, b, tmp, size, on_tensor, adapter_dir)
         cmd = f"mwakit bake {adapter} --base {base} -o {output}"
         if dtype:
             cmd += f" --dtype {dtype}"
@@ -382,7 +390,7 @@ def run_merged(
         parsed = parse_adapter(sink.tensors, p.adapter_config, source="the merged adapter")
         del sink
         layout, _ = _plan(parsed, b, p.recipe.out_dtype)
-        baked, _ = _stream(layout, parsed, b, tmp, size, None)
+        baked, _ = _stream(layout, parsed, b, tmp, size, None, p.checkpoints[0].path)
         text = dump_recipe(resolved_recipe(p))
         (tmp / RESOLVED_RECIPE).write_text(text, encoding="utf-8")
         card = render_card(

@@ -133,3 +133,30 @@ def test_unsupported_adapters_are_refused_with_the_reason(
         line = _one_line_error(res)
         assert "cannot bake this adapter" in line and why in line, line
     assert not (tmp_path / "o").exists()
+
+
+def test_tokenizer_from_base_else_from_the_adapter(
+    adapter: Path, tiny_base: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(128)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    ckpt = tmp_path / "checkpoint-5"
+    shutil.copytree(adapter, ckpt)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0").save_pretrained(ckpt)
+    res = _invoke("bake", str(ckpt), "--base", str(tiny_base), "-o", str(tmp_path / "o"), "-q")
+    assert res.exit_code == 0, res.output
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "o")
+    assert loaded("t5 t7")["input_ids"] == [5, 7]
+    # A base with a tokenizer of its own keeps it: the adapter's is not mixed in.
+    base2 = tmp_path / "base2"
+    shutil.copytree(tiny_base, base2)
+    (base2 / "tokenizer.json").write_text((ckpt / "tokenizer.json").read_text())
+    res = _invoke("bake", str(ckpt), "--base", str(base2), "-o", str(tmp_path / "p"), "-q")
+    assert res.exit_code == 0, res.output
+    assert not (tmp_path / "p" / "tokenizer_config.json").exists()
+    assert (tmp_path / "p" / "tokenizer.json").is_file()
