@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mwakit.bake.adapter import BakeAdapter, parse_adapter, unsupported
 from mwakit.bases import adapter_lineage
 from mwakit.errors import PlanError, SourceError, UsageError
 from mwakit.io.layout import MODEL_SIDE_FILES, inside_folder
@@ -28,12 +27,13 @@ from mwakit.io.layout import MODEL_SIDE_FILES, inside_folder
 if TYPE_CHECKING:
     import torch
 
+    from mwakit.bake.adapter import BakeAdapter
     from mwakit.bake.stream import BakeLayout, BakeStats
     from mwakit.execute import ExecStats
     from mwakit.planner import Plan
     from mwakit.sources import Checkpoint
 
-__all__ = ["BakeResult", "bake", "run_merged", "unsupported"]
+__all__ = ["BakeResult", "bake", "merged_base", "run_merged"]
 
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
 _CARD = "README.md"
@@ -266,6 +266,7 @@ def bake(
             exists without ``overwrite``, the disk is full, …).
         TensorError: A baked tensor holds NaN/Inf.
     """
+    from mwakit.bake.adapter import parse_adapter
     from mwakit.card import sha256_file
     from mwakit.io.atomic import atomic_output_dir, check_target
 
@@ -346,7 +347,9 @@ def merged_base(p: Plan) -> Checkpoint:
             where="output.format",
             fix="set base_model: <the base model folder or hf://org/repo>",
         )
-    ref = name if os.path.isdir(name) or name.startswith("hf://") else f"hf://{name}"
+    # A path (absolute, relative or existing) is a local folder; else a Hub repo id.
+    local = os.path.isabs(name) or name.startswith(".") or os.path.isdir(name)
+    ref = name if local or name.startswith("hf://") else f"hf://{name}"
     return resolve_base_model(ref)
 
 
@@ -369,6 +372,7 @@ def run_merged(
     """
     import torch
 
+    from mwakit.bake.adapter import parse_adapter
     from mwakit.bake.card import rebrand_card
     from mwakit.card import RESOLVED_RECIPE, render_card, resolved_recipe, write_assets
     from mwakit.execute import MemorySink, execute

@@ -96,3 +96,24 @@ def test_format_is_validated(checkpoints: list[Path], tmp_path: Path) -> None:
     r = _recipe(tmp_path, checkpoints, tmp_path / "x", output={"format": "gguf"})
     res = CliRunner().invoke(main, ["validate", "--schema-only", str(r)])
     assert res.exit_code == 1 and "output.format" in res.output
+
+
+def test_validate_and_plan_check_the_base(checkpoints: list[Path], tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    moved = []
+    for i, c in enumerate(checkpoints):
+        d = tmp_path / f"c{i}"
+        shutil.copytree(c, d)
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        cfg["base_model_name_or_path"] = str(tmp_path / "gone")
+        (d / "adapter_config.json").write_text(json.dumps(cfg))
+        moved.append(d)
+    r = _recipe(tmp_path, moved, tmp_path / "o", output={"format": "merged"})
+    for cmd in ("validate", "plan", "run"):
+        res = CliRunner().invoke(main, [cmd, str(r)])
+        assert res.exit_code == 1, res.output
+        assert "base model folder not found" in res.output and "gone" in res.output
+        assert len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
