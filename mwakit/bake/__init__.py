@@ -25,11 +25,10 @@ from mwakit.errors import PlanError, SourceError, UsageError
 from mwakit.io.layout import MODEL_SIDE_FILES, inside_folder
 
 if TYPE_CHECKING:
-    import torch
-
-    from mwakit.bake.adapter import BakeAdapter
+    from mwakit.bake.adapter import BakeAdapter, LazyTensor
     from mwakit.bake.stream import BakeLayout, BakeStats
     from mwakit.execute import ExecStats
+    from mwakit.io.reader import PreadReader
     from mwakit.planner import Plan
     from mwakit.sources import Checkpoint
 
@@ -151,16 +150,18 @@ def _dominant_dtype(layout: BakeLayout) -> str:
     return DTYPE_NAMES[max(sizes, key=lambda c: sizes[c])] if sizes else "float32"
 
 
-def read_adapter_tensors(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """An adapter folder's tensors (all of them: an adapter is small) and its config.
+def read_adapter_tensors(
+    folder: Path, reader: PreadReader
+) -> tuple[dict[str, LazyTensor], dict[str, Any]]:
+    """An adapter folder's tensors, each read from ``reader`` only when used, and its config.
 
     Raises:
         SourceError: No ``adapter_config.json`` or ``adapter_model.safetensors``, or either is
             unreadable.
     """
     from mwakit.adapters import read_adapter_config
+    from mwakit.bake.adapter import LazyTensor
     from mwakit.io.header import read_header
-    from mwakit.io.reader import PreadReader
 
     if not folder.is_dir():
         raise SourceError(
@@ -180,9 +181,7 @@ def read_adapter_tensors(folder: Path) -> tuple[dict[str, torch.Tensor], dict[st
             fix="save the adapter with save_pretrained(safe_serialization=True)",
         )
     header = read_header(weights)
-    with PreadReader(readahead=0) as reader:
-        tensors = {k: reader.get(i, weights) for k, i in header.tensors.items()}
-    return tensors, cfg.raw
+    return {k: LazyTensor(weights, i, reader) for k, i in header.tensors.items()}, cfg.raw
 
 
 def _lineage_warning(adapter_cfg: dict[str, Any], base: Checkpoint) -> list[str]:
@@ -267,8 +266,10 @@ def bake(
         TensorError: A baked tensor holds NaN/Inf.
     """
     from mwakit.bake.adapter import parse_adapter
+    from mwakit.bake.card import render_bake_card
     from mwakit.card import sha256_file
     from mwakit.io.atomic import atomic_output_dir, check_target
+    from mwakit.io.reader import PreadReader
 
     t0 = time.perf_counter()
     _check_dtype(dtype)
@@ -278,27 +279,24 @@ def bake(
     if not str(base).startswith("hf://"):
         inputs.append(Path(base))
     check_target(target, overwrite, inputs)
-    tensors, raw = read_adapter_tensors(adapter_dir)
-    parsed = parse_adapter(tensors, raw, source=str(adapter_dir))
-    b = resolve_base_model(str(base))
-    layout, _ = _plan(parsed, b, dtype)
-    warnings = _lineage_warning(raw, b)
-    adapter_files = [
-        f for f in (adapter_dir / n for n in ("adapter_config.json", "adapter_model.safetensors"))
-    ]
-    inputs += [b.path, *b.files, *adapter_files]
-    with atomic_output_dir(target, overwrite, inputs) as tmp, ThreadPoolExecutor(1) as pool:
-        prints = pool.submit(
-            lambda: [("adapter", f.name, sha256_file(f), f.stat().st_size) for f in adapter_files]
-        )
-        stats, out_dtype = _stream(layout, parsed, b, tmp, size, on_tensor, adapter_dir)
-        cmd = f"mwakit bake {adapter} --base {base} -o {output}"
-        if dtype:
-            cmd += f" --dtype {dtype}"
-        from mwakit.bake.card import render_bake_card
-
-        (tmp / _CARD).write_text(
-            render_bake_card(
+    cmd = f"mwakit bake {adapter} --base {base} -o {output}" + (
+        f" --dtype {dtype}" if dtype else ""
+    )
+    # The adapter's tensors are read module by module as the base streams past them.
+    with PreadReader(readahead=0) as adapter_reader:
+        tensors, raw = read_adapter_tensors(adapter_dir, adapter_reader)
+        parsed = parse_adapter(tensors, raw, source=str(adapter_dir))
+        b = resolve_base_model(str(base))
+        layout, _ = _plan(parsed, b, dtype)
+        warnings = _lineage_warning(raw, b)
+        files = [adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"]
+        inputs += [b.path, *b.files, *files]
+        with atomic_output_dir(target, overwrite, inputs) as tmp, ThreadPoolExecutor(1) as pool:
+            prints = pool.submit(
+                lambda: [("adapter", f.name, sha256_file(f), f.stat().st_size) for f in files]
+            )
+            stats, out_dtype = _stream(layout, parsed, b, tmp, size, on_tensor, adapter_dir)
+            card = render_bake_card(
                 base=str(base),
                 adapter=str(adapter),
                 adapter_config=raw,
@@ -308,9 +306,8 @@ def bake(
                 untied=layout.untied,
                 fingerprints=prints.result(),
                 command=cmd,
-            ),
-            encoding="utf-8",
-        )
+            )
+            (tmp / _CARD).write_text(card, encoding="utf-8")
     return BakeResult(
         path=target,
         tensors=stats.tensors,

@@ -22,6 +22,8 @@ import torch
 
 from mwakit.adapters import AdapterConfig, config_problems, lora_role
 from mwakit.errors import PlanError, SourceError
+from mwakit.io.header import TensorInfo
+from mwakit.io.reader import PreadReader
 
 _PREFIX = "base_model.model."
 _MAGNITUDE = ".lora_magnitude_vector"
@@ -48,6 +50,39 @@ _VARIANTS = {
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
+class LazyTensor:
+    """An adapter tensor known by its header entry, read only when it is used (then dropped),
+    so even a large adapter (r 64 over every module: ~200 MB) is never held whole."""
+
+    def __init__(self, path: Path, info: TensorInfo, reader: PreadReader) -> None:
+        self.path, self.info, self.reader = path, info, reader
+
+    @property
+    def shape(self) -> torch.Size:
+        """The tensor's shape (from the header)."""
+        return torch.Size(self.info.shape)
+
+    def dim(self) -> int:
+        """Number of dimensions."""
+        return len(self.info.shape)
+
+    def numel(self) -> int:
+        """Number of elements."""
+        return self.info.numel
+
+    def load(self) -> torch.Tensor:
+        """Read the tensor now."""
+        return self.reader.get(self.info, self.path)
+
+
+AdapterTensor = torch.Tensor | LazyTensor
+
+
+def value(t: AdapterTensor) -> torch.Tensor:
+    """The tensor itself (read now for a `LazyTensor`)."""
+    return t.load() if isinstance(t, LazyTensor) else t
+
+
 @dataclass
 class ModuleDelta:
     """One LoRA module: what it adds to its base tensor.
@@ -64,10 +99,10 @@ class ModuleDelta:
 
     module: str
     kind: Kind
-    a: torch.Tensor
-    b: torch.Tensor
+    a: AdapterTensor
+    b: AdapterTensor
     scaling: float
-    magnitude: torch.Tensor | None = None
+    magnitude: AdapterTensor | None = None
     fan_in_fan_out: bool = False
 
     def delta_shape(self) -> tuple[int, ...]:
@@ -97,8 +132,8 @@ class BakeAdapter:
     """
 
     deltas: dict[str, list[ModuleDelta]] = field(default_factory=dict)
-    biases: dict[str, tuple[torch.Tensor, float]] = field(default_factory=dict)
-    replace: dict[str, torch.Tensor] = field(default_factory=dict)
+    biases: dict[str, tuple[AdapterTensor, float]] = field(default_factory=dict)
+    replace: dict[str, AdapterTensor] = field(default_factory=dict)
     loaded: set[str] = field(default_factory=set)
     config: dict[str, Any] = field(default_factory=dict)
     source: str = "adapter"
@@ -126,19 +161,19 @@ def unsupported(raw: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _kind(a: torch.Tensor, suffix: str) -> Kind:
+def _kind(a: AdapterTensor, suffix: str) -> Kind:
     if suffix.startswith("lora_embedding"):
         return "embedding"
     return "conv" if a.dim() > 2 else "linear"
 
 
 def parse_adapter(
-    tensors: Mapping[str, torch.Tensor], raw: dict[str, Any], source: str = "adapter"
+    tensors: Mapping[str, AdapterTensor], raw: dict[str, Any], source: str = "adapter"
 ) -> BakeAdapter:
     """Turn an adapter's tensors and config into the base-tensor updates of `BakeAdapter`.
 
     Args:
-        tensors: The adapter's tensors, keys as PEFT saves them.
+        tensors: The adapter's tensors (or `LazyTensor` entries), keys as PEFT saves them.
         raw: Its ``adapter_config.json``.
         source: Where it came from, for messages.
 
@@ -162,9 +197,9 @@ def parse_adapter(
         )
     cfg = AdapterConfig(raw=raw, path=Path(source) / "adapter_config.json")
     fifo = bool(raw.get("fan_in_fan_out", False))
-    parts: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    parts: dict[str, dict[str, tuple[str, AdapterTensor]]] = {}
     out = BakeAdapter(config=raw, source=source)
-    magnitudes: dict[str, torch.Tensor] = {}
+    magnitudes: dict[str, AdapterTensor] = {}
     for key, t in tensors.items():
         role = lora_role(key)
         if role is not None:

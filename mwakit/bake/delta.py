@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mwakit.bake.adapter import ModuleDelta
+from mwakit.bake.adapter import AdapterTensor, ModuleDelta, value
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -33,12 +33,13 @@ def delta_weight(d: ModuleDelta, like: torch.Tensor) -> torch.Tensor:
     first, the product, then the scaling).
     """
     acc = _acc(like.dtype)
-    a, b = d.a.to(device=like.device, dtype=acc), d.b.to(device=like.device, dtype=acc)
+    a = value(d.a).to(device=like.device, dtype=acc)
+    b = value(d.b).to(device=like.device, dtype=acc)
     if d.kind == "embedding":
         return (b @ a).T * d.scaling
     if d.kind == "linear":
-        out = b @ a
-        return (out.T if d.fan_in_fan_out else out) * d.scaling
+        out = (b @ a).mul_(d.scaling)  # in place: (B @ A) * s, without a second out×in
+        return out.T if d.fan_in_fan_out else out
     if tuple(like.shape[2:4]) == (1, 1):
         # PEFT's 1×1 path: a plain matrix product of the squeezed factors.
         out = (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3)
@@ -51,7 +52,7 @@ def delta_weight(d: ModuleDelta, like: torch.Tensor) -> torch.Tensor:
 def _dora(d: ModuleDelta, w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """m ⊙ (W + ΔW) / ‖W + ΔW‖, the norm along PEFT's axis, not yet rounded."""
     assert d.magnitude is not None
-    mag = d.magnitude.to(device=w.device, dtype=delta.dtype)
+    mag = value(d.magnitude).to(device=w.device, dtype=delta.dtype)
     if d.kind == "linear":
         # Row norms of the (out, in) weight: one per output feature.
         wt = w.T if d.fan_in_fan_out else w
@@ -82,12 +83,14 @@ def bake_weight(w: torch.Tensor, deltas: Sequence[ModuleDelta]) -> torch.Tensor:
             # PEFT rounds an embedding's ΔW to the base dtype before adding it.
             w = w + delta.to(w.dtype)
         else:
-            w = (w + delta).to(w.dtype)
+            # ΔW + W in place (addition commutes exactly): one float32 out×in, not two.
+            w = delta.add_(w).to(w.dtype)
         del delta
     return w
 
 
-def bake_bias(bias: torch.Tensor, lora_bias: torch.Tensor, scaling: float) -> torch.Tensor:
+def bake_bias(bias: torch.Tensor, lora_bias: AdapterTensor, scaling: float) -> torch.Tensor:
     """b' = b + s·b_B (``lora_bias``), in b's dtype."""
     acc = _acc(bias.dtype)
-    return (bias.to(acc) + lora_bias.to(device=bias.device, dtype=acc) * scaling).to(bias.dtype)
+    b = value(lora_bias).to(device=bias.device, dtype=acc)
+    return (bias.to(acc) + b * scaling).to(bias.dtype)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from mwakit import __version__
-from mwakit.bake.adapter import BakeAdapter
+from mwakit.bake.adapter import BakeAdapter, value
 from mwakit.bake.delta import bake_bias, bake_weight
 from mwakit.errors import PlanError, TensorError
 from mwakit.io.header import DTYPE_NAMES, TensorInfo, dtype_code, is_float_code, read_header
@@ -33,6 +33,7 @@ from mwakit.io.shards import ShardedWriter
 #: Output-head and input-embedding names of tied models (PEFT's EMBEDDING_LAYER_NAMES, and
 #: the usual names of other architectures).
 _HEADS = ("lm_head.weight", "embed_out.weight")
+_READAHEAD = 64 << 20
 _EMBEDS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 
 
@@ -219,7 +220,7 @@ def _updated(
     changed = False
     for k in (key, *(k for k in adapter.replace if alias.get(k) == key)):
         if k in adapter.replace:
-            w = adapter.replace[k].to(w.dtype)
+            w = value(adapter.replace[k]).to(device=w.device, dtype=w.dtype)
             changed = True
     deltas = list(adapter.deltas.get(key, []))
     # A LoRA on a tied head updates the embedding's tensor too (one tensor on both sides).
@@ -232,6 +233,12 @@ def _updated(
         w = bake_bias(w, b, s)
         changed = True
     return w, changed
+
+
+def _finite(t: torch.Tensor) -> bool:
+    # A finite sum means every value is finite (NaN and Inf propagate); only an overflowing
+    # sum needs the element-wise check (no out-sized bool tensor in the common case).
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def stream_bake(
@@ -264,8 +271,10 @@ def stream_bake(
     dev = device or torch.device("cpu")
     metadata = {"format": "pt", "mwakit_version": __version__, "mwakit_bake": "1"}
     items = layout.items
+    # Read ahead only what is small next to the largest tensors: two embeddings in memory at
+    # once would double the bake's peak for no gain (copying them is I/O-bound anyway).
     with (
-        PreadReader() as reader,
+        PreadReader(readahead=_READAHEAD) as reader,
         ShardedWriter(out_dir, layout.entries(), shard_size, metadata) as w,
     ):
         for n, item in enumerate(items):
@@ -278,7 +287,7 @@ def stream_bake(
             t = reader.get(info, path)
             stats.bytes_read += info.nbytes
             new, changed = _updated(item, t.to(dev), adapter, alias)
-            if changed and new.is_floating_point() and not bool(torch.isfinite(new).all()):
+            if changed and new.is_floating_point() and not _finite(new):
                 raise TensorError(
                     f"the baked {item.key} holds NaN or Inf",
                     where=f"{adapter.source} on {path.parent}",
