@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -279,9 +280,6 @@ def bake(
     if not str(base).startswith("hf://"):
         inputs.append(Path(base))
     check_target(target, overwrite, inputs)
-    cmd = f"mwakit bake {adapter} --base {base} -o {output}" + (
-        f" --dtype {dtype}" if dtype else ""
-    )
     # The adapter's tensors are read module by module as the base streams past them.
     with PreadReader(readahead=0) as adapter_reader:
         tensors, raw = read_adapter_tensors(adapter_dir, adapter_reader)
@@ -289,6 +287,10 @@ def bake(
         b = resolve_base_model(str(base))
         layout, _ = _plan(parsed, b, dtype)
         warnings = _lineage_warning(raw, b)
+        # A Hub base is pinned to the commit it resolved to: the command bakes the same bytes.
+        pinned = b.pinned_ref if b.revision is not None else str(base)
+        args = ["mwakit", "bake", str(adapter), "--base", pinned, "-o", str(output)]
+        cmd = shlex.join(args + (["--dtype", dtype] if dtype else []))
         files = [adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"]
         inputs += [b.path, *b.files, *files]
         with atomic_output_dir(target, overwrite, inputs) as tmp, ThreadPoolExecutor(1) as pool:
