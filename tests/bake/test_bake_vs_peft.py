@@ -47,6 +47,7 @@ def test_bake_equals_peft_merge(case: str, tiny_base: Path, tmp_path: Path) -> N
     ref = peft_bake(tiny_base, adapter, tmp_path / "ref")
     assert assert_same_model(res.path, ref)["worst_ulp"] == 0
     assert res.changed > 0
+    assert greedy(res.path) == greedy(ref)
 
 
 TIED: dict[str, dict[str, Any]] = {
@@ -76,6 +77,7 @@ def test_bf16_base_within_one_ulp(tiny_base: Path, tmp_path: Path) -> None:
     res = bake(adapter, bf, tmp_path / "ours")
     ref = peft_bake(bf, adapter, tmp_path / "ref")
     assert assert_same_model(res.path, ref, max_ulp=1)["worst_ulp"] <= 1
+    assert greedy(res.path) == greedy(ref)
     cfg = json.loads((res.path / "config.json").read_text())
     assert cfg["dtype"] == "bfloat16"
 
@@ -101,5 +103,6 @@ def test_biases_as_peft(lora: dict[str, Any], biased_base: Path, tmp_path: Path)
     res = bake(adapter, biased_base, tmp_path / "ours")
     ref = peft_bake(biased_base, adapter, tmp_path / "ref")
     assert_same_model(res.path, ref)
+    assert greedy(res.path) == greedy(ref)
     key = "model.layers.0.self_attn.q_proj.bias"
     assert not load_folder(res.path)[key].equal(load_folder(biased_base)[key])
