@@ -286,7 +286,11 @@ def stream_bake(
             path, info = item.source
             t = reader.get(info, path)
             stats.bytes_read += info.nbytes
-            new, changed = _updated(item, t.to(dev), adapter, alias)
+            want = getattr(torch, DTYPE_NAMES[item.code])
+            # Written wider than stored (--dtype float32 of a bf16 base): merge in the wider
+            # dtype, so W + ΔW is not first rounded to the base's.
+            wider = t.is_floating_point() and want.itemsize > t.element_size()
+            new, changed = _updated(item, t.to(dev, want if wider else t.dtype), adapter, alias)
             if changed and new.is_floating_point() and not _finite(new):
                 raise TensorError(
                     f"the baked {item.key} holds NaN or Inf",

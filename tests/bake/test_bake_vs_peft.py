@@ -106,3 +106,23 @@ def test_biases_as_peft(lora: dict[str, Any], biased_base: Path, tmp_path: Path)
     assert greedy(res.path) == greedy(ref)
     key = "model.layers.0.self_attn.q_proj.bias"
     assert not load_folder(res.path)[key].equal(load_folder(biased_base)[key])
+
+
+def test_wider_dtype_merges_in_it(tiny_base: Path, tmp_path: Path) -> None:
+    """bf16 base written as float32: W + ΔW in float32, not rounded to bf16 first."""
+    from transformers import AutoModelForCausalLM
+
+    bf = tmp_path / "bf16-base"
+    AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16).save_pretrained(bf)
+    adapter = build_adapter(bf, tmp_path / "adapter", target_modules=["q_proj"])
+    res = bake(adapter, bf, tmp_path / "ours", dtype="float32")
+    out = load_folder(res.path)
+    base = load_folder(bf)
+    ad = load_folder(adapter)
+    key = "model.layers.0.self_attn.q_proj"
+    a = ad[f"base_model.model.{key}.lora_A.weight"].float()
+    b = ad[f"base_model.model.{key}.lora_B.weight"].float()
+    want = base[f"{key}.weight"].float() + (b @ a) * 2.0  # α/r = 8/4
+    assert out[f"{key}.weight"].dtype == torch.float32
+    assert torch.equal(out[f"{key}.weight"], want)
+    assert torch.equal(out["model.norm.weight"], base["model.norm.weight"].float())
