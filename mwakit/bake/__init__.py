@@ -146,7 +146,7 @@ def _dominant_dtype(layout: BakeLayout) -> str:
 
     sizes: dict[str, int] = {}
     for i in layout.items:
-        if is_float_code(i.code) and i.source is not None:
+        if is_float_code(i.code):
             sizes[i.code] = sizes.get(i.code, 0) + i.source[1].nbytes
     return DTYPE_NAMES[max(sizes, key=lambda c: sizes[c])] if sizes else "float32"
 

@@ -39,13 +39,13 @@ _EMBEDS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed
 
 @dataclass(frozen=True)
 class _Item:
-    """One output tensor: where its base bytes are (None for an added tensor), what it gets."""
+    """One output tensor: the base tensor it starts from, and the key of its updates."""
 
     key: str
     shape: tuple[int, ...]
     code: str
-    source: tuple[Path, TensorInfo] | None
-    target: str  # the key the adapter's updates are stored under
+    source: tuple[Path, TensorInfo]
+    target: str  # the adapter's key for it ("" for an untied head that keeps the embedding)
 
 
 @dataclass
@@ -55,17 +55,13 @@ class BakeLayout:
     Attributes:
         items: Output tensors in the order they are streamed.
         untied: The adapter replaced one side of tied embeddings: write both, untie them.
-        alias: Adapter keys stored under another base key (a LoRA on a tied head).
-        touched: Base keys the adapter changes (for the summary).
-        bytes_in: Base tensor bytes read.
+        alias: Adapter key → the base key it is stored under (a LoRA on a tied head updates
+            the embedding's tensor).
     """
 
     items: list[_Item]
     untied: bool = False
-    touched: int = 0
-    bytes_in: int = 0
     alias: dict[str, str] = field(default_factory=dict)
-    """Adapter key → the base key it is stored under (a tied head is the embedding)."""
 
     def entries(self) -> list[tuple[str, str, tuple[int, ...]]]:
         """(name, dtype code, shape) of every output tensor, for the writers."""
@@ -152,9 +148,7 @@ def plan_layout(
         target = new if new in adapter.targets() else ""
         items.append(_Item(new, info.shape, _code(info.dtype, out_dtype), (path, info), target))
     layout = BakeLayout(items=items, untied=untied, alias=alias)
-    layout.touched = len(adapter.targets())
     _check_shapes(layout, adapter, alias, base_name)
-    layout.bytes_in = sum(i.source[1].nbytes for i in items if i.source is not None)
     return layout
 
 
@@ -235,6 +229,10 @@ def _updated(
     return w, changed
 
 
+def _one(source: tuple[Path, TensorInfo]) -> tuple[Path, list[TensorInfo]]:
+    return source[0], [source[1]]
+
+
 def _finite(t: torch.Tensor) -> bool:
     # A finite sum means every value is finite (NaN and Inf propagate); only an overflowing
     # sum needs the element-wise check (no out-sized bool tensor in the common case).
@@ -278,11 +276,8 @@ def stream_bake(
         ShardedWriter(out_dir, layout.entries(), shard_size, metadata) as w,
     ):
         for n, item in enumerate(items):
-            if n + 1 < len(items) and items[n + 1].source is not None:
-                nxt = items[n + 1].source
-                assert nxt is not None
-                reader.prefetch(nxt[0], [nxt[1]])
-            assert item.source is not None
+            if n + 1 < len(items):
+                reader.prefetch(*_one(items[n + 1].source))
             path, info = item.source
             t = reader.get(info, path)
             stats.bytes_read += info.nbytes
