@@ -109,6 +109,7 @@ def main(debug: bool) -> None:
     mwakit fisher CKPT --base B --data D.jsonl   estimate a Fisher for `method: fisher`
     mwakit eval TARGET --data D.jsonl            score an adapter/model/recipe on held-out data
     mwakit tune recipe.yaml --data VAL.jsonl --out best.yaml   choose the merge on held-out data
+    mwakit bake ADAPTER --base B -o OUT          merge an adapter into its base (full model)
     """
 
 
@@ -767,6 +768,83 @@ def tune(
         click.echo(f"resumed: {res.resumed} trials read from {trial_log}", err=True)
     if res.out is not None:
         click.echo(f"wrote {res.out}" + (f" and {res.plot}" if res.plot else ""))
+
+
+@main.command()
+@click.argument("adapter", type=click.Path(path_type=Path))
+@click.option(
+    "--base",
+    "base",
+    required=True,
+    help="The base model: a folder saved with save_pretrained, or hf://org/repo[@revision].",
+)
+@click.option(
+    "-o", "--output", required=True, type=click.Path(path_type=Path), help="Output folder."
+)
+@click.option(
+    "-f",
+    "--force",
+    is_flag=True,
+    help="Replace an existing output folder (only an empty one or a previous mwakit output).",
+)
+@click.option(
+    "--shard-size", default="5GB", show_default=True, help="Largest output shard (500MB, 2GiB)."
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    help="Written dtype of floating-point tensors [default: the base's].",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@_handle_errors
+def bake(
+    adapter: Path,
+    base: str,
+    output: Path,
+    force: bool,
+    shard_size: str,
+    dtype: str | None,
+    quiet: bool,
+) -> None:
+    """Merge the LoRA adapter folder ADAPTER into its base model, streamed, into --output.
+
+    The output is a full model (sharded safetensors + index, config.json, tokenizer and
+    generation files of the base, a model card) that loads without PEFT. The base is read one
+    tensor at a time: memory stays small whatever its size.
+    """
+    from mwakit.bake import bake as run_bake
+
+    bar: Any = None
+
+    def on_tensor(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None and not quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="tensor", desc="baking", leave=False)
+        if bar is not None:
+            bar.update(1)
+
+    try:
+        res = run_bake(
+            adapter,
+            base,
+            output,
+            overwrite=force,
+            shard_size=shard_size,
+            dtype=dtype,
+            on_tensor=on_tensor,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    for w in res.warnings:
+        click.echo(f"warning: {w}", err=True)
+    if not quiet:
+        click.echo(
+            f"baked {adapter} into {base}: {res.path} — {res.changed} of {res.tensors} tensors "
+            f"changed, {res.bytes_written / 1e6:.1f} MB written in {res.seconds:.2f} s"
+        )
 
 
 if __name__ == "__main__":
