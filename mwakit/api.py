@@ -209,7 +209,7 @@ def run(
             )
         text = dump_recipe(resolved_recipe(p))
         (tmp / RESOLVED_RECIPE).write_text(text, encoding="utf-8")
-        write_card(p, tmp, text, stats.rel_errors, assets.result())
+        write_card(p, tmp, text, stats.rel_errors, assets.result(), stats.solvers)
     # The upload starts only once the local folder is complete; if it fails, the folder stays
     # and the error says how to retry with `mwakit push`.
     url = _push(target, dest) if dest is not None else None
