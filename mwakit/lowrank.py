@@ -387,7 +387,10 @@ def dense_refactor(
     a_rest = tuple(delta.shape[1:])
     b_rest = (1,) * (delta.dim() - 2)  # conv B is (out, r, 1, 1)
     m = delta.reshape(delta.shape[0], -1).to(compute_dtype)
-    if not bool(torch.isfinite(m).all()):
+    # ‖ΔW‖² (float64: no overflow) is NaN/Inf exactly when ΔW is not finite, and the sketch
+    # needs it: one pass instead of a bool tensor from isfinite (several times slower).
+    total = rsvd.sum_squares(m)
+    if not math.isfinite(total):
         return _non_finite(
             rank, (rank, *a_rest), (delta.shape[0], rank, *b_rest), compute_dtype, m.device
         )
@@ -397,7 +400,9 @@ def dense_refactor(
         for oversample, iters in attempts:
             if rank + oversample > min(m.shape) // 2:
                 break  # as wide as half the matrix: the dense SVD is the better buy
-            sk = rsvd.sketch(m, rank, seed=seed, oversample=oversample, power_iters=iters)
+            sk = rsvd.sketch(
+                m, rank, seed=seed, oversample=oversample, power_iters=iters, total=total
+            )
             if sk.certified:
                 u, s, vh = (t.to(compute_dtype) for t in (sk.u, sk.s, sk.vh))
                 ref = _split(u, s, vh, rank, a_rest, b_rest, rel=sk.rel_error)

@@ -174,7 +174,8 @@ def sum_squares(m: torch.Tensor) -> float:
     body = n - n % CHUNK
     parts = [0.0]
     for s in range(0, body, 1 << 20):  # bounded float64 temporaries
-        blk = flat[s : min(body, s + (1 << 20))].to(torch.float64).view(-1, CHUNK)
+        # copy=True: a float64 ``m`` must not be squared in place through a view.
+        blk = flat[s : min(body, s + (1 << 20))].to(torch.float64, copy=True).view(-1, CHUNK)
         parts += blk.square_().sum(dim=1).tolist()
     if body < n:
         parts += flat[body:].to(torch.float64).square().tolist()
@@ -198,6 +199,7 @@ def sketch(
     seed: int,
     oversample: int = OVERSAMPLE,
     power_iters: int = POWER_ITERS,
+    total: float | None = None,
 ) -> Sketch:
     """The rank-``rank`` truncation of a 2-D ``m`` from one randomized sketch (see module text).
 
@@ -207,6 +209,7 @@ def sketch(
         seed: Seeds the test matrix (the caller derives it from the module name).
         oversample: p, extra sketch columns.
         power_iters: q, subspace iterations.
+        total: ‖m‖_F² if the caller has it (`sum_squares`).
 
     Returns:
         The truncation, its relative error and whether it is certified within `ACCURACY`.
@@ -229,7 +232,7 @@ def sketch(
     u = q @ w[:, :k]
     vh = ((bt @ w[:, :k]) * inv).T
 
-    total = sum_squares(m)
+    total = sum_squares(m) if total is None else total
     if total == 0.0:
         return Sketch(u, sig, vh, 0.0, 1.0, 0.0, True, width)
     err2 = max(total - float(lam_k.sum()), 0.0)

@@ -204,3 +204,12 @@ def test_never_worse_than_one_percent_over_optimal(sigma: list[float], k: int, s
         ref = dense_refactor(m, k, seed=seed)
     assert ref.rel_error <= 1.01 * opt + 1e-5
     assert written_error(m, ref.A, ref.B) == pytest.approx(ref.rel_error, rel=1e-3, abs=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_input_is_left_untouched(dtype: torch.dtype) -> None:
+    m = known(300, 260, HEAVY_TAIL).to(dtype)
+    before = m.clone()
+    assert rsvd.sum_squares(m) == pytest.approx(float(before.double().square().sum()), rel=1e-12)
+    dense_refactor(m, K, compute_dtype=dtype, seed=1)
+    assert torch.equal(m, before)

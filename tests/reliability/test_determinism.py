@@ -102,8 +102,12 @@ def recipes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     delta = {"lora_space": "delta", "delta_rank": 4}
     return {
         "linear": _recipe(tmp / "linear.yaml", adapters, method="linear"),
-        "task_arithmetic_svd": _recipe(tmp / "ta.yaml", adapters, method="task_arithmetic", **delta),
-        "ties": _recipe(tmp / "ties.yaml", adapters, method="ties", params={"density": 0.5}, **delta),
+        "task_arithmetic_svd": _recipe(
+            tmp / "ta.yaml", adapters, method="task_arithmetic", **delta
+        ),
+        "ties": _recipe(
+            tmp / "ties.yaml", adapters, method="ties", params={"density": 0.5}, **delta
+        ),
         "dare_ties": _recipe(
             tmp / "dare.yaml",
             adapters,
