@@ -16,18 +16,16 @@ subspace iteration):
 The result U_k Σ̃_k V_kᵀ is the projection P_k ΔW onto k orthonormal directions, so its error
 is known exactly: e² = ‖ΔW‖² − Σ_{i≤k} σ̃_i² (computed from the residual itself when it is
 small, where the difference would cancel). The optimal error e*² = Σ_{i>k} σ_i² is not known;
-the sketch gives two lower bounds on it, and the result is accepted ("certified") when either
-proves e ≤ 1.01·e* (`ACCURACY`). With S = Σ_{k<i≤l} σ̃_i², the energy of the p extra
-directions of the sketch (so e² = S + T, T = ‖ΔW‖² − Σ_{i≤l} σ̃_i² the tail energy outside it):
+the result is accepted ("certified") when e ≤ 1.01·e* (`ACCURACY`) follows from either
 
-- e*² ≥ S always (σ̃_i ≤ σ_i by interlacing). Accept when S ≥ e²/1.01²: the tail lies
-  (almost) inside the sketch — e.g. ΔW of rank ≤ l.
-- e*² ≥ T whenever the l directions of the sketch hold at least the optimal k-direction energy
-  (Σ_{i≤l} σ̃_i² ≥ Σ_{i≤k} σ_i²), which the p extra directions and the subspace iterations are
-  there to ensure. Accept when S ≤ (1 − 1/1.01²)·e² (≈ 2 %): the tail is spread so thin that the
-  p best directions outside the top k hold under 2 % of it, and then no choice of k directions
-  can do more than 1 % better. This is the usual case after TIES/DARE: their elementwise trims
-  and masks spread the tail over thousands of directions.
+- the bound e*² ≥ S, S = Σ_{k<i≤l} σ̃_i² the energy of the p extra directions (σ̃_i ≤ σ_i by
+  interlacing): accept when S ≥ e²/1.01², i.e. the tail lies (almost) inside the sketch — for
+  example ΔW of rank ≤ l; or
+- the estimate e*² ≈ e² − D, D the top-k energy the sketch still misses, Σ_{i≤k} (σ_i² − σ̃_i²):
+  subspace iteration gains it geometrically, so the gains of the last iterations, extrapolated
+  (`_deficit`), estimate D. Accept when D ≤ (1 − 1/1.01²)·e² ≈ 2 % of e². This is the usual
+  case after TIES/DARE: their trims and masks spread the tail over thousands of directions,
+  the top directions converge in two iterations, and e is dominated by the tail anyway.
 
 Otherwise one wider sketch (4·l columns, one more iteration) is tried, then the dense SVD.
 
@@ -50,7 +48,16 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ACCURACY", "OVERSAMPLE", "POWER_ITERS", "Sketch", "sketch", "test_matrix", "worth"]
+__all__ = [
+    "ACCURACY",
+    "OVERSAMPLE",
+    "POWER_ITERS",
+    "Sketch",
+    "sketch",
+    "sum_squares",
+    "test_matrix",
+    "worth",
+]
 
 OVERSAMPLE = 10
 """Extra sketch columns p beyond the rank (Halko et al. suggest 5–10)."""
