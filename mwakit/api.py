@@ -253,7 +253,15 @@ def run(
         resolved = resolved_recipe(p, folder=target)
         text = dump_recipe(resolved)
         (tmp / RESOLVED_RECIPE).write_text(text, encoding="utf-8")
-        write_card(p, tmp, text, stats.rel_errors, assets.result(), rerun=resolved.output.path)
+        write_card(
+            p,
+            tmp,
+            text,
+            stats.rel_errors,
+            assets.result(),
+            rerun=resolved.output.path,
+            solvers=stats.solvers,
+        )
     # The upload starts only once the local folder is complete; if it fails, the folder stays
     # and the error says how to retry with `mwakit push`.
     url = _push(target, dest) if dest is not None else None
