@@ -25,7 +25,7 @@ import re
 import stat
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +40,9 @@ _ARENA_MIN = 1 << 20  # smaller reads come from malloc, which recycles small blo
 _ARENA_KEEP_FREE = 256 << 20  # idle buffers kept for reuse at most (least recently used go)
 _READAHEAD = 256 << 20  # read one group ahead into memory when it is at most this big
 _CHANGED_FIX = "the file changed while mwakit was reading it; wait until it is complete, run again"
+
+Observer = Callable[[Path, int, memoryview], None]
+"""Called with (file, offset, bytes) after every successful read (see `PreadReader`)."""
 
 
 def _use_count(t: torch.Tensor) -> int | None:
@@ -114,9 +117,13 @@ class PreadReader:
         readahead: Bytes ``prefetch`` may read ahead on the helper thread (into memory, so the
             next group's copy from the page cache overlaps this group's compute); a larger
             request only gets the kernel hint. 0 turns reading ahead off.
+        observer: Sees every byte read, right after the read (e.g.
+            `mwakit.io.hashing.StreamHasher.observe`); called from the read-ahead thread
+            too, so it must be thread-safe. An error it raises fails the read.
     """
 
-    def __init__(self, readahead: int = _READAHEAD) -> None:
+    def __init__(self, readahead: int = _READAHEAD, observer: Observer | None = None) -> None:
+        self._observer = observer
         self._files: dict[Path, _Open] = {}
         self._arena = _Arena()
         self._lock = threading.Lock()  # files and arena, shared with the read-ahead thread
@@ -193,6 +200,8 @@ class PreadReader:
             ) from err
         if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
             raise self._changed(path, "file changed while being read (size or mtime differ)")
+        if self._observer is not None:
+            self._observer(path, offset, out)
 
     def _read(self, info: TensorInfo, path: Path) -> torch.Tensor:
         dtype = getattr(torch, DTYPE_NAMES[info.dtype])

@@ -15,6 +15,7 @@ from types import TracebackType
 
 import torch
 
+from mwakit.io.durable import BackgroundSync
 from mwakit.io.header import DTYPE_SIZES
 from mwakit.io.oserror import output_error
 from mwakit.io.writer import Entry, StreamingWriter
@@ -46,6 +47,7 @@ class ShardedWriter:
         entries: Sequence[Entry],
         shard_size: int,
         metadata: dict[str, str] | None = None,
+        syncer: BackgroundSync | None = None,
     ) -> None:
         shards = split_shards(entries, shard_size)
         n = len(shards)
@@ -56,7 +58,7 @@ class ShardedWriter:
             else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         )
         self._writers = [
-            StreamingWriter(folder / name, shard, metadata)
+            StreamingWriter(folder / name, shard, metadata, syncer)
             for name, shard in zip(self.names, shards, strict=True)
         ]
         self._route = {
@@ -88,5 +90,9 @@ class ShardedWriter:
                 raise output_error(err, "cannot write the shard index", str(self.folder)) from err
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write one tensor into its shard."""
-        self._route[name].write(name, tensor)
+        """Write one tensor into its shard; a shard's last tensor finishes (closes) the shard,
+        so its fsync can start while the next shards are merged."""
+        w = self._route[name]
+        w.write(name, tensor)
+        if w.complete:
+            w.close()
