@@ -172,6 +172,7 @@ def run(
     on_plan: Callable[[Plan], None] | None = None,
     push: bool | None = None,
     hub: HubTarget | None = None,
+    executor: str | None = None,
 ) -> RunResult:
     """Plan and execute a merge into an output folder, atomically.
 
@@ -189,6 +190,7 @@ def run(
         push: Upload the finished folder to the Hub; None (default) pushes iff a target is
             set (``hub`` or ``output.hub``), False never pushes.
         hub: Overrides ``output.hub`` (the push target).
+        executor: Overrides the recipe's ``executor`` (``local``, ``ray``, ``ray=ADDRESS``).
 
     Raises:
         UsageError: ``push=True`` with no target.
@@ -196,6 +198,11 @@ def run(
             upload leaves the output folder complete (`HubError`, with the retry command).
     """
     r = _as_recipe(recipe)
+    if executor is not None:
+        from mwakit.executors import parse_executor
+
+        name, address = parse_executor(executor)
+        r = r.model_copy(update={"executor": name, "executor_address": address})
     dest = None if push is False else (hub or r.output.hub)
     if push and dest is None:
         dest = hub_target(None)  # raises the usage error: nowhere to push
@@ -226,12 +233,19 @@ def run(
         # The inputs the merge reads are fingerprinted from the bytes it reads (one read, not
         # two); the plot and the other fingerprints do not depend on the merge: they are made
         # on a second core while torch imports and the merge streams (hashing releases the GIL).
-        hasher = StreamHasher(streamed_files(p))
+        # With executor: ray the tasks read on other nodes: this process hashes the inputs.
+        ray = r.executor == "ray"
+        hasher = StreamHasher([] if ray else streamed_files(p))
         assets = pool.submit(write_assets, p, tmp, hasher.paths)
         try:
-            from mwakit.execute import execute  # torch is imported only when a merge runs
+            if ray:
+                from mwakit.executors.ray import execute_ray
 
-            stats = execute(p, tmp, on_task=on_task, observer=hasher.observe, syncer=syncer)
+                stats = execute_ray(p, tmp, address=r.executor_address, on_task=on_task)
+            else:
+                from mwakit.execute import execute  # torch is imported only when a merge runs
+
+                stats = execute(p, tmp, on_task=on_task, observer=hasher.observe, syncer=syncer)
             streamed = hasher.finish()
         except BaseException:
             assets.cancel()
