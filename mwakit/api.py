@@ -248,6 +248,7 @@ def run(
                 stats = execute(p, tmp, on_task=on_task, observer=hasher.observe, syncer=syncer)
             streamed = hasher.finish()
         except BaseException:
+            hasher.close()
             assets.cancel()
             raise
         for f, digest in streamed.items():

@@ -52,10 +52,13 @@ def test_digest_is_sha256_whatever_the_read_order(tmp_path: Path, order: str) ->
     assert h.finish() == {path: _sha(path)}
 
 
-def test_read_ahead_thread_and_main_thread_feed_one_digest(tmp_path: Path) -> None:
+@pytest.mark.parametrize("max_pending", [1, 1 << 20])  # 1: every read waits for the hashing
+def test_read_ahead_thread_and_main_thread_feed_one_digest(
+    tmp_path: Path, max_pending: int
+) -> None:
     path = _file(tmp_path, n=12)
     infos = _infos(path)
-    h = StreamHasher([path])
+    h = StreamHasher([path], max_pending=max_pending)
     with PreadReader(observer=h.observe) as r:
         for a, b in zip(infos[0::2], infos[1::2], strict=True):
             r.prefetch(path, [b])  # b is read on the helper thread while a is read here
@@ -95,6 +98,15 @@ def test_other_files_are_ignored_and_links_match(tmp_path: Path) -> None:
         for info in _infos(a)[:2]:
             r.get(info, link)  # the same file under another name feeds its digest
     assert h.finish() == {a: _sha(a)}
+
+
+def test_close_after_a_failed_merge_stops_the_thread(tmp_path: Path) -> None:
+    path = _file(tmp_path)
+    h = StreamHasher([path])
+    with PreadReader(readahead=0, observer=h.observe) as r:
+        r.get(_infos(path)[2], path)
+    h.close()
+    assert h._thread is None
 
 
 def test_a_file_changed_between_reads_is_refused(tmp_path: Path) -> None:
