@@ -113,6 +113,12 @@ def main() -> int:
         ],
         help="task-vector methods to time beside linear",
     )
+    ap.add_argument(
+        "--ray",
+        action="store_true",
+        help="also time linear with executor: ray (a local cluster started by the run)",
+    )
+    ap.add_argument("--skip-whole", action="store_true", help="no whole-load reference row")
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     py = sys.executable
@@ -155,10 +161,14 @@ def main() -> int:
         measure([py, "-c", READ_FLOOR, *files])  # warm the page cache
         read_s, _ = best_of(a.repeat, [py, "-c", READ_FLOOR, *files])
         groups = [",".join(shards(f)) for f in folders]
-        whole_s, whole_rss = best_of(
-            a.repeat,
-            [py, "-c", REFERENCE, json.dumps(weights), str(t / "ref.safetensors"), *groups],
-        )
+        # (label, wall s, peak MiB, CPU s, its plain reference's (wall, MiB, CPU), mw linear s)
+        Row = tuple[str, float, float | None, float | None, tuple[float, float, float] | None,
+                    float | None]  # fmt: skip
+        rows: list[Row] = [("read floor", read_s, None, None, None, None)]
+        if not a.skip_whole:
+            whole = [py, "-c", REFERENCE, json.dumps(weights), str(t / "ref.safetensors")]
+            ((whole_s, whole_rss, whole_cpu),) = interleaved(a.repeat, [([*whole, *groups], None)])
+            rows.append(("whole-load reference", whole_s, whole_rss, whole_cpu, None, None))
         recipes: dict[str, dict[str, object]] = {
             "linear": {"method": "mwa", "params": {"metric": "loss", "penalty": 0.7}},
             "ties": {
@@ -190,8 +200,6 @@ def main() -> int:
             "ties": {"method": "ties", "weights": weights, "density": 0.2},
             "dare_ties": {"method": "dare_ties", "weights": [1.0] * a.k, "drop_rate": 0.8},
         }
-        rows = [("read floor", read_s, None, None, None)]
-        rows.append(("whole-load reference", whole_s, whole_rss, None, None))
         lin_s = 0.0
         for name in ["linear", *a.methods]:
             kw = recipes[name]
@@ -204,23 +212,32 @@ def main() -> int:
                 ref_cmd = [py, "-c", REFERENCE_STREAMED, json.dumps(specs[name]), out, base_arg]
                 runs.insert(0, ([*ref_cmd, *groups], None))
             got = interleaved(a.repeat, runs)
-            (s, rss), ref = got[-1], (got[0] if len(got) == 2 else None)
+            (s, rss, cpu), ref = got[-1], (got[0] if len(got) == 2 else None)
             if name == "linear":
                 lin_s = s
             if ref is not None:
-                rows.append((f"plain streamed {name}", ref[0], ref[1], None, None))
-            rows.append((f"mwakit {name}", s, rss, ref, lin_s))
+                rows.append((f"plain streamed {name}", ref[0], ref[1], ref[2], None, None))
+            rows.append((f"mwakit {name}", s, rss, cpu, ref, lin_s))
+            if name == "linear" and a.ray:
+                # The driver starts a local cluster (num_cpus = this machine's) for the run:
+                # its start-up is part of the time, as it is for a user. Peak RSS and CPU are
+                # the driver's only (the workers are the raylet's children).
+                ray_cmd = [*mwakit, "run", "-q", "--executor", "ray", cmd[-1]]
+                ((rs, rrss, rcpu),) = interleaved(a.repeat, [(ray_cmd, MWAKIT_ENV)])
+                rows.append(("mwakit linear, ray", rs, rrss, rcpu, ref, lin_s))
         print(
             f"{'':24} {'wall s':>7} {'÷ read':>7} {'÷ plain':>7} {'÷ mw lin':>8} "
-            f"{'peak MiB':>9} {'÷ plain':>7}"
+            f"{'peak MiB':>9} {'÷ plain':>7} {'CPU s':>6} {'÷ plain':>7}"
         )
-        for label, s, rss, ref, lin in rows:
+        for label, s, rss, cpu, ref, lin in rows:
             r_wall = f"{s / ref[0]:7.2f}" if ref else " " * 7
-            r_rss = f"{rss / ref[1]:7.2f}" if ref and rss else ""
+            r_rss = f"{rss / ref[1]:7.2f}" if ref and rss else " " * 7
+            r_cpu = f"{cpu / ref[2]:7.2f}" if ref and cpu else ""
             r_lin = f"{s / lin:8.2f}" if lin else " " * 8
             print(
                 f"{label:24} {s:>7.2f} {s / read_s:>7.1f} {r_wall} {r_lin} "
-                f"{'' if rss is None else f'{rss:9.0f}'} {r_rss}"
+                f"{'' if rss is None else f'{rss:9.0f}':>9} {r_rss} "
+                f"{'' if cpu is None else f'{cpu:6.1f}':>6} {r_cpu}"
             )
     return 0
 

@@ -113,7 +113,7 @@ def main() -> int:
     header = (
         f"{'r':>3} {'K':>3} {'dtype':>5} {'in MB':>7} | {'read s':>6} {'ref s':>6} "
         f"{'mwakit s':>8} | {'mw/ref':>6} {'mw/read':>7} | {'ref MiB':>7} {'mw MiB':>6} "
-        f"{'mw/ref':>6}"
+        f"{'mw/ref':>6} | {'ref cpu':>7} {'mw cpu':>6} {'mw/ref':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -139,7 +139,7 @@ def main() -> int:
                     w = json.dumps([c["weight"] for c in weights])
                     measure([py, "-c", READ_FLOOR, *files])  # warm the page cache
                     read_s, _ = best_of(a.repeat, [py, "-c", READ_FLOOR, *files])
-                    (ref_s, ref_rss), (mw_s, mw_rss) = interleaved(
+                    (ref_s, ref_rss, ref_cpu), (mw_s, mw_rss, mw_cpu) = interleaved(
                         a.repeat,
                         [
                             ([py, "-c", REFERENCE, w, str(t / "ref.safetensors"), *files], None),
@@ -149,7 +149,8 @@ def main() -> int:
                     print(
                         f"{r:>3} {k:>3} {dt:>5} {size:>7.0f} | {read_s:>6.2f} {ref_s:>6.2f} "
                         f"{mw_s:>8.2f} | {mw_s / ref_s:>6.2f} {mw_s / read_s:>7.1f} | "
-                        f"{ref_rss:>7.0f} {mw_rss:>6.0f} {mw_rss / ref_rss:>6.2f}",
+                        f"{ref_rss:>7.0f} {mw_rss:>6.0f} {mw_rss / ref_rss:>6.2f} | "
+                        f"{ref_cpu:>7.1f} {mw_cpu:>6.1f} {mw_cpu / ref_cpu:>6.2f}",
                         flush=True,
                     )
         if not a.skip_svd:

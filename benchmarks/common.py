@@ -101,6 +101,16 @@ MWAKIT_ENV = {**os.environ, "MWAKIT_CACHE": "off"}
 
 def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
     """(wall seconds, peak RSS MiB) of a child process; exits with its stderr if it fails."""
+    wall, rss, _ = measure_cpu(cmd, env)
+    return wall, rss
+
+
+def measure_cpu(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS MiB, CPU seconds user + system) of a child process.
+
+    On a shared, busy machine wall time follows the load; CPU time barely does, so both are
+    reported.
+    """
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -108,7 +118,7 @@ def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, f
     if os.waitstatus_to_exitcode(status) != 0:
         assert proc.stderr is not None
         raise SystemExit(f"failed: {' '.join(cmd[:4])}…\n{proc.stderr.read().decode()}")
-    return wall, usage.ru_maxrss / 1024
+    return wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
 def best_of(n: int, cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
@@ -119,11 +129,11 @@ def best_of(n: int, cmd: list[str], env: dict[str, str] | None = None) -> tuple[
 
 def interleaved(
     n: int, cmds: list[tuple[list[str], dict[str, str] | None]]
-) -> list[tuple[float, float]]:
-    """`best_of` for several commands, run in turn (a, b, a, b, …) so that a change of load
-    on a shared machine falls on all of them alike."""
-    runs: list[list[tuple[float, float]]] = [[] for _ in cmds]
+) -> list[tuple[float, float, float]]:
+    """Best wall, worst peak RSS and least CPU time of several commands over n rounds, run in
+    turn (a, b, a, b, …) so that a change of load on a shared machine falls on all alike."""
+    runs: list[list[tuple[float, float, float]]] = [[] for _ in cmds]
     for _ in range(n):
         for i, (cmd, env) in enumerate(cmds):
-            runs[i].append(measure(cmd, env))
-    return [(min(r[0] for r in rs), max(r[1] for r in rs)) for rs in runs]
+            runs[i].append(measure_cpu(cmd, env))
+    return [(min(r[0] for r in rs), max(r[1] for r in rs), min(r[2] for r in rs)) for rs in runs]
