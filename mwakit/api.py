@@ -233,20 +233,23 @@ def run(
         # The inputs the merge reads are fingerprinted from the bytes it reads (one read, not
         # two); the plot and the other fingerprints do not depend on the merge: they are made
         # on a second core while torch imports and the merge streams (hashing releases the GIL).
-        # With executor: ray the tasks read on other nodes: this process hashes the inputs.
+        # With executor: ray the tasks read on other nodes, and Ray tasks hash the weights.
         ray = r.executor == "ray"
-        hasher = StreamHasher([] if ray else streamed_files(p))
-        assets = pool.submit(write_assets, p, tmp, hasher.paths)
+        to_stream = streamed_files(p)
+        hasher = StreamHasher([] if ray else to_stream)
+        assets = pool.submit(write_assets, p, tmp, to_stream)
         try:
             if ray:
                 from mwakit.executors.ray import execute_ray
 
-                stats = execute_ray(p, tmp, address=r.executor_address, on_task=on_task)
+                stats = execute_ray(
+                    p, tmp, address=r.executor_address, on_task=on_task, hash_files=to_stream
+                )
             else:
                 from mwakit.execute import execute  # torch is imported only when a merge runs
 
                 stats = execute(p, tmp, on_task=on_task, observer=hasher.observe, syncer=syncer)
-            streamed = hasher.finish()
+            streamed = {**hasher.finish(), **stats.digests}
         except BaseException:
             hasher.close()
             assets.cancel()

@@ -218,13 +218,16 @@ def write_assets(plan: Plan, folder: Path, streamed: Collection[Path] = ()) -> d
     trainer state) and inputs the method never reads (a base model of a linear merge).
     The plot is drawn in a child process, so matplotlib's import (about as long as a LoRA
     merge) runs on another core instead of holding this process's GIL — unless matplotlib is
-    already imported (a notebook, a program that plots): then drawing here costs less.
+    already imported (a notebook, a program that plots) or this process has one core: then
+    drawing here costs less (no second interpreter).
 
     Returns:
         The sha256 of each file hashed, by path.
     """
     path = folder / PLOT_FILE
-    here = "matplotlib.figure" in sys.modules
+    # A child only helps when another core can run it.
+    one_core = len(os.sched_getaffinity(0)) < 2 if hasattr(os, "sched_getaffinity") else False
+    here = "matplotlib.figure" in sys.modules or one_core
     proc = None if here else start_drawing(plan, path)
     skip = set(streamed)
     # hashlib releases the GIL: this overlaps the merge for real

@@ -50,6 +50,8 @@ class ExecStats:
         max_live_inputs: The most input tensors held at once (the streaming bound).
         fisher_norms: Global L2 norm of each checkpoint's Fisher (normalize_fisher).
         thresholds: Per-checkpoint magnitude thresholds for whole-model trimming, by task name.
+        digests: sha256 of input files an executor hashed itself (the Ray executor hashes
+            the weights files on the cluster), by path.
     """
 
     tasks: int = 0
@@ -61,6 +63,7 @@ class ExecStats:
     max_live_inputs: int = 0
     fisher_norms: list[float] = field(default_factory=list)
     thresholds: dict[str, list[float]] = field(default_factory=dict)
+    digests: dict[Path, str] = field(default_factory=dict)
 
 
 def resolve_device(name: str) -> torch.device:

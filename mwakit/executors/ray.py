@@ -10,7 +10,9 @@ whose layout is fixed up front. So the driver (the process that runs ``mwakit ru
 3. each task, on any node, reads its groups' input tensors from the shared storage, merges
    them exactly as the local executor does (`mwakit.execute.run_tasks`), writes its shard
    file at its final path and fsyncs it; the task returns its statistics;
-4. when every shard is complete, the driver writes the shard index; `mwakit.api.run` then
+4. the weights files' sha256 (the card's fingerprints) are computed by tasks too, one per
+   file, so the driver never reads the inputs through;
+5. when every shard is complete, the driver writes the shard index; `mwakit.api.run` then
    writes the card and renames the folder into place, as for a local run.
 
 A task whose worker dies (killed, out of memory, node lost) is retried (``max_retries``) and
@@ -147,6 +149,16 @@ def run_shard(
     }
 
 
+def hash_file(path: str, cwd: str) -> str:
+    """One Ray task: the sha256 of an input file (`mwakit.card.sha256_file`, digest cache
+    included), so fingerprinting terabytes of inputs spreads over the cluster too."""
+    if os.path.isdir(cwd):
+        os.chdir(cwd)
+    from mwakit.card import sha256_file
+
+    return sha256_file(Path(path))
+
+
 def _raise(fields: tuple[str, str, str | None, str | None]) -> None:
     from mwakit import errors
 
@@ -177,8 +189,12 @@ def execute_ray(
     *,
     address: str | None = None,
     on_task: Callable[[int, Task], None] | None = None,
+    hash_files: Sequence[Path] = (),
 ) -> Any:
     """Run the plan's tensor groups as Ray tasks, one per output shard, into ``out_dir``.
+
+    ``hash_files`` are hashed by Ray tasks too (one per file, submitted after the shards);
+    their digests come back in ``ExecStats.digests``.
 
     Args:
         plan: The plan to run.
@@ -220,10 +236,16 @@ def execute_ray(
             remote.remote(plan_ref, str(out / name), entries, idx, prepass, cwd, fault): j
             for j, (name, entries, idx) in enumerate(groups)
         }
+        hasher = ray.remote(num_cpus=1, max_retries=RETRIES)(hash_file)
+        hashing = {hasher.remote(str(f), cwd): Path(f) for f in dict.fromkeys(hash_files)}
         try:
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
+            while pending or hashing:
+                done, _ = ray.wait([*pending, *hashing], num_returns=1)
                 for ref in done:
+                    if ref in hashing:
+                        f = hashing.pop(ref)
+                        stats.digests[f] = _result(ray, ref, f.name)
+                        continue
                     j = pending.pop(ref)
                     res = _result(ray, ref, groups[j][0])
                     if "error" in res:
@@ -238,11 +260,12 @@ def execute_ray(
                         for i in groups[j][2]:
                             on_task(i, plan.tasks[i])
         except BaseException:
-            for ref in pending:
+            for ref in [*pending, *hashing]:
                 ray.cancel(ref, force=True)
             # Wait for the cancelled tasks to stop: none may write into the folder once the
             # caller removes it.
-            ray.wait(list(pending), num_returns=len(pending), timeout=30)
+            if pending:
+                ray.wait(list(pending), num_returns=len(pending), timeout=30)
             raise
     finally:
         if started:
@@ -259,9 +282,9 @@ def plan_dtype(plan: Plan) -> Any:
     return getattr(torch, plan.recipe.dtype)
 
 
-def _result(ray: Any, ref: Any, name: str) -> dict[str, Any]:
+def _result(ray: Any, ref: Any, name: str) -> Any:
     try:
-        res: dict[str, Any] = ray.get(ref)
+        res = ray.get(ref)
     except ray.exceptions.RayTaskError as err:
         cause = getattr(err, "cause", None)
         if isinstance(cause, Exception):

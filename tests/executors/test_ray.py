@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import mwakit
+from mwakit import card
 from mwakit.cli import main
 from mwakit.errors import TensorError, UsageError
 from mwakit.executors import parse_executor
@@ -75,14 +76,28 @@ def test_full_model_shards_equal_the_local_executor_byte_for_byte(
     assert set(index["weight_map"]) == set(got) == {o.key for o in res.plan.outputs}
 
 
-def test_adapter_is_one_task_and_equal(ray_cluster: Any, tmp_path: Path) -> None:
+def test_adapter_is_one_task_and_equal(
+    ray_cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MWAKIT_CACHE", "off")
     folders = [tmp_path / f"c{i}" for i in range(3)]
     for i, f in enumerate(folders):
         write_adapter(f, modules=4, seed=i)
     local = mwakit.run(_recipe(tmp_path / "local", folders, method="linear")).path
+    real = card.sha256_file
+
+    def driver_hash(path: Path) -> str:
+        assert not path.name.endswith(".safetensors"), "the driver read a weights file"
+        return real(path)
+
+    monkeypatch.setattr(card, "sha256_file", driver_hash)
     ray_out = mwakit.run(_recipe(tmp_path / "ray", folders, method="linear"), executor="ray")
     assert _files(ray_out.path) == _files(local)
     assert len(shard_groups(ray_out.plan)) == 1
+    # The weights' fingerprints were computed by Ray tasks: the same card table.
+    table = [ln for ln in (local / "README.md").read_text().splitlines() if "`" in ln]
+    fps = [ln for ln in table if ln.count("|") == 5 and "safetensors" in ln]
+    assert fps and all(ln in (ray_out.path / "README.md").read_text() for ln in fps)
 
 
 def test_a_killed_worker_is_retried(
