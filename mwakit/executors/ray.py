@@ -227,7 +227,9 @@ def execute_ray(
     groups = shard_groups(plan)
     started = _connect(ray, address)
     try:
-        remote = ray.remote(num_cpus=1, max_retries=RETRIES)(run_shard)
+        # A task sees a GPU only when it asks for one (Ray hides the others from it).
+        gpus = 1 if plan.recipe.device.startswith("cuda") else 0
+        remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=RETRIES)(run_shard)
         plan_ref = ray.put(plan)
         fault = os.environ.get(FAULT_ENV)
         out = out_dir.resolve()
