@@ -277,6 +277,12 @@ def plan(recipe: Path, as_json: bool, plot_file: Path | None, sets: tuple[str, .
     "is set).",
 )
 @click.option("--repo-id", help="Hub repo to push to (overrides output.hub.repo_id).")
+@click.option(
+    "--executor",
+    metavar="local|ray[=ADDRESS]",
+    help="Where the tensor groups run (overrides the recipe's executor): this process, or "
+    "Ray tasks, one per output shard (ADDRESS: the cluster, e.g. auto).",
+)
 @set_option
 @_handle_errors
 def run(
@@ -286,6 +292,7 @@ def run(
     quiet: bool,
     push: bool | None,
     repo_id: str | None,
+    executor: str | None,
     sets: tuple[str, ...],
 ) -> None:
     """Merge the checkpoints of RECIPE into its output folder (then push it, see --push)."""
@@ -318,6 +325,7 @@ def run(
             on_plan=on_plan,
             push=push,
             hub=hub,
+            executor=executor,
         )
     finally:
         if bar is not None:
