@@ -12,7 +12,8 @@ import contextlib
 import hashlib
 import os
 import re
-from collections.abc import Sequence
+import sys
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,17 @@ import yaml
 
 from mwakit import __version__, layer_params
 from mwakit.planner import Plan
-from mwakit.plot import PLOT_FILE, finish_drawing, plot_metric, start_drawing
+from mwakit.plot import (
+    PLOT_FILE,
+    finish_drawing,
+    plot_caption,
+    plot_metric,
+    plot_weights,
+    start_drawing,
+)
 from mwakit.recipe import Recipe
 from mwakit.sources import Checkpoint
+from mwakit.wording import plural
 
 RESOLVED_RECIPE = "mwakit.yaml"
 CARD_FILE = "README.md"
@@ -57,22 +66,59 @@ _READINGS = {
 }
 
 
-def resolved_recipe(plan: Plan) -> Recipe:
+def rerun_path(folder: Path) -> str:
+    """``output.path`` of the resolved recipe in ``folder``: a sibling, ``../NAME-rerun``.
+
+    Re-running the recipe from its folder then neither nests a copy inside it nor replaces
+    the folder it is read from, and the two results sit side by side to compare.
+    """
+    return f"../{Path(os.path.abspath(folder)).name}-rerun"
+
+
+def _portable(ref: str, folder: Path | None) -> str:
+    """A local input's path relative to ``folder`` when they share a parent below the root
+    (a project folder), else as is (absolute); Hub references as is."""
+    from mwakit.hub import is_hf_ref
+
+    if folder is None or is_hf_ref(ref):
+        return ref
+    target = Path(os.path.abspath(ref)).resolve()
+    root = Path(os.path.abspath(folder)).resolve()
+    try:
+        common = Path(os.path.commonpath([target, root]))
+    except ValueError:  # different drives
+        return ref
+    if common == Path(common.anchor):
+        return ref
+    return os.path.relpath(target, root)
+
+
+def resolved_recipe(plan: Plan, folder: Path | None = None) -> Recipe:
     """The recipe as run: explicit checkpoints with the metrics used.
 
     Local checkpoints get absolute paths, Hub ones ``hf://org/repo@<sha>/subfolder`` pinned to
     the commit they resolved to, so a re-run fetches exactly the same bytes. Re-running it
     reproduces the merge even when ``select:`` would now find other folders or trainer_state.json
     files are gone. ``output.hub`` is dropped: re-running a published recipe must not publish.
+
+    Args:
+        plan: The plan that ran.
+        folder: The output folder the recipe is written into. Given, local paths are made
+            relative to it where they share a parent below the root (``relative_to:
+            recipe``), so the output folder and its inputs can move together, to another
+            machine too, and ``output.path`` becomes `rerun_path`.
     """
     data = plan.recipe.to_yaml_dict()
     data.pop("select", None)
     data["output"].pop("hub", None)
-    if plan.base is not None and plan.base.revision is not None:
-        data["base_model"] = plan.base.pinned_ref
+    if plan.base is not None:
+        data["base_model"] = _portable(plan.base.pinned_ref, folder)
+    if folder is not None:
+        data["relative_to"] = "recipe"
+        data["output"]["path"] = rerun_path(folder)
     data["checkpoints"] = [
         {
-            "path": c.pinned_ref,
+            "path": _portable(c.pinned_ref, folder),
             **({"metrics": dict(c.metrics)} if c.metrics else {}),
             **({"weight": c.weight} if c.weight is not None else {}),
         }
@@ -86,6 +132,21 @@ def resolved_recipe(plan: Plan) -> Recipe:
     return Recipe.model_validate(data)
 
 
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A GitHub-flavoured Markdown table: header, separator and rows with the same cell count.
+
+    A ``|`` inside a cell is escaped, so a name cannot add a column.
+    """
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    for row in rows:
+        if len(row) != len(header):  # a bug in the caller: a broken table is never written
+            raise ValueError(f"row of {len(row)} cells under a header of {len(header)}")
+    return [line(header), "|" + "---|" * len(header), *(line(r) for r in rows)]
+
+
 def _fmt(v: float | None) -> str:
     return "" if v is None else f"{v:.6g}"
 
@@ -97,28 +158,45 @@ def sha256_file(path: Path) -> str:
     (every weights file): that name is the sha256 the Hub checked at download, so it is used
     as is instead of reading the file again.
     """
+    digest = known_digest(path)
+    if digest is not None:
+        return digest
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    digest = h.hexdigest()
+    remember_digest(path, digest)
+    return digest
+
+
+def known_digest(path: Path) -> str | None:
+    """The sha256 of a file when it is known without reading it: a Hub blob's name, or the
+    digest cache's entry for this exact file version (`_digest_cache`); else None."""
     if path.is_symlink():
         target = path.resolve()
         if target.parent.name == "blobs" and _SHA256.match(target.name):
             return target.name
     cached = _digest_cache(path)
     if cached is not None and cached.is_file():
-        digest = cached.read_text(encoding="ascii").strip()
-        if _SHA256.match(digest):
-            return digest
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    digest = h.hexdigest()
-    if cached is not None:
-        # Best effort: a read-only or full cache folder only costs the next run a re-hash.
-        with contextlib.suppress(OSError):
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(f".{os.getpid()}")
-            tmp.write_text(digest, encoding="ascii")
-            tmp.replace(cached)
-    return digest
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            digest = cached.read_text(encoding="ascii").strip()
+            if _SHA256.match(digest):
+                return digest
+    return None
+
+
+def remember_digest(path: Path, digest: str) -> None:
+    """Record a file's sha256 in the digest cache (best effort: a read-only or full cache
+    folder only costs the next run a re-hash)."""
+    cached = _digest_cache(path)
+    if cached is None:
+        return
+    with contextlib.suppress(OSError):
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}")
+        tmp.write_text(digest, encoding="ascii")
+        tmp.replace(cached)
 
 
 def _digest_cache(path: Path) -> Path | None:
@@ -147,11 +225,28 @@ def _inputs(c: Checkpoint) -> list[Path]:
     return [*c.files, *(f for f in extra if f.is_file())]
 
 
-def fingerprints(plan: Plan) -> list[tuple[str, str, str, int]]:
-    """(checkpoint, file name, sha256, size) of every input file: weights, adapter config,
+def fingerprint_files(plan: Plan) -> list[tuple[str, Path]]:
+    """(checkpoint, file) of every input file the card fingerprints: weights, adapter config,
     trainer state, and the base model's weights."""
     cks = [*plan.checkpoints, *([plan.base] if plan.base is not None else [])]
-    return [(c.name, f.name, sha256_file(f), f.stat().st_size) for c in cks for f in _inputs(c)]
+    return [(c.name, f) for c in cks for f in _inputs(c)]
+
+
+def fingerprints(
+    plan: Plan, digests: Mapping[Path, str] | None = None
+) -> list[tuple[str, str, str, int]]:
+    """(checkpoint, file name, sha256, size) of every `fingerprint_files` file.
+
+    Args:
+        plan: The merge plan.
+        digests: sha256 already computed (e.g. streamed by `mwakit.io.hashing.StreamHasher`
+            while the merge read the file); any other file is hashed here (`sha256_file`).
+    """
+    known = digests or {}
+    return [
+        (name, f.name, known.get(f) or sha256_file(f), f.stat().st_size)
+        for name, f in fingerprint_files(plan)
+    ]
 
 
 def _front_matter(plan: Plan) -> dict[str, Any]:
@@ -174,18 +269,34 @@ def _front_matter(plan: Plan) -> dict[str, Any]:
 Fingerprints = list[tuple[str, str, str, int]]
 
 
-def write_assets(plan: Plan, folder: Path) -> Fingerprints:
-    """Draw the weights plot into ``folder`` and fingerprint every input file.
+def write_assets(plan: Plan, folder: Path, streamed: Collection[Path] = ()) -> dict[Path, str]:
+    """Draw the weights plot into ``folder`` and hash every input file not ``streamed``.
 
-    Neither depends on the merge's result, and together they cost about as much as a LoRA
-    merge (matplotlib's import, one sha256 pass over the inputs), so `mwakit.api.run` runs
-    this on a background thread while the merge streams; the plot itself is drawn in a child
-    process so matplotlib's import does not hold this process's GIL.
+    Neither depends on the merge's result, so `mwakit.api.run` runs this on a background
+    thread while the merge streams. The files the merge reads are hashed from the bytes it
+    reads (``streamed``, see `mwakit.io.hashing`); what is left here are small files (configs,
+    trainer state) and inputs the method never reads (a base model of a linear merge).
+    The plot is drawn in a child process, so matplotlib's import (about as long as a LoRA
+    merge) runs on another core instead of holding this process's GIL — unless matplotlib is
+    already imported (a notebook, a program that plots) or this process has one core: then
+    drawing here costs less (no second interpreter).
+
+    Returns:
+        The sha256 of each file hashed, by path.
     """
-    proc = start_drawing(plan, folder / PLOT_FILE)
-    prints = fingerprints(plan)  # hashlib releases the GIL: this overlaps the merge for real
-    finish_drawing(proc, plan, folder / PLOT_FILE)
-    return prints
+    path = folder / PLOT_FILE
+    # A child only helps when another core can run it.
+    one_core = len(os.sched_getaffinity(0)) < 2 if hasattr(os, "sched_getaffinity") else False
+    here = "matplotlib.figure" in sys.modules or one_core
+    proc = None if here else start_drawing(plan, path)
+    skip = set(streamed)
+    # hashlib releases the GIL: this overlaps the merge for real
+    digests = {f: sha256_file(f) for _, f in fingerprint_files(plan) if f not in skip}
+    if proc is None:
+        plot_weights(plan, path)
+    else:
+        finish_drawing(proc, plan, path)
+    return digests
 
 
 def write_card(
@@ -194,6 +305,8 @@ def write_card(
     recipe_yaml: str,
     rel_errors: dict[str, float],
     prints: Fingerprints | None = None,
+    rerun: str | None = None,
+    solvers: dict[str, str] | None = None,
 ) -> list[Path]:
     """Write README.md (and, unless ``prints`` says `write_assets` ran, the plot).
 
@@ -201,9 +314,17 @@ def write_card(
         The files written.
     """
     if prints is None:
-        prints = write_assets(plan, folder)
+        prints = fingerprints(plan, write_assets(plan, folder))
     card = folder / CARD_FILE
-    text = render_card(plan, recipe_yaml, rel_errors, plot=PLOT_FILE, fingerprints=prints)
+    text = render_card(
+        plan,
+        recipe_yaml,
+        rel_errors,
+        plot=PLOT_FILE,
+        fingerprints=prints,
+        rerun=rerun,
+        solvers=solvers,
+    )
     card.write_text(text, encoding="utf-8")
     return [folder / PLOT_FILE, card]
 
@@ -252,6 +373,8 @@ def render_card(
     *,
     plot: str | None = None,
     fingerprints: Sequence[tuple[str, str, str, int]] = (),
+    rerun: str | None = None,
+    solvers: dict[str, str] | None = None,
 ) -> str:
     """README.md for the merged checkpoint: Hub front matter, method, checkpoints, recipe.
 
@@ -261,6 +384,9 @@ def render_card(
         rel_errors: Relative truncation error per module (delta space re-factorised).
         plot: The weights plot's file name in the folder, to link.
         fingerprints: (checkpoint, file, sha256, size) of each input file.
+        rerun: Where the recipe re-runs to (its ``output.path``, relative to the folder),
+            when its paths are relative to the folder (``relative_to: recipe``).
+        solvers: How each dense ΔW was re-factorised (`mwakit.lowrank.Refactored.solver`).
     """
     full = plan.kind == "full"
     front = _front_matter(plan)
@@ -270,13 +396,15 @@ def render_card(
     lines += [
         f"This {'model' if full else 'adapter'} was merged by "
         f"[mwakit](https://pypi.org/project/mwakit/) {__version__} "
-        f"from {len(plan.checkpoints)} checkpoints with **{plan.method.name}** "
+        f"from {plural(len(plan.checkpoints), 'checkpoint')} with **{plan.method.name}** "
         f"({plan.method.summary}).",
         "",
         f"- Formula: `{plan.method.formula}`",
         f"- Reference: {plan.method.reference}",
     ]
-    if plan.base_model and "base_model" not in front:
+    # A full merge with base_model names it once below, as θ_0 of the task vectors.
+    theta0 = full and plan.base is not None
+    if plan.base_model and "base_model" not in front and not theta0:
         lines.append(f"- Base model: `{plan.base_model}`")
     params = plan.params.model_dump(mode="json")
     mwa = params if plan.method.name == "mwa" else None
@@ -305,7 +433,8 @@ def render_card(
             "concat": "delta, rank concatenation (the merged ΔW is exact)",
             "svd": f"delta, re-factorised to rank {plan.recipe.delta_rank} with QR + small SVD",
             "dense": f"delta: the method acts on each ΔW_i = s_i·B_i·A_i, the result is "
-            f"re-factorised to rank {plan.recipe.delta_rank} with a truncated SVD",
+            f"re-factorised to rank {plan.recipe.delta_rank} with a truncated SVD (large "
+            "modules: a randomized sketch certified within 1 % of the optimal error)",
             "full": "delta: the method acts on each ΔW_i = s_i·B_i·A_i and the merged ΔW is "
             "stored exactly, as full-rank factors (no truncation)",
         }[plan.lora_mode]
@@ -315,7 +444,7 @@ def render_card(
         mean = sum(rel_errors.values()) / len(rel_errors)
         lines.append(
             f"- Truncation error (relative Frobenius): mean {mean:.3g}, max {worst[1]:.3g} "
-            f"at `{worst[0]}`"
+            f"at `{worst[0]}`{solver_note(solvers or {})}"
         )
     metric_names = sorted({k for c in plan.checkpoints for k in c.metrics})
     # The weighting metric first, then the usual ones; step has its own column.
@@ -324,18 +453,21 @@ def render_card(
         m for m in metric_names if m not in (*first, "step", *_NOISE)
     ][:3]
     lines += ["", "## Checkpoints", ""]
-    lines.append("| checkpoint | source | revision | step | " + " | ".join(shown) + " | weight |")
-    lines.append("|---" * (len(shown) + 5) + "|")
-    for c, w in zip(plan.checkpoints, plan.weights, strict=True):
-        cells = [_fmt(c.metrics.get(m)) for m in shown]
-        step = "" if c.step is None else str(c.step)
-        rev = f"`{c.revision}`" if c.revision else "local"
-        lines.append(
-            f"| {c.name} | `{c.ref}` | {rev} | {step} | " + " | ".join(cells) + f" | {w:.6f} |"
-        )
+    rows = [
+        [
+            c.name,
+            f"`{c.ref}`",
+            f"`{c.revision}`" if c.revision else "local",
+            "" if c.step is None else str(c.step),
+            *(_fmt(c.metrics.get(m)) for m in shown),
+            f"{w:.6f}",
+        ]
+        for c, w in zip(plan.checkpoints, plan.weights, strict=True)
+    ]
+    lines += markdown_table(["checkpoint", "source", "revision", "step", *shown, "weight"], rows)
     if plot:
-        metric = plot_metric(plan) or "step"
-        lines += ["", f"![Weight of each checkpoint against {metric}]({plot})"]
+        caption = plot_caption(plan)
+        lines += ["", f"![{caption[0].upper()}{caption[1:]}]({plot})"]
     if plan.recipe.rules:
         lines += [
             "",
@@ -346,18 +478,29 @@ def render_card(
     if plan.warnings:
         lines += ["", "## Notes", ""] + [f"- {w}" for w in plan.warnings]
     if fingerprints:
-        lines += ["", "## Input fingerprints", "", "| checkpoint | file | bytes | sha256 |"]
-        lines.append("|---|---|---|---|")
-        lines += [f"| {c} | {f} | {n} | `{h}` |" for c, f, h, n in fingerprints]
+        lines += ["", "## Input fingerprints", ""]
+        lines += markdown_table(
+            ["checkpoint", "file", "bytes", "sha256"],
+            [[c, f, str(n), f"`{h}`"] for c, f, h, n in fingerprints],
+        )
+    lines += ["", "## Reproduce", "", "```bash", f"pip install mwakit=={__version__}"]
+    if rerun is not None:
+        lines += [
+            f"mwakit run {RESOLVED_RECIPE}   # in this folder; writes {rerun}",
+            f'for f in *.safetensors; do cmp "$f" "{rerun}/$f"; done   # the same bytes',
+        ]
+    else:
+        lines.append(f"mwakit run {RESOLVED_RECIPE}")
+    lines += ["```", ""]
+    if rerun is not None:
+        lines += [
+            f"Local paths in `{RESOLVED_RECIPE}` are relative to this folder (`relative_to: "
+            "recipe`), so `mwakit run path/to/this/folder/mwakit.yaml` works from anywhere, and "
+            "on another machine when the inputs keep their place relative to this folder; "
+            "inputs with no common parent folder keep absolute paths.",
+            "",
+        ]
     lines += [
-        "",
-        "## Reproduce",
-        "",
-        "```bash",
-        f"pip install mwakit=={__version__}",
-        f"mwakit run {RESOLVED_RECIPE}",
-        "```",
-        "",
         f"The recipe as run (`{RESOLVED_RECIPE}` in this folder; Hub inputs pinned to the "
         "commit they resolved to, `output.hub` left out so a re-run does not publish):",
         "",
@@ -367,3 +510,20 @@ def render_card(
         "",
     ]
     return "\n".join(lines)
+
+
+_SOLVER_WORDS = {
+    "randomized": "randomized sketch",
+    "exact": "dense SVD",
+    "fallback": "dense SVD after an uncertified sketch",
+}
+
+
+def solver_note(solvers: dict[str, str]) -> str:
+    """``"; re-factorised by: 220 randomized sketch, 4 dense SVD"`` (empty without solvers)."""
+    counts = [
+        f"{sum(1 for v in solvers.values() if v == key)} {words}"
+        for key, words in _SOLVER_WORDS.items()
+        if key in solvers.values()
+    ]
+    return f"; re-factorised by: {', '.join(counts)}" if counts else ""

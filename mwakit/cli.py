@@ -42,7 +42,9 @@ def _handle_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        debug = bool(click.get_current_context().find_root().params.get("debug"))
+        # --debug is accepted before the command (`mwakit --debug run`) and after it.
+        sub_debug = bool(kwargs.pop("sub_debug", False))
+        debug = sub_debug or bool(click.get_current_context().find_root().params.get("debug"))
         try:
             with terminate_on_signals():
                 return fn(*args, **kwargs)
@@ -72,7 +74,21 @@ def _handle_errors(fn: F) -> F:
             )
             sys.exit(1)
 
-    return wrapper  # type: ignore[return-value]
+    # The option is added here, so every command that maps errors also takes --debug.
+    return click.option(  # type: ignore[return-value]
+        "--debug", "sub_debug", is_flag=True, help="Show tracebacks instead of one-line errors."
+    )(wrapper)
+
+
+def set_option(fn: F) -> F:
+    """``--set KEY=VALUE`` (repeatable): edit the recipe before it is validated.
+
+    For every command that reads a recipe; load it with
+    `mwakit.overrides.load_recipe_with(path, sets)`.
+    """
+    from mwakit.overrides import SET_HELP
+
+    return click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)(fn)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -93,6 +109,7 @@ def main(debug: bool) -> None:
     mwakit fisher CKPT --base B --data D.jsonl   estimate a Fisher for `method: fisher`
     mwakit eval TARGET --data D.jsonl            score an adapter/model/recipe on held-out data
     mwakit tune recipe.yaml --data VAL.jsonl --out best.yaml   choose the merge on held-out data
+    mwakit bake ADAPTER --base B -o OUT          merge an adapter into its base (full model)
     """
 
 
@@ -103,25 +120,30 @@ def main(debug: bool) -> None:
     is_flag=True,
     help="Check the recipe file alone (fast: no checkpoint folder is read).",
 )
+@set_option
 @_handle_errors
-def validate(recipe: Path, schema_only: bool) -> None:
+def validate(recipe: Path, schema_only: bool, sets: tuple[str, ...]) -> None:
     """Check RECIPE as `plan` and `run` would: the recipe, every checkpoint's folder, config,
     headers and metrics, and whether the method can merge them; every problem at once, each
     with its location. No tensor byte is read; --schema-only reads the recipe file alone.
     """
+    from mwakit.overrides import load_recipe_with
     from mwakit.validate import validate as check
 
-    verdict = check(recipe, schema_only=schema_only)
+    verdict = check(load_recipe_with(recipe, sets), schema_only=schema_only)
     for w in verdict.warnings:
         click.echo(f"warning: {w}", err=True)
     click.echo(f"ok: {recipe}: {verdict.summary()}")
 
 
 def _plan_text(plan: Any) -> str:
+    from mwakit import wording
+
     doc = plan.to_json()
+    space = wording.lora_space(doc["kind"], doc["lora_mode"], plan.recipe.delta_rank)
     lines = [
         f"method: {doc['method']} {json.dumps(doc['params'])}",
-        f"lora space: {doc['lora_space']} ({doc['lora_mode']})",
+        *([f"lora space: {space}"] if space else []),
         f"base model: {doc['base_model'] or 'unknown'}",
         "",
     ]
@@ -146,8 +168,8 @@ def _plan_text(plan: Any) -> str:
     lines += [
         "",
         f"tensors: {s['lora_modules']} LoRA modules, {s['full_tensors']} full tensors merged, "
-        f"{s['copied_tensors']} copied; read {s['input_bytes'] / 1e6:.1f} MB, "
-        f"write {s['output_bytes'] / 1e6:.1f} MB",
+        f"{s['copied_tensors']} copied; read {wording.size(s['input_bytes'])}, "
+        f"write {wording.size(s['output_bytes'])}",
     ]
     ranks = sorted({t["rank"] for t in doc["tensors"] if t["kind"] == "lora"})
     if ranks:
@@ -217,17 +239,20 @@ def _layers_text(layers: dict[str, Any] | None) -> list[str]:
     "--plot",
     "plot_file",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Also draw the weights against the metric into this PNG (the model card's plot).",
+    help="Also draw the weights against the metric into this file (the model card's plot); "
+    "the extension picks the format: .png, .svg or .pdf.",
 )
+@set_option
 @_handle_errors
-def plan(recipe: Path, as_json: bool, plot_file: Path | None) -> None:
+def plan(recipe: Path, as_json: bool, plot_file: Path | None, sets: tuple[str, ...]) -> None:
     """Dry run: resolve weights and plan every tensor of RECIPE; writes nothing but --plot."""
     from mwakit import api
+    from mwakit.overrides import load_recipe_with
     from mwakit.plot import check_plot_path, save_plot
 
     if plot_file is not None:
         check_plot_path(plot_file)  # before the work: a plot that cannot be written fails fast
-    p = api.plan(recipe)
+    p = api.plan(load_recipe_with(recipe, sets))
     if plot_file is not None:
         save_plot(p, plot_file)
     click.echo(json.dumps(p.to_json(), indent=2) if as_json else _plan_text(p))
@@ -252,6 +277,13 @@ def plan(recipe: Path, as_json: bool, plot_file: Path | None) -> None:
     "is set).",
 )
 @click.option("--repo-id", help="Hub repo to push to (overrides output.hub.repo_id).")
+@click.option(
+    "--executor",
+    metavar="local|ray[=ADDRESS]",
+    help="Where the tensor groups run (overrides the recipe's executor): this process, or "
+    "Ray tasks, one per output shard (ADDRESS: the cluster, e.g. auto).",
+)
+@set_option
 @_handle_errors
 def run(
     recipe: Path,
@@ -260,12 +292,14 @@ def run(
     quiet: bool,
     push: bool | None,
     repo_id: str | None,
+    executor: str | None,
+    sets: tuple[str, ...],
 ) -> None:
     """Merge the checkpoints of RECIPE into its output folder (then push it, see --push)."""
     from mwakit import api
-    from mwakit.recipe import load_recipe
+    from mwakit.overrides import load_recipe_with
 
-    r = load_recipe(recipe)
+    r = load_recipe_with(recipe, sets)
     hub = api.hub_target(repo_id, base=r.output.hub) if repo_id else None
     bar: Any = None
 
@@ -291,19 +325,36 @@ def run(
             on_plan=on_plan,
             push=push,
             hub=hub,
+            executor=executor,
         )
     finally:
         if bar is not None:
             bar.close()
     if not quiet:
-        s = res.stats
+        from mwakit import wording
+
+        s, p = res.stats, res.plan
+        space = wording.lora_space(p.kind, p.lora_mode, p.recipe.delta_rank)
         click.echo(
-            f"merged {len(res.plan.checkpoints)} checkpoints with {res.plan.method.name} "
-            f"({res.plan.lora_mode}) into {res.path} — {s.tasks} tensor groups, "
-            f"{s.bytes_written / 1e6:.1f} MB written in {s.seconds:.2f} s on {s.device}"
+            f"merged {wording.plural(len(p.checkpoints), 'checkpoint')} with {p.method.name} "
+            f"into {res.path} — "
+            + (f"lora space {space}; " if space else "full models; ")
+            + f"{wording.plural(s.tasks, 'tensor group')}, "
+            f"{wording.size(s.bytes_written)} written in {s.seconds:.2f} s on {s.device}"
+            + _truncation_note(s.rel_errors, s.solvers)
         )
     if res.commit_url:
         click.echo(f"pushed: {res.commit_url}")
+
+
+def _truncation_note(rel_errors: dict[str, float], solvers: dict[str, str]) -> str:
+    """``"; truncation error max 0.42 at <module> (…)"`` for a re-factorised merge, else ""."""
+    if not rel_errors or all(v == 0.0 for v in rel_errors.values()):
+        return ""
+    from mwakit.card import solver_note
+
+    name, worst = max(rel_errors.items(), key=lambda kv: kv[1])
+    return f"; truncation error max {worst:.3g} at {name}{solver_note(solvers)}"
 
 
 @main.command()
@@ -590,8 +641,9 @@ def eval_cmd(
     """Score TARGET on held-out DATA: an adapter folder (a checkpoint), a model folder, or a
     recipe (merged in memory, nothing written).
 
-    Metrics are means over rows, shown with their standard error. exact_match uses greedy
-    decoding (no generation when the completion ends with the EOS token).
+    Each metric is shown with its standard error over the rows (loss: mean token NLL).
+    exact_match uses greedy decoding (no generation when the completion ends with the EOS
+    token).
     """
     from mwakit.evaluate import evaluate
 
@@ -661,6 +713,7 @@ def eval_cmd(
 )
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@set_option
 @_handle_errors
 def tune(
     recipe: Path,
@@ -678,6 +731,7 @@ def tune(
     trial_log: Path | None,
     device: str,
     quiet: bool,
+    sets: tuple[str, ...],
 ) -> None:
     """Search how to merge RECIPE's checkpoints, scoring each candidate on --data (VAL).
 
@@ -686,8 +740,11 @@ def tune(
     baselines and the chosen merge only. --out gets a plain recipe that `mwakit run`
     reproduces.
     """
+    from mwakit.overrides import load_recipe_with
     from mwakit.tune import tune as run_tune
 
+    # Read (and --set) before any data or model is loaded: a bad recipe fails at once.
+    loaded = load_recipe_with(recipe, sets) if sets else recipe
     bar: Any = None
 
     def on_trial(trial: Any, done: int, total: int) -> None:
@@ -704,7 +761,7 @@ def tune(
 
     try:
         res = run_tune(
-            recipe,
+            loaded,
             data=data,
             test=test,
             base=base,
@@ -730,6 +787,83 @@ def tune(
         click.echo(f"resumed: {res.resumed} trials read from {trial_log}", err=True)
     if res.out is not None:
         click.echo(f"wrote {res.out}" + (f" and {res.plot}" if res.plot else ""))
+
+
+@main.command()
+@click.argument("adapter", type=click.Path(path_type=Path))
+@click.option(
+    "--base",
+    "base",
+    required=True,
+    help="The base model: a folder saved with save_pretrained, or hf://org/repo[@revision].",
+)
+@click.option(
+    "-o", "--output", required=True, type=click.Path(path_type=Path), help="Output folder."
+)
+@click.option(
+    "-f",
+    "--force",
+    is_flag=True,
+    help="Replace an existing output folder (only an empty one or a previous mwakit output).",
+)
+@click.option(
+    "--shard-size", default="5GB", show_default=True, help="Largest output shard (500MB, 2GiB)."
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    help="Written dtype of floating-point tensors [default: the base's].",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@_handle_errors
+def bake(
+    adapter: Path,
+    base: str,
+    output: Path,
+    force: bool,
+    shard_size: str,
+    dtype: str | None,
+    quiet: bool,
+) -> None:
+    """Merge the LoRA adapter folder ADAPTER into its base model, streamed, into --output.
+
+    The output is a full model (sharded safetensors + index, config.json, tokenizer and
+    generation files of the base, a model card) that loads without PEFT. The base is read one
+    tensor at a time: memory stays small whatever its size.
+    """
+    from mwakit.bake import bake as run_bake
+
+    bar: Any = None
+
+    def on_tensor(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None and not quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="tensor", desc="baking", leave=False)
+        if bar is not None:
+            bar.update(1)
+
+    try:
+        res = run_bake(
+            adapter,
+            base,
+            output,
+            overwrite=force,
+            shard_size=shard_size,
+            dtype=dtype,
+            on_tensor=on_tensor,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    for w in res.warnings:
+        click.echo(f"warning: {w}", err=True)
+    if not quiet:
+        click.echo(
+            f"baked {adapter} into {base}: {res.path} — {res.changed} of {res.tensors} tensors "
+            f"changed, {res.bytes_written / 1e6:.1f} MB written in {res.seconds:.2f} s"
+        )
 
 
 if __name__ == "__main__":

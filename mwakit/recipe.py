@@ -198,6 +198,9 @@ class Output(_Strict):
     """Full models: the largest output shard, units spelled out ("500MB", "5GB", "2GiB")."""
     hub: HubTarget | None = None
     """Upload the output folder to the Hub after a successful write (``--no-push`` skips)."""
+    format: Literal["adapter", "merged"] = "adapter"
+    """adapter: the merged LoRA adapter; merged: that adapter baked into its base model (a full
+    model for serving: sharded safetensors, config, tokenizer), streamed, in one pass."""
 
     @field_validator("shard_size")
     @classmethod
@@ -259,6 +262,13 @@ class Recipe(_Strict):
     out_dtype: DType | None = None
     """The written dtype (default: the inputs'); values it cannot hold are an error."""
     device: str = "auto"
+    executor: Literal["local", "ray"] | None = None
+    """Where the tensor groups run: ``local`` (default: this process, streamed) or ``ray``
+    (Ray tasks on a cluster, one per output shard, over storage every node sees; needs
+    ``pip install 'mwakit[ray]'``)."""
+    executor_address: str | None = None
+    """With ``executor: ray``, the cluster to join (``auto``, ``ray://host:10001``, …);
+    default: the one ``RAY_ADDRESS`` names, else a local one started for the run."""
     allow_pickle: bool = False
     """Allow legacy adapter_model.bin inputs (loaded with torch.load(weights_only=True))."""
     weighting: Weighting | None = None
@@ -273,6 +283,10 @@ class Recipe(_Strict):
     """Full models, ``method: passthrough``: the output's layers, slice after slice, each from
     one checkpoint (renumbered from 0); the other tensors come from the checkpoint
     ``params.rest_from`` names, else the first slice's checkpoint."""
+    relative_to: Literal["cwd", "recipe"] = "cwd"
+    """What relative local paths in the recipe are relative to: the current directory, or the
+    folder of the recipe file (the resolved recipe ``mwakit.yaml`` of an output folder uses
+    ``recipe``, so it re-runs from anywhere, and on another machine with the same layout)."""
     tuning: dict[str, Any] | None = None
     """Written by `mwakit tune` into the recipe it chose: the data's fingerprints, the metric,
     VAL/TEST of the chosen merge and the baselines. The model card shows it; the merge
@@ -369,6 +383,8 @@ def _cross_checks(data: dict[str, Any]) -> list[Problem]:
         out.append(Problem("checkpoints", "`checkpoints:` is empty: list at least one checkpoint"))
     if data.get("delta_rank", "concat") != "concat" and data.get("lora_space") != "delta":
         out.append(Problem("delta_rank", "delta_rank applies only with lora_space: delta"))
+    if data.get("executor_address") is not None and data.get("executor") != "ray":
+        out.append(Problem("executor_address", "executor_address applies only with executor: ray"))
     name = data.get("method", "mwa")
     try:
         method = get_method(name) if isinstance(name, str) else None
@@ -675,6 +691,48 @@ def load_recipe(path: str | Path) -> Recipe:
             is invalid; every problem at once.
     """
     p = Path(path)
+    return loaded(parse_recipe(read_recipe_data(p), source=str(p)), p)
+
+
+def _rebase(path: str, folder: Path) -> str:
+    from mwakit.hub import is_hf_ref
+
+    if is_hf_ref(path) or Path(path).is_absolute():
+        return path
+    return str(folder / path)
+
+
+def loaded(recipe: Recipe, path: Path) -> Recipe:
+    """A recipe just read from ``path``: its source noted and, with ``relative_to: recipe``,
+    its relative local paths (checkpoints, ``select.run``, ``base_model``, ``output.path``)
+    joined to the recipe file's folder."""
+    if recipe.relative_to == "recipe":
+        folder = path.parent
+        update: dict[str, Any] = {
+            "output": recipe.output.model_copy(update={"path": _rebase(recipe.output.path, folder)})
+        }
+        if recipe.checkpoints is not None:
+            update["checkpoints"] = [
+                c.model_copy(update={"path": _rebase(c.path, folder)}) for c in recipe.checkpoints
+            ]
+        if recipe.select is not None:
+            update["select"] = recipe.select.model_copy(
+                update={"run": _rebase(recipe.select.run, folder)}
+            )
+        if recipe.base_model is not None:
+            update["base_model"] = _rebase(recipe.base_model, folder)
+        recipe = recipe.model_copy(update=update)
+    recipe._source = str(path)
+    return recipe
+
+
+def read_recipe_data(path: str | Path) -> Any:
+    """Read a recipe file's YAML document, unvalidated (`mwakit.overrides` edits it first).
+
+    Raises:
+        RecipeError: The file is missing, is not UTF-8 YAML, or gives a key twice.
+    """
+    p = Path(path)
     try:
         raw = p.read_bytes()
     except (OSError, ValueError) as err:  # ValueError: a NUL byte in the path
@@ -698,9 +756,7 @@ def load_recipe(path: str | Path) -> Recipe:
             ],
             source=str(p),
         ) from err
-    recipe = parse_recipe(_yaml(text, str(p)), source=str(p))
-    recipe._source = str(p)
-    return recipe
+    return _yaml(text, str(p))
 
 
 def dump_recipe(recipe: Recipe) -> str:
