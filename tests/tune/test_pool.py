@@ -51,9 +51,14 @@ def test_local_workers_equal_in_process(
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 1 + len(res.trials)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[None]:
+    """A local 2-CPU Ray cluster, or the one the session already runs (tests/executors'):
+    Ray allows one per process, and that one also puts this tree on the workers' path."""
     ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        yield
+        return
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     ray.init(
         num_cpus=2,
@@ -61,8 +66,10 @@ def ray_cluster() -> Iterator[None]:
         log_to_driver=False,
         runtime_env={"env_vars": {"PYTHONPATH": path, "HF_HUB_OFFLINE": "1"}},
     )
-    yield
-    ray.shutdown()
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 @pytest.mark.slow
