@@ -70,15 +70,21 @@ print(worst)
 
 
 def build(data: Path, layers: int) -> tuple[Path, Path]:
-    """The bf16 base and the r 64 adapter (built once, reused)."""
+    """The bf16 base and the r 64 adapter (built once, reused).
+
+    Heavy modules are imported only to build: the parent that times the children must stay
+    small, since a child's peak RSS counts what it inherited from the fork before exec.
+    """
+    root = data / f"tinyllama-l{layers}"
+    base, adapter = root / "base", root / "adapter-r64"
+    if (base / "config.json").is_file() and (adapter / "adapter_config.json").is_file():
+        return base, adapter
     import torch
     from huggingface_hub import save_torch_state_dict
     from peft import LoraConfig
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    root = data / f"tinyllama-l{layers}"
-    base, adapter = root / "base", root / "adapter-r64"
     if not (base / "config.json").is_file():
         cfg = LlamaConfig(
             vocab_size=32000,
