@@ -204,6 +204,7 @@ def _plan(
     from mwakit.bake.stream import plan_layout
 
     cfg = _base_config(base.path)
+    _side_files(base.path)  # a side file linked out of the folder fails now, not after the bake
     layout = plan_layout(base.files, adapter, out_dtype=dtype, tied=_tied(cfg), base_name=base.ref)
     return layout, cfg
 
