@@ -374,7 +374,13 @@ def run_merged(
 
     from mwakit.bake.adapter import parse_adapter
     from mwakit.bake.card import rebrand_card
-    from mwakit.card import RESOLVED_RECIPE, render_card, resolved_recipe, write_assets
+    from mwakit.card import (
+        RESOLVED_RECIPE,
+        fingerprints,
+        render_card,
+        resolved_recipe,
+        write_assets,
+    )
     from mwakit.execute import MemorySink, execute
     from mwakit.io.atomic import atomic_output_dir
     from mwakit.recipe import dump_recipe
@@ -395,10 +401,17 @@ def run_merged(
         del sink
         layout, _ = _plan(parsed, b, p.recipe.out_dtype)
         baked, _ = _stream(layout, parsed, b, tmp, size, None, p.checkpoints[0].path)
-        text = dump_recipe(resolved_recipe(p))
+        resolved = resolved_recipe(p, folder=target)
+        text = dump_recipe(resolved)
         (tmp / RESOLVED_RECIPE).write_text(text, encoding="utf-8")
         card = render_card(
-            p, text, stats.rel_errors, plot="weights.png", fingerprints=assets.result()
+            p,
+            text,
+            stats.rel_errors,
+            plot="weights.png",
+            fingerprints=fingerprints(p, assets.result()),
+            rerun=resolved.output.path,
+            solvers=stats.solvers,
         )
         (tmp / _CARD).write_text(rebrand_card(card, b.ref, p.adapter_config), encoding="utf-8")
     stats.bytes_written = baked.bytes_written
