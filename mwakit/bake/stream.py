@@ -27,9 +27,11 @@ from mwakit import __version__
 from mwakit.bake.adapter import BakeAdapter, value
 from mwakit.bake.delta import bake_bias, bake_weight
 from mwakit.errors import PlanError, TensorError
+from mwakit.io.durable import BackgroundSync
 from mwakit.io.header import DTYPE_NAMES, TensorInfo, dtype_code, is_float_code, read_header
 from mwakit.io.reader import PreadReader
 from mwakit.io.shards import ShardedWriter
+from mwakit.threads import merge_thread_policy
 
 #: Output-head and input-embedding names of tied models (PEFT's EMBEDDING_LAYER_NAMES, and
 #: the usual names of other architectures).
@@ -272,6 +274,7 @@ def stream_bake(
     shard_size: int,
     device: torch.device | None = None,
     on_tensor: Callable[[int, int], None] | None = None,
+    syncer: BackgroundSync | None = None,
 ) -> BakeStats:
     """Write the baked model's shards (+ index) into ``out_dir``, streaming the base.
 
@@ -282,6 +285,7 @@ def stream_bake(
         shard_size: The largest shard, in bytes.
         device: Where ΔW is computed (default: CPU).
         on_tensor: Progress callback (tensors done, tensors in all).
+        syncer: Flushes the shards to disk in the background as they are written.
 
     Raises:
         TensorError: A merged tensor holds NaN/Inf (a broken adapter).
@@ -301,8 +305,9 @@ def stream_bake(
     pending: Future[None] | None = None
     done: tuple[Path, TensorInfo] | None = None
     with (
+        merge_thread_policy(),
         PreadReader(readahead=_READAHEAD) as reader,
-        ShardedWriter(out_dir, layout.entries(), shard_size, metadata) as w,
+        ShardedWriter(out_dir, layout.entries(), shard_size, metadata, syncer) as w,
         ThreadPoolExecutor(1, thread_name_prefix="mwakit-bake-write") as pool,
     ):
         try:
