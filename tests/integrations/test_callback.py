@@ -283,6 +283,10 @@ def test_tune_on_the_trainers_eval_dataset(
     assert tuned.is_file() and cb.result is not None and cb.result.path == run / "merged"
     # The written adapter is what `mwakit run` of the chosen recipe writes.
     chosen = yaml.safe_load(tuned.read_text(encoding="utf-8"))
+    # The eval rows it scored on stay beside it: the tuning record names that file.
+    data = run / "mwakit-tune-eval.jsonl"
+    assert len(data.read_text(encoding="utf-8").splitlines()) == 8
+    assert chosen["tuning"]["data"]["val"]["path"] == str(data)
     chosen["output"] = {"path": str(tmp_path / "cli")}
     cli = _cli_run(chosen, tmp_path / "chosen.yaml")
     assert (run / "merged" / WEIGHTS).read_bytes() == (cli / WEIGHTS).read_bytes()
