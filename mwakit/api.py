@@ -80,6 +80,34 @@ def model_side_files(p: Plan) -> list[Path]:
     return found
 
 
+#: Tokenizer files a Trainer saves into every checkpoint (given a tokenizer or processing
+#: class); an adapter output carries them too, so ``AutoTokenizer.from_pretrained(out)`` works.
+TOKENIZER_FILES = tuple(
+    n for n in MODEL_SIDE_FILES if n not in ("config.json", "generation_config.json")
+)
+
+
+def adapter_side_files(p: Plan) -> list[Path]:
+    """The tokenizer files an adapter output carries: those of the latest checkpoint that has
+    any (checkpoints are in step order; a run saves the same tokenizer in each).
+
+    A file that is a symlink out of its checkpoint folder is refused, as for `model_side_files`.
+
+    Raises:
+        SourceError: A tokenizer file resolves outside its folder.
+    """
+    for c in reversed(p.checkpoints):
+        found = [
+            inside_folder(c.path, n, "tokenizer file")
+            for n in TOKENIZER_FILES
+            if os.path.lexists(c.path / n)
+        ]
+        found = [f for f in found if f.is_file()]
+        if found:
+            return found
+    return []
+
+
 def copy_model_files(p: Plan, out: Path) -> None:
     """Copy `model_side_files` into ``out``.
 
@@ -183,8 +211,11 @@ def run(
     target = Path(r.output.path)
     check_target(target, r.output.overwrite, _recipe_inputs(r))
     p = checked_plan(r, source=None if isinstance(recipe, Recipe) else str(recipe))
+    # Refuse a link out of a folder before the merge, not after.
     if p.kind == "full":
-        model_side_files(p)  # refuse a link out of the folder before the merge, not after
+        model_side_files(p)
+    else:
+        adapter_side_files(p)
     if on_plan is not None:
         on_plan(p)
     with (
@@ -207,9 +238,12 @@ def run(
             (tmp / "adapter_config.json").write_text(
                 json.dumps(p.adapter_config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
             )
-        text = dump_recipe(resolved_recipe(p))
+            for f in adapter_side_files(p):
+                shutil.copyfile(f, tmp / f.name)
+        resolved = resolved_recipe(p, folder=target)
+        text = dump_recipe(resolved)
         (tmp / RESOLVED_RECIPE).write_text(text, encoding="utf-8")
-        write_card(p, tmp, text, stats.rel_errors, assets.result())
+        write_card(p, tmp, text, stats.rel_errors, assets.result(), rerun=resolved.output.path)
     # The upload starts only once the local folder is complete; if it fails, the folder stays
     # and the error says how to retry with `mwakit push`.
     url = _push(target, dest) if dest is not None else None

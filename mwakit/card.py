@@ -20,9 +20,10 @@ import yaml
 
 from mwakit import __version__, layer_params
 from mwakit.planner import Plan
-from mwakit.plot import PLOT_FILE, finish_drawing, plot_metric, start_drawing
+from mwakit.plot import PLOT_FILE, finish_drawing, plot_caption, plot_metric, start_drawing
 from mwakit.recipe import Recipe
 from mwakit.sources import Checkpoint
+from mwakit.wording import plural
 
 RESOLVED_RECIPE = "mwakit.yaml"
 CARD_FILE = "README.md"
@@ -57,22 +58,59 @@ _READINGS = {
 }
 
 
-def resolved_recipe(plan: Plan) -> Recipe:
+def rerun_path(folder: Path) -> str:
+    """``output.path`` of the resolved recipe in ``folder``: a sibling, ``../NAME-rerun``.
+
+    Re-running the recipe from its folder then neither nests a copy inside it nor replaces
+    the folder it is read from, and the two results sit side by side to compare.
+    """
+    return f"../{Path(os.path.abspath(folder)).name}-rerun"
+
+
+def _portable(ref: str, folder: Path | None) -> str:
+    """A local input's path relative to ``folder`` when they share a parent below the root
+    (a project folder), else as is (absolute); Hub references as is."""
+    from mwakit.hub import is_hf_ref
+
+    if folder is None or is_hf_ref(ref):
+        return ref
+    target = Path(os.path.abspath(ref)).resolve()
+    root = Path(os.path.abspath(folder)).resolve()
+    try:
+        common = Path(os.path.commonpath([target, root]))
+    except ValueError:  # different drives
+        return ref
+    if common == Path(common.anchor):
+        return ref
+    return os.path.relpath(target, root)
+
+
+def resolved_recipe(plan: Plan, folder: Path | None = None) -> Recipe:
     """The recipe as run: explicit checkpoints with the metrics used.
 
     Local checkpoints get absolute paths, Hub ones ``hf://org/repo@<sha>/subfolder`` pinned to
     the commit they resolved to, so a re-run fetches exactly the same bytes. Re-running it
     reproduces the merge even when ``select:`` would now find other folders or trainer_state.json
     files are gone. ``output.hub`` is dropped: re-running a published recipe must not publish.
+
+    Args:
+        plan: The plan that ran.
+        folder: The output folder the recipe is written into. Given, local paths are made
+            relative to it where they share a parent below the root (``relative_to:
+            recipe``), so the output folder and its inputs can move together, to another
+            machine too, and ``output.path`` becomes `rerun_path`.
     """
     data = plan.recipe.to_yaml_dict()
     data.pop("select", None)
     data["output"].pop("hub", None)
-    if plan.base is not None and plan.base.revision is not None:
-        data["base_model"] = plan.base.pinned_ref
+    if plan.base is not None:
+        data["base_model"] = _portable(plan.base.pinned_ref, folder)
+    if folder is not None:
+        data["relative_to"] = "recipe"
+        data["output"]["path"] = rerun_path(folder)
     data["checkpoints"] = [
         {
-            "path": c.pinned_ref,
+            "path": _portable(c.pinned_ref, folder),
             **({"metrics": dict(c.metrics)} if c.metrics else {}),
             **({"weight": c.weight} if c.weight is not None else {}),
         }
@@ -84,6 +122,21 @@ def resolved_recipe(plan: Plan) -> Recipe:
         **layer_params.lists_in(plan.recipe.params),
     }
     return Recipe.model_validate(data)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A GitHub-flavoured Markdown table: header, separator and rows with the same cell count.
+
+    A ``|`` inside a cell is escaped, so a name cannot add a column.
+    """
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    for row in rows:
+        if len(row) != len(header):  # a bug in the caller: a broken table is never written
+            raise ValueError(f"row of {len(row)} cells under a header of {len(header)}")
+    return [line(header), "|" + "---|" * len(header), *(line(r) for r in rows)]
 
 
 def _fmt(v: float | None) -> str:
@@ -194,6 +247,7 @@ def write_card(
     recipe_yaml: str,
     rel_errors: dict[str, float],
     prints: Fingerprints | None = None,
+    rerun: str | None = None,
 ) -> list[Path]:
     """Write README.md (and, unless ``prints`` says `write_assets` ran, the plot).
 
@@ -203,9 +257,48 @@ def write_card(
     if prints is None:
         prints = write_assets(plan, folder)
     card = folder / CARD_FILE
-    text = render_card(plan, recipe_yaml, rel_errors, plot=PLOT_FILE, fingerprints=prints)
+    text = render_card(
+        plan, recipe_yaml, rel_errors, plot=PLOT_FILE, fingerprints=prints, rerun=rerun
+    )
     card.write_text(text, encoding="utf-8")
     return [folder / PLOT_FILE, card]
+
+
+def tuning_lines(tuning: dict[str, Any] | None) -> list[str]:
+    """The card's "Tuning" section, from the recipe's ``tuning:`` block (`mwakit tune`): what
+    the merge was chosen on and how it scored against the baselines."""
+    if not tuning:
+        return []
+    metric = tuning.get("metric", "?")
+    lines = ["", "## Tuning", ""]
+    lines.append(
+        f"Chosen by `{tuning.get('tool', 'mwakit tune')}` on held-out data, metric "
+        f"`{metric}`: {tuning.get('reason', '')}".rstrip()
+    )
+    data = tuning.get("data") or {}
+    if data:
+        lines += ["", "| split | file | rows | sha256 |", "|---|---|---|---|"]
+        for split, d in data.items():
+            d = d if isinstance(d, dict) else {}
+            name = Path(str(d.get("path", ""))).name
+            lines.append(f"| {split} | `{name}` | {d.get('rows', '')} | `{d.get('sha256', '')}` |")
+    results = tuning.get("results") or {}
+    if results:
+        lines += ["", f"| merge | candidate | VAL {metric} | TEST {metric} |", "|---|---|---|---|"]
+
+        def cell(r: dict[str, Any], k: str) -> str:
+            v, se = r.get(k), r.get(f"{k}_se")
+            if not isinstance(v, int | float):
+                return "—"
+            return f"{v:.4f}" + (f" ± {se:.2g}" if isinstance(se, int | float) else "")
+
+        for label, r in results.items():
+            r = r if isinstance(r, dict) else {}
+            lines.append(
+                f"| {label} | {r.get('name', '')} | {cell(r, 'val')} | {cell(r, 'test')} |"
+            )
+        lines += ["", "± is one standard error over the rows. TEST was not used to choose."]
+    return lines
 
 
 def render_card(
@@ -215,6 +308,7 @@ def render_card(
     *,
     plot: str | None = None,
     fingerprints: Sequence[tuple[str, str, str, int]] = (),
+    rerun: str | None = None,
 ) -> str:
     """README.md for the merged checkpoint: Hub front matter, method, checkpoints, recipe.
 
@@ -224,6 +318,8 @@ def render_card(
         rel_errors: Relative truncation error per module (delta space re-factorised).
         plot: The weights plot's file name in the folder, to link.
         fingerprints: (checkpoint, file, sha256, size) of each input file.
+        rerun: Where the recipe re-runs to (its ``output.path``, relative to the folder),
+            when its paths are relative to the folder (``relative_to: recipe``).
     """
     full = plan.kind == "full"
     front = _front_matter(plan)
@@ -233,13 +329,15 @@ def render_card(
     lines += [
         f"This {'model' if full else 'adapter'} was merged by "
         f"[mwakit](https://pypi.org/project/mwakit/) {__version__} "
-        f"from {len(plan.checkpoints)} checkpoints with **{plan.method.name}** "
+        f"from {plural(len(plan.checkpoints), 'checkpoint')} with **{plan.method.name}** "
         f"({plan.method.summary}).",
         "",
         f"- Formula: `{plan.method.formula}`",
         f"- Reference: {plan.method.reference}",
     ]
-    if plan.base_model and "base_model" not in front:
+    # A full merge with base_model names it once below, as θ_0 of the task vectors.
+    theta0 = full and plan.base is not None
+    if plan.base_model and "base_model" not in front and not theta0:
         lines.append(f"- Base model: `{plan.base_model}`")
     params = plan.params.model_dump(mode="json")
     mwa = params if plan.method.name == "mwa" else None
@@ -287,39 +385,54 @@ def render_card(
         m for m in metric_names if m not in (*first, "step", *_NOISE)
     ][:3]
     lines += ["", "## Checkpoints", ""]
-    lines.append("| checkpoint | source | revision | step | " + " | ".join(shown) + " | weight |")
-    lines.append("|---" * (len(shown) + 5) + "|")
-    for c, w in zip(plan.checkpoints, plan.weights, strict=True):
-        cells = [_fmt(c.metrics.get(m)) for m in shown]
-        step = "" if c.step is None else str(c.step)
-        rev = f"`{c.revision}`" if c.revision else "local"
-        lines.append(
-            f"| {c.name} | `{c.ref}` | {rev} | {step} | " + " | ".join(cells) + f" | {w:.6f} |"
-        )
+    rows = [
+        [
+            c.name,
+            f"`{c.ref}`",
+            f"`{c.revision}`" if c.revision else "local",
+            "" if c.step is None else str(c.step),
+            *(_fmt(c.metrics.get(m)) for m in shown),
+            f"{w:.6f}",
+        ]
+        for c, w in zip(plan.checkpoints, plan.weights, strict=True)
+    ]
+    lines += markdown_table(["checkpoint", "source", "revision", "step", *shown, "weight"], rows)
     if plot:
-        metric = plot_metric(plan) or "step"
-        lines += ["", f"![Weight of each checkpoint against {metric}]({plot})"]
+        caption = plot_caption(plan)
+        lines += ["", f"![{caption[0].upper()}{caption[1:]}]({plot})"]
     if plan.recipe.rules:
         lines += [
             "",
             "Per-tensor rules (first match wins) change the weights of matching tensors; "
             "see the recipe below.",
         ]
+    lines += tuning_lines(plan.recipe.tuning)
     if plan.warnings:
         lines += ["", "## Notes", ""] + [f"- {w}" for w in plan.warnings]
     if fingerprints:
-        lines += ["", "## Input fingerprints", "", "| checkpoint | file | bytes | sha256 |"]
-        lines.append("|---|---|---|---|")
-        lines += [f"| {c} | {f} | {n} | `{h}` |" for c, f, h, n in fingerprints]
+        lines += ["", "## Input fingerprints", ""]
+        lines += markdown_table(
+            ["checkpoint", "file", "bytes", "sha256"],
+            [[c, f, str(n), f"`{h}`"] for c, f, h, n in fingerprints],
+        )
+    lines += ["", "## Reproduce", "", "```bash", f"pip install mwakit=={__version__}"]
+    if rerun is not None:
+        lines += [
+            f"mwakit run {RESOLVED_RECIPE}   # in this folder; writes {rerun}",
+            f'for f in *.safetensors; do cmp "$f" "{rerun}/$f"; done   # the same bytes',
+        ]
+    else:
+        lines.append(f"mwakit run {RESOLVED_RECIPE}")
+    lines += ["```", ""]
+    if rerun is not None:
+        lines += [
+            f"Local paths in `{RESOLVED_RECIPE}` are relative to this folder (`relative_to: "
+            "recipe`), so `mwakit run path/to/this/folder/mwakit.yaml` works from anywhere, and "
+            "on another machine when the inputs keep their place relative to this folder; "
+            "inputs with no common parent folder keep absolute paths.",
+            "",
+        ]
     lines += [
-        "",
-        "## Reproduce",
-        "",
-        "```bash",
-        f"pip install mwakit=={__version__}",
-        f"mwakit run {RESOLVED_RECIPE}",
-        "```",
-        "",
         f"The recipe as run (`{RESOLVED_RECIPE}` in this folder; Hub inputs pinned to the "
         "commit they resolved to, `output.hub` left out so a re-run does not publish):",
         "",

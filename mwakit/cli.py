@@ -42,7 +42,9 @@ def _handle_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        debug = bool(click.get_current_context().find_root().params.get("debug"))
+        # --debug is accepted before the command (`mwakit --debug run`) and after it.
+        sub_debug = bool(kwargs.pop("sub_debug", False))
+        debug = sub_debug or bool(click.get_current_context().find_root().params.get("debug"))
         try:
             with terminate_on_signals():
                 return fn(*args, **kwargs)
@@ -72,7 +74,21 @@ def _handle_errors(fn: F) -> F:
             )
             sys.exit(1)
 
-    return wrapper  # type: ignore[return-value]
+    # The option is added here, so every command that maps errors also takes --debug.
+    return click.option(  # type: ignore[return-value]
+        "--debug", "sub_debug", is_flag=True, help="Show tracebacks instead of one-line errors."
+    )(wrapper)
+
+
+def set_option(fn: F) -> F:
+    """``--set KEY=VALUE`` (repeatable): edit the recipe before it is validated.
+
+    For every command that reads a recipe; load it with
+    `mwakit.overrides.load_recipe_with(path, sets)`.
+    """
+    from mwakit.overrides import SET_HELP
+
+    return click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)(fn)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -91,6 +107,8 @@ def main(debug: bool) -> None:
     mwakit methods                list merge methods and their params
     mwakit convert mergekit.yaml  turn a mergekit config into an mwakit recipe
     mwakit fisher CKPT --base B --data D.jsonl   estimate a Fisher for `method: fisher`
+    mwakit eval TARGET --data D.jsonl            score an adapter/model/recipe on held-out data
+    mwakit tune recipe.yaml --data VAL.jsonl --out best.yaml   choose the merge on held-out data
     """
 
 
@@ -101,25 +119,30 @@ def main(debug: bool) -> None:
     is_flag=True,
     help="Check the recipe file alone (fast: no checkpoint folder is read).",
 )
+@set_option
 @_handle_errors
-def validate(recipe: Path, schema_only: bool) -> None:
+def validate(recipe: Path, schema_only: bool, sets: tuple[str, ...]) -> None:
     """Check RECIPE as `plan` and `run` would: the recipe, every checkpoint's folder, config,
     headers and metrics, and whether the method can merge them; every problem at once, each
     with its location. No tensor byte is read; --schema-only reads the recipe file alone.
     """
+    from mwakit.overrides import load_recipe_with
     from mwakit.validate import validate as check
 
-    verdict = check(recipe, schema_only=schema_only)
+    verdict = check(load_recipe_with(recipe, sets), schema_only=schema_only)
     for w in verdict.warnings:
         click.echo(f"warning: {w}", err=True)
     click.echo(f"ok: {recipe}: {verdict.summary()}")
 
 
 def _plan_text(plan: Any) -> str:
+    from mwakit import wording
+
     doc = plan.to_json()
+    space = wording.lora_space(doc["kind"], doc["lora_mode"], plan.recipe.delta_rank)
     lines = [
         f"method: {doc['method']} {json.dumps(doc['params'])}",
-        f"lora space: {doc['lora_space']} ({doc['lora_mode']})",
+        *([f"lora space: {space}"] if space else []),
         f"base model: {doc['base_model'] or 'unknown'}",
         "",
     ]
@@ -144,8 +167,8 @@ def _plan_text(plan: Any) -> str:
     lines += [
         "",
         f"tensors: {s['lora_modules']} LoRA modules, {s['full_tensors']} full tensors merged, "
-        f"{s['copied_tensors']} copied; read {s['input_bytes'] / 1e6:.1f} MB, "
-        f"write {s['output_bytes'] / 1e6:.1f} MB",
+        f"{s['copied_tensors']} copied; read {wording.size(s['input_bytes'])}, "
+        f"write {wording.size(s['output_bytes'])}",
     ]
     ranks = sorted({t["rank"] for t in doc["tensors"] if t["kind"] == "lora"})
     if ranks:
@@ -215,17 +238,20 @@ def _layers_text(layers: dict[str, Any] | None) -> list[str]:
     "--plot",
     "plot_file",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Also draw the weights against the metric into this PNG (the model card's plot).",
+    help="Also draw the weights against the metric into this file (the model card's plot); "
+    "the extension picks the format: .png, .svg or .pdf.",
 )
+@set_option
 @_handle_errors
-def plan(recipe: Path, as_json: bool, plot_file: Path | None) -> None:
+def plan(recipe: Path, as_json: bool, plot_file: Path | None, sets: tuple[str, ...]) -> None:
     """Dry run: resolve weights and plan every tensor of RECIPE; writes nothing but --plot."""
     from mwakit import api
+    from mwakit.overrides import load_recipe_with
     from mwakit.plot import check_plot_path, save_plot
 
     if plot_file is not None:
         check_plot_path(plot_file)  # before the work: a plot that cannot be written fails fast
-    p = api.plan(recipe)
+    p = api.plan(load_recipe_with(recipe, sets))
     if plot_file is not None:
         save_plot(p, plot_file)
     click.echo(json.dumps(p.to_json(), indent=2) if as_json else _plan_text(p))
@@ -250,6 +276,7 @@ def plan(recipe: Path, as_json: bool, plot_file: Path | None) -> None:
     "is set).",
 )
 @click.option("--repo-id", help="Hub repo to push to (overrides output.hub.repo_id).")
+@set_option
 @_handle_errors
 def run(
     recipe: Path,
@@ -258,12 +285,13 @@ def run(
     quiet: bool,
     push: bool | None,
     repo_id: str | None,
+    sets: tuple[str, ...],
 ) -> None:
     """Merge the checkpoints of RECIPE into its output folder (then push it, see --push)."""
     from mwakit import api
-    from mwakit.recipe import load_recipe
+    from mwakit.overrides import load_recipe_with
 
-    r = load_recipe(recipe)
+    r = load_recipe_with(recipe, sets)
     hub = api.hub_target(repo_id, base=r.output.hub) if repo_id else None
     bar: Any = None
 
@@ -294,11 +322,16 @@ def run(
         if bar is not None:
             bar.close()
     if not quiet:
-        s = res.stats
+        from mwakit import wording
+
+        s, p = res.stats, res.plan
+        space = wording.lora_space(p.kind, p.lora_mode, p.recipe.delta_rank)
         click.echo(
-            f"merged {len(res.plan.checkpoints)} checkpoints with {res.plan.method.name} "
-            f"({res.plan.lora_mode}) into {res.path} — {s.tasks} tensor groups, "
-            f"{s.bytes_written / 1e6:.1f} MB written in {s.seconds:.2f} s on {s.device}"
+            f"merged {wording.plural(len(p.checkpoints), 'checkpoint')} with {p.method.name} "
+            f"into {res.path} — "
+            + (f"lora space {space}; " if space else "full models; ")
+            + f"{wording.plural(s.tasks, 'tensor group')}, "
+            f"{wording.size(s.bytes_written)} written in {s.seconds:.2f} s on {s.device}"
         )
     if res.commit_url:
         click.echo(f"pushed: {res.commit_url}")
@@ -546,6 +579,188 @@ def fisher(
         out_name=out_name,
     )
     click.echo(f"wrote {out}")
+
+
+@main.command(name="eval")
+@click.argument("target")
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help='JSONL rows: {"prompt","completion"}, {"text"}, {"messages"} or '
+    '{"prompt","choices","label"}.',
+)
+@click.option(
+    "--base",
+    help="Base model folder or hf:// ref [default: the adapters' base_model_name_or_path].",
+)
+@click.option(
+    "--metric",
+    "metric",
+    default="loss",
+    show_default=True,
+    help="Comma-separated: loss, perplexity, exact_match, accuracy, module:function.",
+)
+@click.option("--tokenizer", help="Tokenizer folder [default: the base's, else the adapter's].")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option(
+    "--batch-tokens", default=2048, show_default=True, help="Padded tokens per forward pass."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_handle_errors
+def eval_cmd(
+    target: str,
+    data: Path,
+    base: str | None,
+    metric: str,
+    tokenizer: str | None,
+    device: str,
+    batch_tokens: int,
+    as_json: bool,
+) -> None:
+    """Score TARGET on held-out DATA: an adapter folder (a checkpoint), a model folder, or a
+    recipe (merged in memory, nothing written).
+
+    Metrics are means over rows, shown with their standard error. exact_match uses greedy
+    decoding (no generation when the completion ends with the EOS token).
+    """
+    from mwakit.evaluate import evaluate
+
+    res = evaluate(
+        target,
+        base=base,
+        data=data,
+        metrics=metric,
+        tokenizer=tokenizer,
+        device=device,
+        batch_tokens=batch_tokens,
+    )
+    if as_json:
+        click.echo(json.dumps(res.to_json(), indent=2, sort_keys=True))
+        return
+    click.echo(f"target: {res.target}")
+    click.echo(f"base:   {res.base}")
+    se = res.standard_errors()
+    rows = [
+        [k, f"{v:.6g}", f"± {se[k]:.3g}" if k in se else "", str(len(res.per_row.get(k, [])) or "")]
+        for k, v in res.metrics.items()
+    ]
+    header = ["metric", "value", "se", "rows"]
+    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=False)]
+    for r in [header, *rows]:
+        click.echo("  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)).rstrip())
+    click.echo(f"{res.tokens} tokens scored in {res.seconds:.2f}s", err=True)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", required=True, help="VAL: the JSONL rows every candidate is scored on.")
+@click.option("--test", help="TEST: scored for the baselines and the chosen merge only.")
+@click.option("--base", help="Base model folder or hf:// ref [the adapters' base_model].")
+@click.option("--tokenizer", help="Tokenizer folder [the base's].")
+@click.option("--metric", default="loss", show_default=True, help="The metric to choose by.")
+@click.option(
+    "--search",
+    "search",
+    default="penalty",
+    show_default=True,
+    help="Searches, comma-separated: penalty, last, greedy, weights, groups.",
+)
+@click.option(
+    "--budget", default=30, show_default=True, type=int, help="Most candidates per search."
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the chosen recipe here (and the plot beside it, as .png).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--workers", default=0, show_default=True, type=int, help="Local processes.")
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Score on Ray actors (no ADDRESS: start a local cluster; --workers: actors).",
+)
+@click.option(
+    "--trial-log",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSONL trial log: resume from it, append to it.",
+)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_handle_errors
+def tune(
+    recipe: Path,
+    data: str,
+    test: str | None,
+    base: str | None,
+    tokenizer: str | None,
+    metric: str,
+    search: str,
+    budget: int,
+    out: Path | None,
+    as_json: bool,
+    workers: int,
+    ray_address: str | None,
+    trial_log: Path | None,
+    device: str,
+    quiet: bool,
+) -> None:
+    """Search how to merge RECIPE's checkpoints, scoring each candidate on --data (VAL).
+
+    Baselines (last, best single, uniform) are always scored; the choice is made on VAL
+    alone (a simpler merge within 1 paired SE of the best wins) and TEST is scored for the
+    baselines and the chosen merge only. --out gets a plain recipe that `mwakit run`
+    reproduces.
+    """
+    from mwakit.tune import tune as run_tune
+
+    bar: Any = None
+
+    def on_trial(trial: Any, done: int, total: int) -> None:
+        nonlocal bar
+        if quiet or not sys.stderr.isatty():
+            return
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="trial", desc="tuning", leave=False)
+        bar.total = max(bar.total, done)
+        bar.set_postfix_str(trial.name[:30], refresh=False)
+        bar.update(1)
+
+    try:
+        res = run_tune(
+            recipe,
+            data=data,
+            test=test,
+            base=base,
+            tokenizer=tokenizer,
+            metric=metric,
+            searches=search,
+            budget=budget,
+            out=out,
+            trial_log=trial_log,
+            workers=workers,
+            ray=ray_address,
+            device=device,
+            on_trial=on_trial,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if as_json:
+        click.echo(json.dumps(res.to_json(), indent=2))
+        return
+    click.echo(res.table())
+    if res.resumed:
+        click.echo(f"resumed: {res.resumed} trials read from {trial_log}", err=True)
+    if res.out is not None:
+        click.echo(f"wrote {res.out}" + (f" and {res.plot}" if res.plot else ""))
 
 
 if __name__ == "__main__":

@@ -19,9 +19,12 @@ commit sha and may not contain ``/`` (use the commit sha for refs such as ``refs
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
+import socket
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -241,6 +244,73 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+_PROXY_ENV = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+_PROBE_TIMEOUT = 3.0
+_reached: set[tuple[str, int]] = set()
+
+
+def _probe_endpoint(where: str) -> None:
+    """Fail in a second, with one line, when the Hub's host cannot be reached at all.
+
+    Without this an unreachable network costs huggingface_hub's five retries with backoff
+    (about 25 s) before the error. The probe is one DNS lookup and one TCP connect to the
+    endpoint, once per process; it is skipped behind a proxy or with a custom HTTP client
+    factory (`huggingface_hub.set_client_factory`), where a direct connection says nothing.
+
+    Raises:
+        HubError: The host does not resolve, or refuses or drops the connection.
+    """
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+
+    factory = getattr(_http, "_GLOBAL_CLIENT_FACTORY", None)
+    if any(os.environ.get(v) for v in _PROXY_ENV) or factory is not getattr(
+        _http, "default_client_factory", factory
+    ):
+        return
+    url = urlsplit(constants.ENDPOINT)
+    host = url.hostname
+    if not host:
+        return
+    port = url.port or (443 if url.scheme == "https" else 80)
+    if (host, port) in _reached:
+        return
+    try:
+        with socket.create_connection((host, port), timeout=_PROBE_TIMEOUT):
+            pass
+    except socket.gaierror as err:
+        raise HubError(
+            f"cannot reach the Hub: {host} does not resolve ({err.strerror or err})",
+            where=where,
+            fix="check your network connection (or HF_ENDPOINT); offline, set HF_HUB_OFFLINE=1 "
+            "to use what the local Hub cache holds",
+        ) from None
+    except OSError as err:
+        why = "timed out" if isinstance(err, TimeoutError) else err.strerror or str(err)
+        raise HubError(
+            f"cannot reach the Hub: connecting to {host}:{port} failed ({why})",
+            where=where,
+            fix="check your network connection (or HF_ENDPOINT); offline, set HF_HUB_OFFLINE=1 "
+            "to use what the local Hub cache holds",
+        ) from None
+    _reached.add((host, port))
+
+
+@contextlib.contextmanager
+def _quiet_retries() -> Iterator[None]:
+    """Keep huggingface_hub's "Retrying in 1s [Retry 1/5]" lines off the terminal: the
+    outcome is reported as one line (`_map_error`)."""
+    log = logging.getLogger("huggingface_hub")
+    before = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(before)
+
+
 def _require_hub() -> None:
     try:
         import huggingface_hub  # noqa: F401
@@ -274,14 +344,18 @@ def _snapshot(repo_id: str, revision: str | None, patterns: list[str], where: st
     _require_hub()
     from huggingface_hub import snapshot_download
 
+    offline = _offline()
+    if not offline:
+        _probe_endpoint(where)
     try:
-        root = snapshot_download(
-            repo_id,
-            revision=revision,
-            cache_dir=cache_dir(),
-            allow_patterns=patterns,
-            local_files_only=_offline(),
-        )
+        with _quiet_retries():
+            root = snapshot_download(
+                repo_id,
+                revision=revision,
+                cache_dir=cache_dir(),
+                allow_patterns=patterns,
+                local_files_only=offline,
+            )
     except _hub_errors() as err:
         raise _map_error(err, where, repo_id, revision=revision) from redact_exception(err)
     return Path(str(root))
@@ -406,9 +480,11 @@ def list_checkpoints(
         from huggingface_hub import HfApi
         from huggingface_hub.hf_api import RepoFolder
 
+        _probe_endpoint(where)
         try:
-            tree = HfApi().list_repo_tree(repo_id, path_in_repo=subfolder, revision=revision)
-            names = [t.path.rsplit("/", 1)[-1] for t in tree if isinstance(t, RepoFolder)]
+            with _quiet_retries():
+                tree = HfApi().list_repo_tree(repo_id, path_in_repo=subfolder, revision=revision)
+                names = [t.path.rsplit("/", 1)[-1] for t in tree if isinstance(t, RepoFolder)]
         except _hub_errors() as err:
             raise _map_error(err, where, repo_id, revision=revision) from redact_exception(err)
     steps = sorted((int(m.group(1)), n) for n in names if (m := _CHECKPOINT.match(n)))

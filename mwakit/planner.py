@@ -394,6 +394,8 @@ class _Builder:
         self.warnings: list[str] = []
         # Modules whose delta_rank was cut to their full rank, and that rank.
         self.clamped: dict[str, int] = {}
+        #: Modules whose B factors are rescaled to one scaling (said once, not per module).
+        self.rescaled: list[str] = []
         self.out_dtype = dtype_code(recipe.out_dtype) if recipe.out_dtype else None
         self.n_layers: int | None = None
         """Set (by `use_layers`) when the recipe has per-layer lists."""
@@ -907,6 +909,15 @@ def _plan_adapters(b: _Builder, indexes: Sequence[Index], aux: list[Index] | Non
             module_ranks[module] = lora.rank
             tasks.append((_order_key(lora.a, files), lora))
 
+    if b.rescaled:
+        mixed = len({cfg.use_rslora for cfg in configs}) > 1
+        n = len(b.rescaled)
+        b.warnings.append(
+            f"scalings differ across checkpoints in {n} LoRA module{'s' if n > 1 else ''} "
+            f"(e.g. {b.rescaled[0]})"
+            + ("; rsLoRA (α/√r) and plain LoRA (α/r) adapters are mixed" if mixed else "")
+            + "; each B is rescaled by s_i/s_out before averaging"
+        )
     if len(module_ranks) < len(modules):
         return None  # a module was refused: there is no config to write
     cfg: dict[str, Any] = {}
@@ -1004,10 +1015,7 @@ def _lora_task(
             )
         rank, out_scaling = ranks[0], scalings[0]
         if any(not math.isclose(s, out_scaling, rel_tol=1e-12) for s in scalings):
-            b.warnings.append(
-                f"{module}: scalings differ across checkpoints; each B is rescaled by s_i/s_out "
-                "before averaging"
-            )
+            b.rescaled.append(module)
     elif mode == "full":
         rank = full_rank(indexes[0][a_key].info.shape, indexes[0][b_key].info.shape)
         out_scaling = 1.0

@@ -21,6 +21,13 @@ if TYPE_CHECKING:
     from mwakit.planner import Plan
 
 PLOT_FILE = "weights.png"
+#: The formats `--plot` can write, by file extension, and the metadata that would make two
+#: drawings of the same plot differ (software version, creation date).
+PLOT_FORMATS: dict[str, dict[str, Any]] = {
+    "png": {"Software": None},
+    "svg": {"Date": None},
+    "pdf": {"CreationDate": None, "Producer": None},
+}
 
 
 def plot_metric(plan: Plan) -> str | None:
@@ -48,20 +55,51 @@ def _axis(plan: Plan) -> tuple[str, list[float]]:
     return "checkpoint", [float(i) for i in range(len(plan.checkpoints))]
 
 
+def plot_caption(plan: Plan) -> str:
+    """What the plot shows, in words: ``weight of each checkpoint against loss``.
+
+    Without a metric or a step for every checkpoint (an unweighted merge of plain adapter
+    folders) the points are in the recipe's order, and the caption says so.
+    """
+    name, _ = _axis(plan)
+    if name == "checkpoint":
+        return "weight of each checkpoint, in the recipe's order"
+    return f"weight of each checkpoint against {name}"
+
+
 def plot_data(plan: Plan) -> dict[str, Any]:
     """What the plot shows, as plain data: x axis name and values, weights, labels, title."""
     name, xs = _axis(plan)
     return {
-        "name": name,
+        "name": "checkpoint (position in the recipe)" if name == "checkpoint" else name,
         "xs": xs,
         "ws": list(plan.weights),
         "labels": [f"step {c.step}" if c.step is not None else c.name for c in plan.checkpoints],
-        "title": f"{plan.method.name}: weight of each checkpoint against {name}",
+        "title": f"{plan.method.name}: {plot_caption(plan)}",
     }
 
 
-def draw(data: dict[str, Any], path: str | Path) -> Path:
-    """Draw `plot_data`'s figure into a PNG file."""
+def plot_format(path: str | Path) -> str:
+    """The format of a plot file, from its extension.
+
+    Raises:
+        UsageError: The extension is not one of .png, .svg or .pdf.
+    """
+    from mwakit.errors import UsageError
+
+    fmt = Path(path).suffix.lower().removeprefix(".")
+    if fmt not in PLOT_FORMATS:
+        given = f"extension .{fmt}" if fmt else "no extension"
+        raise UsageError(
+            f"the plot file has {given}: mwakit draws {', '.join(PLOT_FORMATS)}",
+            where=str(path),
+            fix="end the file name with .png, .svg or .pdf",
+        )
+    return fmt
+
+
+def draw(data: dict[str, Any], path: str | Path, fmt: str | None = None) -> Path:
+    """Draw `plot_data`'s figure into a file: PNG, or ``fmt`` (``svg``, ``pdf``)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -80,12 +118,17 @@ def draw(data: dict[str, Any], path: str | Path) -> Path:
     ax.set_title(data["title"])
     ax.grid(alpha=0.3)
     out = Path(path)
-    # No "Software" entry, so the PNG does not change with the matplotlib version.
-    fig.savefig(out, format="png", metadata={"Software": None})
+    # No version or date entries, so the file does not change with the matplotlib version.
+    fmt = fmt or "png"
+    import matplotlib
+
+    # A fixed salt for the SVG's element ids: the same plot gives the same bytes.
+    with matplotlib.rc_context({"svg.hashsalt": "mwakit"}):
+        fig.savefig(out, format=fmt, metadata=PLOT_FORMATS[fmt])
     return out
 
 
-def plot_weights(plan: Plan, path: str | Path) -> Path:
+def plot_weights(plan: Plan, path: str | Path, fmt: str | None = None) -> Path:
     """Draw each checkpoint's weight against its metric value into a PNG file.
 
     Points are labelled with the step (or name) of their checkpoint; the x axis is the MWA
@@ -93,20 +136,23 @@ def plot_weights(plan: Plan, path: str | Path) -> Path:
 
     Args:
         plan: The merge plan (its checkpoints, metrics and final weights).
-        path: The PNG file to write.
+        path: The file to write.
+        fmt: ``png`` (default), ``svg`` or ``pdf``.
 
     Returns:
         The path written.
     """
-    return draw(plot_data(plan), path)
+    return draw(plot_data(plan), path, fmt)
 
 
 def check_plot_path(path: str | Path) -> None:
     """Refuse a plot file that cannot be written, before any work.
 
     Raises:
+        UsageError: The extension is not .png, .svg or .pdf.
         OutputError: The path is a folder, or its folder is missing or not a folder.
     """
+    plot_format(path)
     target = Path(path)
     parent = target.parent
     if target.is_dir():
@@ -124,18 +170,22 @@ def check_plot_path(path: str | Path) -> None:
 def save_plot(plan: Plan, path: str | Path) -> Path:
     """`plot_weights` into ``path`` atomically: drawn beside it, renamed when complete.
 
+    The format follows the extension (`plot_format`).
+
     Raises:
+        UsageError: The extension is not .png, .svg or .pdf.
         OutputError: The path cannot be written (`check_plot_path`, or the OS refuses).
     """
     check_plot_path(path)
     target = Path(path)
+    fmt = plot_format(target)
     tmp: str | None = None
     try:
         fd, tmp = tempfile.mkstemp(
-            prefix=f".{target.name[:64]}.mwakit-tmp-", suffix=".png", dir=target.parent
+            prefix=f".{target.name[:64]}.mwakit-tmp-", suffix=f".{fmt}", dir=target.parent
         )
         os.close(fd)
-        plot_weights(plan, tmp)
+        plot_weights(plan, tmp, fmt)
         os.replace(tmp, target)
         tmp = None
     except OSError as err:

@@ -246,8 +246,11 @@ class Recipe(_Strict):
     delta_rank: Literal["concat", "full"] | PositiveInt = "concat"
     """With lora_space: delta — ``concat`` (exact, rank Σr), ``full`` (the merged ΔW exactly, as
     full-rank factors: no SVD) or a rank to re-factorise to."""
-    loss_window: PositiveInt = 1
-    """Mean of the last n logged training losses at each checkpoint (per-step loss is noisy)."""
+    loss_window: PositiveInt | Literal["since_save"] = "since_save"
+    """A checkpoint's training ``loss``: the mean of the losses logged since the previous saved
+    checkpoint (``since_save``, the default: one logged batch is a noisy measure, and MWA at
+    large penalties piles weight onto a lucky one), or of the last n logged (1: the last
+    logged loss alone, the default before)."""
     dtype: DType = "float32"
     """The merge's precision. Sums, products, norms and factorisations always run in float32
     (float64 with ``dtype: float64``); with ``bfloat16``/``float16`` the results of each step
@@ -270,6 +273,14 @@ class Recipe(_Strict):
     """Full models, ``method: passthrough``: the output's layers, slice after slice, each from
     one checkpoint (renumbered from 0); the other tensors come from the checkpoint
     ``params.rest_from`` names, else the first slice's checkpoint."""
+    relative_to: Literal["cwd", "recipe"] = "cwd"
+    """What relative local paths in the recipe are relative to: the current directory, or the
+    folder of the recipe file (the resolved recipe ``mwakit.yaml`` of an output folder uses
+    ``recipe``, so it re-runs from anywhere, and on another machine with the same layout)."""
+    tuning: dict[str, Any] | None = None
+    """Written by `mwakit tune` into the recipe it chose: the data's fingerprints, the metric,
+    VAL/TEST of the chosen merge and the baselines. The model card shows it; the merge
+    ignores it."""
     output: Output
 
     _base_model = field_validator("base_model")(_hub_ref)
@@ -668,6 +679,48 @@ def load_recipe(path: str | Path) -> Recipe:
             is invalid; every problem at once.
     """
     p = Path(path)
+    return loaded(parse_recipe(read_recipe_data(p), source=str(p)), p)
+
+
+def _rebase(path: str, folder: Path) -> str:
+    from mwakit.hub import is_hf_ref
+
+    if is_hf_ref(path) or Path(path).is_absolute():
+        return path
+    return str(folder / path)
+
+
+def loaded(recipe: Recipe, path: Path) -> Recipe:
+    """A recipe just read from ``path``: its source noted and, with ``relative_to: recipe``,
+    its relative local paths (checkpoints, ``select.run``, ``base_model``, ``output.path``)
+    joined to the recipe file's folder."""
+    if recipe.relative_to == "recipe":
+        folder = path.parent
+        update: dict[str, Any] = {
+            "output": recipe.output.model_copy(update={"path": _rebase(recipe.output.path, folder)})
+        }
+        if recipe.checkpoints is not None:
+            update["checkpoints"] = [
+                c.model_copy(update={"path": _rebase(c.path, folder)}) for c in recipe.checkpoints
+            ]
+        if recipe.select is not None:
+            update["select"] = recipe.select.model_copy(
+                update={"run": _rebase(recipe.select.run, folder)}
+            )
+        if recipe.base_model is not None:
+            update["base_model"] = _rebase(recipe.base_model, folder)
+        recipe = recipe.model_copy(update=update)
+    recipe._source = str(path)
+    return recipe
+
+
+def read_recipe_data(path: str | Path) -> Any:
+    """Read a recipe file's YAML document, unvalidated (`mwakit.overrides` edits it first).
+
+    Raises:
+        RecipeError: The file is missing, is not UTF-8 YAML, or gives a key twice.
+    """
+    p = Path(path)
     try:
         raw = p.read_bytes()
     except (OSError, ValueError) as err:  # ValueError: a NUL byte in the path
@@ -691,9 +744,7 @@ def load_recipe(path: str | Path) -> Recipe:
             ],
             source=str(p),
         ) from err
-    recipe = parse_recipe(_yaml(text, str(p)), source=str(p))
-    recipe._source = str(p)
-    return recipe
+    return _yaml(text, str(p))
 
 
 def dump_recipe(recipe: Recipe) -> str:

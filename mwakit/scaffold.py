@@ -16,7 +16,7 @@ from mwakit import __version__, hub
 from mwakit.errors import SourceError, UsageError
 from mwakit.methods import get_method, method_names
 from mwakit.recipe import Select
-from mwakit.sources import ADAPTER_CONFIG, discover
+from mwakit.sources import _CHECKPOINT_DIR, ADAPTER_CONFIG, discover
 from mwakit.trainer_state import read_metrics
 
 #: Metrics shown after the weighting one, in this order, when present.
@@ -54,6 +54,45 @@ def _rank(folder: Path) -> int | None:
 def _found(path: str, folder: Path) -> Found:
     read = read_metrics(folder)
     return Found(path, read.step, dict(read.metrics), _rank(folder))
+
+
+def _checkpoint_dirs(folder: Path) -> list[Path]:
+    try:
+        return [p for p in folder.iterdir() if _CHECKPOINT_DIR.match(p.name) and p.is_dir()]
+    except OSError:
+        return []
+
+
+def run_folder(target: str) -> str:
+    """The run folder of ``target``: itself when it holds ``checkpoint-<step>/`` folders, else
+    the one subfolder that does (``examples/make_run.py OUT`` writes ``OUT/run/``).
+
+    When several subfolders hold checkpoints, the only one of adapters wins (``OUT/run``
+    beside ``OUT/full`` of ``make_run.py --full``); otherwise the choice is the user's.
+
+    Raises:
+        UsageError: Several subfolders hold checkpoints and none stands out.
+    """
+    folder = Path(target)
+    if not folder.is_dir() or _checkpoint_dirs(folder):
+        return target  # `discover` reports a missing or empty run with its own message
+    try:
+        subs = sorted(p for p in folder.iterdir() if p.is_dir() and _checkpoint_dirs(p))
+    except OSError:
+        return target
+    if len(subs) > 1:
+        adapters = [
+            s for s in subs if any((c / ADAPTER_CONFIG).is_file() for c in _checkpoint_dirs(s))
+        ]
+        if len(adapters) != 1:
+            names = ", ".join(str(folder / s.name) for s in subs)
+            raise UsageError(
+                f"{len(subs)} subfolders hold checkpoint-<step>/ folders: {names}",
+                where=target,
+                fix=f"give one of them, e.g. `mwakit init {folder / subs[0].name}`",
+            )
+        subs = adapters
+    return str(folder / subs[0].name) if subs else target
 
 
 def find_checkpoints(target: str, last: int) -> tuple[list[Found], int, str]:
@@ -142,8 +181,10 @@ def scaffold(
             hub.parse_hf_ref(target)
         except ValueError as err:
             raise UsageError(str(err), where="RUN_DIR_OR_HF_REF", fix="e.g. hf://org/repo") from err
+    name = f"{_run_name(target)}-{method}"  # the folder the user named, not its run/ below
+    if not hub.is_hf_ref(target):
+        target = run_folder(target)
     found, total, where = find_checkpoints(target, last)
-    name = f"{_run_name(target)}-{method}"
     m = get_method(method)
     lines = [
         f"# mwakit recipe for {where}, written by `mwakit init` (mwakit {__version__}).",

@@ -17,6 +17,7 @@ from mwakit.errors import Problems, RecipeError
 from mwakit.planner import Plan, build_plan
 from mwakit.recipe import CheckpointSpec, Recipe, load_recipe
 from mwakit.sources import Checkpoint, checkpoint_specs, resolve, resolve_base
+from mwakit.wording import lora_space, plural
 
 
 def checked_plan(recipe: Recipe, *, source: str | None = None) -> Plan:
@@ -86,7 +87,7 @@ class Verdict:
         out = f"output {r.output.path}"
         if self.plan is None:
             src = (
-                f"{len(r.checkpoints)} checkpoint(s)"
+                plural(len(r.checkpoints), "checkpoint")
                 if r.checkpoints is not None
                 else f"select over {r.select.run if r.select else '?'}"
             )
@@ -95,10 +96,11 @@ class Verdict:
         doc = p.to_json()["summary"]
         n = len(p.checkpoints)
         if p.kind == "adapter":
-            inputs = f"{n} adapter(s), lora_space {r.lora_space} ({p.lora_mode})"
+            space = lora_space(p.kind, p.lora_mode, r.delta_rank)
+            inputs = f"{plural(n, 'adapter')}, lora space {space}"
             work = f"{doc['lora_modules']} LoRA modules, {doc['full_tensors']} full tensors"
         else:
-            inputs = f"{n} full model(s)" + (", base_model" if p.base is not None else "")
+            inputs = plural(n, "full model") + (", base_model" if p.base is not None else "")
             work = f"{doc['full_tensors']} tensors merged"
         return f"method {r.method}, {inputs}, {work}, {doc['copied_tensors']} copied, {out}"
 

@@ -1,6 +1,6 @@
 """Weights from metrics: Metrics-Weighted Averaging and normalisation. Pure Python, no torch.
 
-MWA (METHODS.md §1): goodness q_i = 1/m_i for lower-is-better metrics, m_i otherwise;
+MWA (docs/methods.md §1): goodness q_i = 1/m_i for lower-is-better metrics, m_i otherwise;
 w_i = q_i^p / Σ_j q_j^p, computed as softmax(p·log q) so a large p never overflows. Two other
 readings of the paper are selectable: ``softmax`` (w ∝ exp(∓p·m)) and ``rank`` (w ∝ p^rank).
 
@@ -104,7 +104,7 @@ def _power_scores(
     scores: list[float] = []
     for name, v in zip(names, values, strict=True):
         # A higher-is-better metric of exactly 0 (step 0) has q = 0: weight 0 for p > 0, as
-        # METHODS.md §1 specifies. Lower-is-better metrics need 1/m, so 0 is an error there.
+        # docs/methods.md §1 specifies. Lower-is-better metrics need 1/m, so 0 is an error there.
         if v < 0 or (v == 0 and not higher_is_better):
             why = "1/m" if not higher_is_better else "log m"
             raise MetricError(

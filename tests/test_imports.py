@@ -32,7 +32,7 @@ def test_validate_and_help_do_not_import_torch(tmp_path: Path) -> None:
         "'examples/configs/mwa-loss.yaml'])\n"
         "assert r.exit_code == 0, r.output\n"
         f"r = CliRunner().invoke(main, ['validate', '{recipe}'])\n"
-        "assert r.exit_code == 0 and '2 adapter(s)' in r.output, r.output\n"
+        "assert r.exit_code == 0 and '2 adapters' in r.output, r.output\n"
         "r = CliRunner().invoke(main, ['--help'])\n"
         "assert r.exit_code == 0\n"
         "heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]\n"

@@ -278,3 +278,23 @@ def test_variants_and_patterns_load(
         model: Any = PeftModel.from_pretrained(base, ckpt)
     v = model.base_model.model.model.layers[1].self_attn.v_proj
     assert v.scaling["default"] == pytest.approx(4 / 4)  # alpha_pattern over r=4
+
+
+def test_mwakit_init_on_the_folder_make_run_writes(run: Path, tmp_path: Path) -> None:
+    """`mwakit init OUT` on make_run.py's OUT_DIR (OUT/base beside OUT/run) finds OUT/run."""
+    import yaml
+    from click.testing import CliRunner
+
+    from mwakit.cli import main
+
+    out_dir = run.parent
+    assert sorted(p.name for p in out_dir.iterdir()) == ["base", "run"]
+    res = CliRunner().invoke(main, ["init", str(out_dir), "--output", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    doc = yaml.safe_load(res.stdout)
+    assert doc["checkpoints"] == [str(run / f"checkpoint-{s}") for s in (5, 10)]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(res.stdout)
+    res = CliRunner().invoke(main, ["run", "-q", str(recipe)])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "o" / "adapter_model.safetensors").is_file()

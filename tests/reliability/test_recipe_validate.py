@@ -175,7 +175,9 @@ def test_validate_ok_summarises_the_plan_and_warns(cks: list[Path], tmp_path: Pa
     r = recipe(tmp_path, {"checkpoints": _ck(cks), "lora_space": "delta", "delta_rank": 1000})
     res = invoke("validate", r)
     assert res.exit_code == 0, res.output
-    assert res.stdout.startswith(f"ok: {r}: method mwa, 3 adapter(s), lora_space delta (svd)")
+    assert res.stdout.startswith(
+        f"ok: {r}: method mwa, 3 adapters, lora space delta (re-factorised to rank"
+    )
     warnings = res.stderr.splitlines()
     # delta_rank beyond a module's full rank is cut to it (min(out, in) = 16), and said once.
     assert any("delta_rank 1000 is more than 2 module(s) can hold" in w for w in warnings)
