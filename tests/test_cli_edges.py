@@ -89,7 +89,9 @@ def _one_line(res: Result) -> str:
 
 def test_set_changes_plan_run_and_validate(project: Path, tmp_path: Path) -> None:
     r = _recipe(tmp_path, project / "run")
-    res = _invoke("plan", "--json", str(r), "--set", "params.penalty=2", "--set", "select.last=2")
+    # loss_window=1: the loss logged at each checkpoint (the default averages the interval).
+    sets = ["--set", "params.penalty=2", "--set", "select.last=2", "--set", "loss_window=1"]
+    res = _invoke("plan", "--json", str(r), *sets)
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert doc["params"]["penalty"] == 2.0  # a YAML number, not the string "2"
