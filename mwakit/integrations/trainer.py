@@ -101,7 +101,8 @@ class MergeCallback(TrainerCallback):
         params: Other method params, merged over the recipe's.
         lora_space: ``factors`` or ``delta``.
         delta_rank: With ``delta``: ``concat``, ``full`` or a rank.
-        loss_window: How many logged training losses each checkpoint's ``loss`` averages.
+        loss_window: What each checkpoint's ``loss`` averages: ``since_save`` (the recipe
+            default: the losses logged since the previous save) or the last n logged ones.
         overwrite: Replace an existing output folder.
         tune: Tune the merge on the Trainer's eval data before writing it: True, or a mapping
             of keyword arguments for `mwakit.tune.tune` (``searches``, ``budget``, ``metric``,
@@ -130,7 +131,7 @@ class MergeCallback(TrainerCallback):
         params: Mapping[str, Any] | None = None,
         lora_space: str | None = None,
         delta_rank: str | int | None = None,
-        loss_window: int | None = None,
+        loss_window: int | str | None = None,
         overwrite: bool | None = None,
         tune: bool | Mapping[str, Any] | None = None,
         tune_data: str | Path | None = None,
