@@ -210,6 +210,13 @@ def main() -> int:
             f"merge wall {wall:.1f} s (start-up, read, ΔW, TIES, re-factorise, write); "
             f"re-factorisation {doc['refactor_s']:.1f} s"
         )
+        full = LAYERS * len(MODULES)
+        if len(names) < full and len(names) % len(MODULES) == 0:
+            scale = full / len(names)  # whole layers: the same mix of shapes
+            print(
+                f"extrapolated to {full} modules (×{scale:g}): wall ≈ {wall * scale:.0f} s, "
+                f"re-factorisation ≈ {doc['refactor_s'] * scale:.0f} s"
+            )
         print(
             f"solvers: {counts}; reported rel. error mean {sum(errs.values()) / len(errs):.4f}, "
             f"max {worst[1]:.4f} at {worst[0]}"
