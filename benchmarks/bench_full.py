@@ -6,18 +6,22 @@ from a meta-device `LlamaForCausalLM`, the values from torch.randn, so building 
 on the same page-cached inputs and each in its own process, times:
 
 - read floor: reading every input shard once;
-- plain reference: load every checkpoint whole, weighted sum in float32, save one file;
+- whole-load reference: load every checkpoint whole, weighted sum in float32, save one file;
 - mwakit linear (MWA weights), and task-vector methods against the base (`--methods`:
   TIES and DARE-TIES by default; also dare_linear, magnitude_prune, breadcrumbs,
   breadcrumbs_ties, della_linear, sce, and the spherical karcher, multislerp (task vectors
-  against the base), nuslerp and nearswap (the first two checkpoints));
+  against the base), nuslerp and nearswap (the first two checkpoints)), fingerprints included
+  (digest cache off);
+- for linear, TIES and DARE-TIES, before each mwakit run, a plain streamed reference of the
+  same formula (one tensor of each checkpoint at a time via safe_open, plain torch ops, one
+  save_file: `common.REFERENCE_STREAMED`), run in turn with mwakit (ref, mwakit, ref, …);
 
-printing wall time, ratios and peak RSS. Targets (issue 3): linear ≤ 1.2× the reference at a
-fraction of its RSS; TIES/DARE ≤ 3× mwakit's own linear (mergekit: 281 s vs 9.9 s, 28×).
+printing wall time, ratios and peak RSS. Targets: (issue 11 §4) every mwakit row ≤ 1.0× its
+plain reference; (issue 3) TIES/DARE ≤ 3× mwakit's own linear (mergekit: 281 s vs 9.9 s, 28×).
 
 Usage::
 
-    python benchmarks/bench_full.py                       # 4 × TinyLlama-1.1B-shaped, bf16
+    python benchmarks/bench_full.py --k 5                 # 5 × TinyLlama-1.1B-shaped, bf16
     python benchmarks/bench_full.py --layers 4 --k 3      # quick look
 """
 
@@ -32,7 +36,15 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from common import READ_FLOOR, REFERENCE, best_of, measure
+from common import (
+    MWAKIT_ENV,
+    READ_FLOOR,
+    REFERENCE,
+    REFERENCE_STREAMED,
+    best_of,
+    interleaved,
+    measure,
+)
 
 
 def build(folder: Path, *, layers: int, seed: int, shard: str, base: Path | None) -> None:
@@ -101,6 +113,12 @@ def main() -> int:
         ],
         help="task-vector methods to time beside linear",
     )
+    ap.add_argument(
+        "--ray",
+        action="store_true",
+        help="also time linear with executor: ray (a local cluster started by the run)",
+    )
+    ap.add_argument("--skip-whole", action="store_true", help="no whole-load reference row")
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     py = sys.executable
@@ -139,27 +157,20 @@ def main() -> int:
 
         lin = recipe("linear", method="mwa", params={"metric": "loss", "penalty": 0.7})
         plan = json.loads(subprocess.check_output([*mwakit, "plan", "--json", lin]))
-        weights = json.dumps([c["weight"] for c in plan["checkpoints"]])
+        weights = [c["weight"] for c in plan["checkpoints"]]
         measure([py, "-c", READ_FLOOR, *files])  # warm the page cache
         read_s, _ = best_of(a.repeat, [py, "-c", READ_FLOOR, *files])
-        ref_s, ref_rss = best_of(
-            a.repeat,
-            [
-                py,
-                "-c",
-                REFERENCE,
-                weights,
-                str(t / "ref.safetensors"),
-                *(",".join(shards(f)) for f in folders),
-            ],
-        )
-        lin_s, lin_rss = best_of(a.repeat, [*mwakit, "run", "-q", lin])
-        rows = [
-            ("read floor", read_s, None),
-            ("plain reference", ref_s, ref_rss),
-            ("mwakit linear (MWA)", lin_s, lin_rss),
-        ]
+        groups = [",".join(shards(f)) for f in folders]
+        # (label, wall s, peak MiB, CPU s, its plain reference's (wall, MiB, CPU), mw linear s)
+        Row = tuple[str, float, float | None, float | None, tuple[float, float, float] | None,
+                    float | None]  # fmt: skip
+        rows: list[Row] = [("read floor", read_s, None, None, None, None)]
+        if not a.skip_whole:
+            whole = [py, "-c", REFERENCE, json.dumps(weights), str(t / "ref.safetensors")]
+            ((whole_s, whole_rss, whole_cpu),) = interleaved(a.repeat, [([*whole, *groups], None)])
+            rows.append(("whole-load reference", whole_s, whole_rss, whole_cpu, None, None))
         recipes: dict[str, dict[str, object]] = {
+            "linear": {"method": "mwa", "params": {"metric": "loss", "penalty": 0.7}},
             "ties": {
                 "method": "ties",
                 "params": {"density": 0.2},
@@ -183,19 +194,51 @@ def main() -> int:
             "nuslerp": {"method": "nuslerp", "params": {}, "checkpoints": ck[:2]},
             "nearswap": {"method": "nearswap", "params": {"t": 0.01}, "checkpoints": ck[:2]},
         }
-        for name in a.methods:
+        # A plain streamed reference of the same formula, where one is written (common.py).
+        specs: dict[str, dict[str, object]] = {
+            "linear": {"method": "linear", "weights": weights},
+            "ties": {"method": "ties", "weights": weights, "density": 0.2},
+            "dare_ties": {"method": "dare_ties", "weights": [1.0] * a.k, "drop_rate": 0.8},
+        }
+        lin_s = 0.0
+        for name in ["linear", *a.methods]:
             kw = recipes[name]
-            s, rss = best_of(
-                a.repeat, [*mwakit, "run", "-q", recipe(name, base_model=str(base), **kw)]
-            )
-            rows.append((f"mwakit {name}", s, rss))
-        print(f"{'':22} {'wall s':>7} {'÷ read':>7} {'÷ ref':>6} {'÷ mw lin':>8} {'peak MiB':>9}")
-        for name, s, rss in rows:
+            extra = {} if name == "linear" else {"base_model": str(base)}
+            cmd = [*mwakit, "run", "-q", recipe(name, **extra, **kw)]
+            runs: list[tuple[list[str], dict[str, str] | None]] = [(cmd, MWAKIT_ENV)]
+            if name in specs:
+                base_arg = "" if name == "linear" else ",".join(shards(base))
+                out = str(t / "ref.safetensors")
+                ref_cmd = [py, "-c", REFERENCE_STREAMED, json.dumps(specs[name]), out, base_arg]
+                runs.insert(0, ([*ref_cmd, *groups], None))
+            got = interleaved(a.repeat, runs)
+            (s, rss, cpu), ref = got[-1], (got[0] if len(got) == 2 else None)
+            if name == "linear":
+                lin_s = s
+            if ref is not None:
+                rows.append((f"plain streamed {name}", ref[0], ref[1], ref[2], None, None))
+            rows.append((f"mwakit {name}", s, rss, cpu, ref, lin_s))
+            if name == "linear" and a.ray:
+                # The driver starts a local cluster (num_cpus = this machine's) for the run:
+                # its start-up is part of the time, as it is for a user. Peak RSS and CPU are
+                # the driver's only (the workers are the raylet's children).
+                ray_cmd = [*mwakit, "run", "-q", "--executor", "ray", cmd[-1]]
+                ((rs, rrss, rcpu),) = interleaved(a.repeat, [(ray_cmd, MWAKIT_ENV)])
+                rows.append(("mwakit linear, ray", rs, rrss, rcpu, ref, lin_s))
+        print(
+            f"{'':24} {'wall s':>7} {'÷ read':>7} {'÷ plain':>7} {'÷ mw lin':>8} "
+            f"{'peak MiB':>9} {'÷ plain':>7} {'CPU s':>6} {'÷ plain':>7}"
+        )
+        for label, s, rss, cpu, ref, lin in rows:
+            r_wall = f"{s / ref[0]:7.2f}" if ref else " " * 7
+            r_rss = f"{rss / ref[1]:7.2f}" if ref and rss else " " * 7
+            r_cpu = f"{cpu / ref[2]:7.2f}" if ref and cpu else ""
+            r_lin = f"{s / lin:8.2f}" if lin else " " * 8
             print(
-                f"{name:22} {s:>7.2f} {s / read_s:>7.1f} {s / ref_s:>6.2f} {s / lin_s:>8.2f} "
-                f"{'' if rss is None else f'{rss:9.0f}'}"
+                f"{label:24} {s:>7.2f} {s / read_s:>7.1f} {r_wall} {r_lin} "
+                f"{'' if rss is None else f'{rss:9.0f}':>9} {r_rss} "
+                f"{'' if cpu is None else f'{cpu:6.1f}':>6} {r_cpu}"
             )
-        print(f"peak RSS mwakit linear ÷ reference: {lin_rss / ref_rss:.3f}")
     return 0
 
 

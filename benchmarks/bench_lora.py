@@ -7,10 +7,13 @@ on the same (page-cached) inputs, times in separate processes:
 - read floor: read every input file once (the least any merge can do);
 - plain reference: `safetensors.torch.load_file` every file whole, weighted sum in float32,
   `save_file` (what a user would write by hand);
-- mwakit: `mwakit run` with MWA weights (factor space);
+- mwakit: `mwakit run` with MWA weights (factor space), fingerprints included (the digest
+  cache is off, so every run hashes its inputs, as a first run does);
 
-and prints wall time, the ratios mwakit/reference and mwakit/read floor, and peak RSS of each.
-Targets (issue 2): wall ≤ 1.1× the reference; peak RSS ≤ ⅓ of it and flat as K grows.
+reference and mwakit in turn (ref, mwakit, ref, mwakit, …: a load change on a shared machine
+falls on both), and prints wall time, the ratios mwakit/reference and mwakit/read floor, and
+peak RSS of each. Targets (issue 11 §4): wall ≤ 1.0× the reference; (issue 2) peak RSS ≤ ⅓
+of it and flat as K grows.
 A second part times delta-space re-factorisation of 10 rank-16 adapters to rank 16 with
 QR + small SVD, against a dense SVD of one module extrapolated to all modules.
 
@@ -31,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import READ_FLOOR, REFERENCE, best_of, measure
+from common import MWAKIT_ENV, READ_FLOOR, REFERENCE, best_of, interleaved, measure
 
 HIDDEN, INTER, KV = 4096, 14336, 1024
 MODULES = {  # name: (in, out)
@@ -110,7 +113,7 @@ def main() -> int:
     header = (
         f"{'r':>3} {'K':>3} {'dtype':>5} {'in MB':>7} | {'read s':>6} {'ref s':>6} "
         f"{'mwakit s':>8} | {'mw/ref':>6} {'mw/read':>7} | {'ref MiB':>7} {'mw MiB':>6} "
-        f"{'mw/ref':>6}"
+        f"{'mw/ref':>6} | {'ref cpu':>7} {'mw cpu':>6} {'mw/ref':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -136,14 +139,18 @@ def main() -> int:
                     w = json.dumps([c["weight"] for c in weights])
                     measure([py, "-c", READ_FLOOR, *files])  # warm the page cache
                     read_s, _ = best_of(a.repeat, [py, "-c", READ_FLOOR, *files])
-                    ref_s, ref_rss = best_of(
-                        a.repeat, [py, "-c", REFERENCE, w, str(t / "ref.safetensors"), *files]
+                    (ref_s, ref_rss, ref_cpu), (mw_s, mw_rss, mw_cpu) = interleaved(
+                        a.repeat,
+                        [
+                            ([py, "-c", REFERENCE, w, str(t / "ref.safetensors"), *files], None),
+                            ([*mwakit, "run", "-q", str(rec)], MWAKIT_ENV),
+                        ],
                     )
-                    mw_s, mw_rss = best_of(a.repeat, [*mwakit, "run", "-q", str(rec)])
                     print(
                         f"{r:>3} {k:>3} {dt:>5} {size:>7.0f} | {read_s:>6.2f} {ref_s:>6.2f} "
                         f"{mw_s:>8.2f} | {mw_s / ref_s:>6.2f} {mw_s / read_s:>7.1f} | "
-                        f"{ref_rss:>7.0f} {mw_rss:>6.0f} {mw_rss / ref_rss:>6.2f}",
+                        f"{ref_rss:>7.0f} {mw_rss:>6.0f} {mw_rss / ref_rss:>6.2f} | "
+                        f"{ref_cpu:>7.1f} {mw_cpu:>6.1f} {mw_cpu / ref_cpu:>6.2f}",
                         flush=True,
                     )
         if not a.skip_svd:
@@ -158,7 +165,7 @@ def svd_part(a: argparse.Namespace, t: Path, mwakit: list[str]) -> None:
     for i, f in enumerate(folders):
         generate(f, r=16, layers=a.layers, dtype="fp32", seed=i)
     rec = recipe(t / "svd.yaml", folders, t / "svd-out", lora_space="delta", delta_rank=16)
-    wall, rss = measure([*mwakit, "run", "-q", str(rec)])
+    wall, rss = measure([*mwakit, "run", "-q", str(rec)], MWAKIT_ENV)
     n_modules = a.layers * len(MODULES)
     # Dense reference: an SVD of one materialised 4096×4096 ΔW (the smallest module shape),
     # extrapolated; the 4096×14336 MLP modules cost more, so this underestimates the total.

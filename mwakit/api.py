@@ -12,9 +12,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mwakit.card import RESOLVED_RECIPE, resolved_recipe, write_assets, write_card
+from mwakit.card import (
+    RESOLVED_RECIPE,
+    fingerprint_files,
+    fingerprints,
+    known_digest,
+    remember_digest,
+    resolved_recipe,
+    write_assets,
+    write_card,
+)
 from mwakit.errors import MwakitError, UsageError
 from mwakit.io.atomic import atomic_output_dir, check_target
+from mwakit.io.durable import BackgroundSync
+from mwakit.io.hashing import StreamHasher
 from mwakit.io.layout import MODEL_SIDE_FILES, inside_folder
 from mwakit.planner import LoraTask, Plan, Task
 from mwakit.recipe import HubTarget, Recipe, dump_recipe, load_recipe
@@ -45,6 +56,26 @@ def input_paths(p: Plan) -> list[Path]:
     if run is not None and not run.startswith("hf://"):
         paths.append(Path(run))
     return list(dict.fromkeys(paths))
+
+
+def read_files(p: Plan) -> set[Path]:
+    """The files the merge reads tensors from (checkpoints, base, side inputs)."""
+    out: set[Path] = set()
+    for t in p.tasks:
+        if isinstance(t, LoraTask):
+            groups = (t.inputs, t.aux_a, t.aux_b)
+        else:
+            groups = (t.inputs, (t.base,) if t.base is not None else (), t.aux)
+        for refs in groups:
+            out.update(r.path for r in refs or ())
+    return out
+
+
+def streamed_files(p: Plan) -> list[Path]:
+    """The fingerprinted files to hash from the merge's own reads: those it reads tensors from
+    whose sha256 is not known already (a Hub blob's name, the digest cache)."""
+    read = read_files(p)
+    return [f for _, f in fingerprint_files(p) if f in read and known_digest(f) is None]
 
 
 def _recipe_inputs(r: Recipe) -> list[Path]:
@@ -169,6 +200,7 @@ def run(
     on_plan: Callable[[Plan], None] | None = None,
     push: bool | None = None,
     hub: HubTarget | None = None,
+    executor: str | None = None,
 ) -> RunResult:
     """Plan and execute a merge into an output folder, atomically.
 
@@ -186,6 +218,7 @@ def run(
         push: Upload the finished folder to the Hub; None (default) pushes iff a target is
             set (``hub`` or ``output.hub``), False never pushes.
         hub: Overrides ``output.hub`` (the push target).
+        executor: Overrides the recipe's ``executor`` (``local``, ``ray``, ``ray=ADDRESS``).
 
     Raises:
         UsageError: ``push=True`` with no target.
@@ -193,6 +226,11 @@ def run(
             upload leaves the output folder complete (`HubError`, with the retry command).
     """
     r = _as_recipe(recipe)
+    if executor is not None:
+        from mwakit.executors import parse_executor
+
+        name, address = parse_executor(executor)
+        r = r.model_copy(update={"executor": name, "executor_address": address})
     dest = None if push is False else (hub or r.output.hub)
     if push and dest is None:
         dest = hub_target(None)  # raises the usage error: nowhere to push
@@ -218,20 +256,47 @@ def run(
         adapter_side_files(p)
     if on_plan is not None:
         on_plan(p)
+    if r.output.format == "merged":
+        # Bake into the base in one pass: the merged adapter stays in memory, never written.
+        from mwakit.bake import merged_base, run_merged
+
+        base = merged_base(p)  # a missing base fails before any output is created
+        stats = run_merged(
+            p, target, r.output.overwrite, input_paths(p), on_task=on_task, base=base
+        )
+        url = _push(target, dest) if dest is not None else None
+        return RunResult(path=target, plan=p, stats=stats, commit_url=url)
     with (
         atomic_output_dir(target, r.output.overwrite, input_paths(p)) as tmp,
         ThreadPoolExecutor(1) as pool,
+        BackgroundSync() as syncer,
     ):
-        # Input fingerprints and the plot do not depend on the merge: compute them on a second
-        # core while torch imports and the merge streams (hashing releases the GIL).
-        assets = pool.submit(write_assets, p, tmp)
+        # The inputs the merge reads are fingerprinted from the bytes it reads (one read, not
+        # two); the plot and the other fingerprints do not depend on the merge: they are made
+        # on a second core while torch imports and the merge streams (hashing releases the GIL).
+        # With executor: ray the tasks read on other nodes, and Ray tasks hash the weights.
+        ray = r.executor == "ray"
+        to_stream = streamed_files(p)
+        hasher = StreamHasher([] if ray else to_stream)
+        assets = pool.submit(write_assets, p, tmp, to_stream)
         try:
-            from mwakit.execute import execute  # torch is imported only when a merge runs
+            if ray:
+                from mwakit.executors.ray import execute_ray
 
-            stats = execute(p, tmp, on_task=on_task)
+                stats = execute_ray(
+                    p, tmp, address=r.executor_address, on_task=on_task, hash_files=to_stream
+                )
+            else:
+                from mwakit.execute import execute  # torch is imported only when a merge runs
+
+                stats = execute(p, tmp, on_task=on_task, observer=hasher.observe, syncer=syncer)
+            streamed = {**hasher.finish(), **stats.digests}
         except BaseException:
+            hasher.close()
             assets.cancel()
             raise
+        for f, digest in streamed.items():
+            remember_digest(f, digest)
         if p.kind == "full":
             copy_model_files(p, tmp)
         else:
@@ -243,15 +308,17 @@ def run(
         resolved = resolved_recipe(p, folder=target)
         text = dump_recipe(resolved)
         (tmp / RESOLVED_RECIPE).write_text(text, encoding="utf-8")
+        prints = fingerprints(p, {**assets.result(), **streamed})
         write_card(
             p,
             tmp,
             text,
             stats.rel_errors,
-            assets.result(),
+            prints,
             rerun=resolved.output.path,
             solvers=stats.solvers,
         )
+        syncer.join()  # every weights file on disk before the folder is renamed into place
     # The upload starts only once the local folder is complete; if it fails, the folder stays
     # and the error says how to retry with `mwakit push`.
     url = _push(target, dest) if dest is not None else None

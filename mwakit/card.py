@@ -12,7 +12,8 @@ import contextlib
 import hashlib
 import os
 import re
-from collections.abc import Sequence
+import sys
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,14 @@ import yaml
 
 from mwakit import __version__, layer_params
 from mwakit.planner import Plan
-from mwakit.plot import PLOT_FILE, finish_drawing, plot_caption, plot_metric, start_drawing
+from mwakit.plot import (
+    PLOT_FILE,
+    finish_drawing,
+    plot_caption,
+    plot_metric,
+    plot_weights,
+    start_drawing,
+)
 from mwakit.recipe import Recipe
 from mwakit.sources import Checkpoint
 from mwakit.wording import plural
@@ -150,28 +158,45 @@ def sha256_file(path: Path) -> str:
     (every weights file): that name is the sha256 the Hub checked at download, so it is used
     as is instead of reading the file again.
     """
+    digest = known_digest(path)
+    if digest is not None:
+        return digest
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    digest = h.hexdigest()
+    remember_digest(path, digest)
+    return digest
+
+
+def known_digest(path: Path) -> str | None:
+    """The sha256 of a file when it is known without reading it: a Hub blob's name, or the
+    digest cache's entry for this exact file version (`_digest_cache`); else None."""
     if path.is_symlink():
         target = path.resolve()
         if target.parent.name == "blobs" and _SHA256.match(target.name):
             return target.name
     cached = _digest_cache(path)
     if cached is not None and cached.is_file():
-        digest = cached.read_text(encoding="ascii").strip()
-        if _SHA256.match(digest):
-            return digest
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    digest = h.hexdigest()
-    if cached is not None:
-        # Best effort: a read-only or full cache folder only costs the next run a re-hash.
-        with contextlib.suppress(OSError):
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(f".{os.getpid()}")
-            tmp.write_text(digest, encoding="ascii")
-            tmp.replace(cached)
-    return digest
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            digest = cached.read_text(encoding="ascii").strip()
+            if _SHA256.match(digest):
+                return digest
+    return None
+
+
+def remember_digest(path: Path, digest: str) -> None:
+    """Record a file's sha256 in the digest cache (best effort: a read-only or full cache
+    folder only costs the next run a re-hash)."""
+    cached = _digest_cache(path)
+    if cached is None:
+        return
+    with contextlib.suppress(OSError):
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}")
+        tmp.write_text(digest, encoding="ascii")
+        tmp.replace(cached)
 
 
 def _digest_cache(path: Path) -> Path | None:
@@ -200,11 +225,28 @@ def _inputs(c: Checkpoint) -> list[Path]:
     return [*c.files, *(f for f in extra if f.is_file())]
 
 
-def fingerprints(plan: Plan) -> list[tuple[str, str, str, int]]:
-    """(checkpoint, file name, sha256, size) of every input file: weights, adapter config,
+def fingerprint_files(plan: Plan) -> list[tuple[str, Path]]:
+    """(checkpoint, file) of every input file the card fingerprints: weights, adapter config,
     trainer state, and the base model's weights."""
     cks = [*plan.checkpoints, *([plan.base] if plan.base is not None else [])]
-    return [(c.name, f.name, sha256_file(f), f.stat().st_size) for c in cks for f in _inputs(c)]
+    return [(c.name, f) for c in cks for f in _inputs(c)]
+
+
+def fingerprints(
+    plan: Plan, digests: Mapping[Path, str] | None = None
+) -> list[tuple[str, str, str, int]]:
+    """(checkpoint, file name, sha256, size) of every `fingerprint_files` file.
+
+    Args:
+        plan: The merge plan.
+        digests: sha256 already computed (e.g. streamed by `mwakit.io.hashing.StreamHasher`
+            while the merge read the file); any other file is hashed here (`sha256_file`).
+    """
+    known = digests or {}
+    return [
+        (name, f.name, known.get(f) or sha256_file(f), f.stat().st_size)
+        for name, f in fingerprint_files(plan)
+    ]
 
 
 def _front_matter(plan: Plan) -> dict[str, Any]:
@@ -227,18 +269,34 @@ def _front_matter(plan: Plan) -> dict[str, Any]:
 Fingerprints = list[tuple[str, str, str, int]]
 
 
-def write_assets(plan: Plan, folder: Path) -> Fingerprints:
-    """Draw the weights plot into ``folder`` and fingerprint every input file.
+def write_assets(plan: Plan, folder: Path, streamed: Collection[Path] = ()) -> dict[Path, str]:
+    """Draw the weights plot into ``folder`` and hash every input file not ``streamed``.
 
-    Neither depends on the merge's result, and together they cost about as much as a LoRA
-    merge (matplotlib's import, one sha256 pass over the inputs), so `mwakit.api.run` runs
-    this on a background thread while the merge streams; the plot itself is drawn in a child
-    process so matplotlib's import does not hold this process's GIL.
+    Neither depends on the merge's result, so `mwakit.api.run` runs this on a background
+    thread while the merge streams. The files the merge reads are hashed from the bytes it
+    reads (``streamed``, see `mwakit.io.hashing`); what is left here are small files (configs,
+    trainer state) and inputs the method never reads (a base model of a linear merge).
+    The plot is drawn in a child process, so matplotlib's import (about as long as a LoRA
+    merge) runs on another core instead of holding this process's GIL — unless matplotlib is
+    already imported (a notebook, a program that plots) or this process has one core: then
+    drawing here costs less (no second interpreter).
+
+    Returns:
+        The sha256 of each file hashed, by path.
     """
-    proc = start_drawing(plan, folder / PLOT_FILE)
-    prints = fingerprints(plan)  # hashlib releases the GIL: this overlaps the merge for real
-    finish_drawing(proc, plan, folder / PLOT_FILE)
-    return prints
+    path = folder / PLOT_FILE
+    # A child only helps when another core can run it.
+    one_core = len(os.sched_getaffinity(0)) < 2 if hasattr(os, "sched_getaffinity") else False
+    here = "matplotlib.figure" in sys.modules or one_core
+    proc = None if here else start_drawing(plan, path)
+    skip = set(streamed)
+    # hashlib releases the GIL: this overlaps the merge for real
+    digests = {f: sha256_file(f) for _, f in fingerprint_files(plan) if f not in skip}
+    if proc is None:
+        plot_weights(plan, path)
+    else:
+        finish_drawing(proc, plan, path)
+    return digests
 
 
 def write_card(
@@ -256,7 +314,7 @@ def write_card(
         The files written.
     """
     if prints is None:
-        prints = write_assets(plan, folder)
+        prints = fingerprints(plan, write_assets(plan, folder))
     card = folder / CARD_FILE
     text = render_card(
         plan,

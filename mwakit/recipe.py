@@ -198,6 +198,9 @@ class Output(_Strict):
     """Full models: the largest output shard, units spelled out ("500MB", "5GB", "2GiB")."""
     hub: HubTarget | None = None
     """Upload the output folder to the Hub after a successful write (``--no-push`` skips)."""
+    format: Literal["adapter", "merged"] = "adapter"
+    """adapter: the merged LoRA adapter; merged: that adapter baked into its base model (a full
+    model for serving: sharded safetensors, config, tokenizer), streamed, in one pass."""
 
     @field_validator("shard_size")
     @classmethod
@@ -259,6 +262,13 @@ class Recipe(_Strict):
     out_dtype: DType | None = None
     """The written dtype (default: the inputs'); values it cannot hold are an error."""
     device: str = "auto"
+    executor: Literal["local", "ray"] | None = None
+    """Where the tensor groups run: ``local`` (default: this process, streamed) or ``ray``
+    (Ray tasks on a cluster, one per output shard, over storage every node sees; needs
+    ``pip install 'mwakit[ray]'``)."""
+    executor_address: str | None = None
+    """With ``executor: ray``, the cluster to join (``auto``, ``ray://host:10001``, …);
+    default: the one ``RAY_ADDRESS`` names, else a local one started for the run."""
     allow_pickle: bool = False
     """Allow legacy adapter_model.bin inputs (loaded with torch.load(weights_only=True))."""
     weighting: Weighting | None = None
@@ -373,6 +383,8 @@ def _cross_checks(data: dict[str, Any]) -> list[Problem]:
         out.append(Problem("checkpoints", "`checkpoints:` is empty: list at least one checkpoint"))
     if data.get("delta_rank", "concat") != "concat" and data.get("lora_space") != "delta":
         out.append(Problem("delta_rank", "delta_rank applies only with lora_space: delta"))
+    if data.get("executor_address") is not None and data.get("executor") != "ray":
+        out.append(Problem("executor_address", "executor_address applies only with executor: ray"))
     name = data.get("method", "mwa")
     try:
         method = get_method(name) if isinstance(name, str) else None

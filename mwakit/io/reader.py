@@ -2,8 +2,8 @@
 
 Tensors are read with ``preadv`` straight into memory the reader allocates, instead of being
 mapped: a mapped file that shrinks under the reader kills the process with SIGBUS, a short read
-is just an error. Every byte goes through one method, `PreadReader.read_into`, so a caller can
-observe (e.g. hash) exactly the bytes a merge streams.
+is just an error. Every byte goes through one method, `PreadReader.read_into`, and every tensor
+read is shown to the reader's observer, so a caller can hash exactly the bytes a merge streams.
 
 Large reads land in a small arena of reusable buffers: fresh memory costs a page fault per
 page on first touch, more than the copy from the page cache itself, so buffers of finished
@@ -25,7 +25,7 @@ import re
 import stat
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +40,9 @@ _ARENA_MIN = 1 << 20  # smaller reads come from malloc, which recycles small blo
 _ARENA_KEEP_FREE = 256 << 20  # idle buffers kept for reuse at most (least recently used go)
 _READAHEAD = 256 << 20  # read one group ahead into memory when it is at most this big
 _CHANGED_FIX = "the file changed while mwakit was reading it; wait until it is complete, run again"
+
+Observer = Callable[[Path, int, torch.Tensor], None]
+"""Called with (file, offset, the uint8 buffer read) after every tensor read (`PreadReader`)."""
 
 
 def _use_count(t: torch.Tensor) -> int | None:
@@ -114,9 +117,14 @@ class PreadReader:
         readahead: Bytes ``prefetch`` may read ahead on the helper thread (into memory, so the
             next group's copy from the page cache overlaps this group's compute); a larger
             request only gets the kernel hint. 0 turns reading ahead off.
+        observer: Sees every tensor read, right after the read, as (file, offset, uint8
+            buffer) (e.g. `mwakit.io.hashing.StreamHasher.observe`, which keeps the buffer
+            until it is hashed); called from the read-ahead thread too, so it must be
+            thread-safe. An error it raises fails the read.
     """
 
-    def __init__(self, readahead: int = _READAHEAD) -> None:
+    def __init__(self, readahead: int = _READAHEAD, observer: Observer | None = None) -> None:
+        self._observer = observer
         self._files: dict[Path, _Open] = {}
         self._arena = _Arena()
         self._lock = threading.Lock()  # files and arena, shared with the read-ahead thread
@@ -213,6 +221,10 @@ class PreadReader:
             self.read_into(path, info.start, mv)
         finally:
             mv.release()
+        if self._observer is not None:
+            # The observer may keep `raw` (to hash it later): the arena reuses a buffer only
+            # once nothing references it.
+            self._observer(path, info.start, raw)
         return raw.view(dtype).reshape(info.shape)
 
     def get(self, info: TensorInfo, path: Path) -> torch.Tensor:

@@ -15,6 +15,7 @@ from types import TracebackType
 
 import torch
 
+from mwakit.io.durable import BackgroundSync
 from mwakit.io.header import DTYPE_SIZES
 from mwakit.io.oserror import output_error
 from mwakit.io.writer import Entry, StreamingWriter
@@ -37,6 +38,32 @@ def split_shards(entries: Sequence[Entry], shard_size: int) -> list[list[Entry]]
     return shards
 
 
+def shard_names(n: int) -> list[str]:
+    """The file names of ``n`` shards (one shard is plain ``model.safetensors``)."""
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def write_index(folder: Path, names: Sequence[str], shards: Sequence[Sequence[Entry]]) -> None:
+    """Write ``model.safetensors.index.json`` for these shards (nothing for a single file).
+
+    Raises:
+        OutputError: The file cannot be written.
+    """
+    if len(names) < 2:
+        return
+    weight_map = {e[0]: name for name, shard in zip(names, shards, strict=True) for e in shard}
+    total = sum(math.prod(e[2]) * DTYPE_SIZES[e[1]] for shard in shards for e in shard)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    try:
+        (folder / INDEX).write_text(
+            json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
+    except OSError as err:
+        raise output_error(err, "cannot write the shard index", str(folder)) from err
+
+
 class ShardedWriter:
     """Writes a full model's tensors into shards plus ``model.safetensors.index.json``."""
 
@@ -46,26 +73,19 @@ class ShardedWriter:
         entries: Sequence[Entry],
         shard_size: int,
         metadata: dict[str, str] | None = None,
+        syncer: BackgroundSync | None = None,
     ) -> None:
         shards = split_shards(entries, shard_size)
-        n = len(shards)
         self.folder = folder
-        self.names = (
-            ["model.safetensors"]
-            if n == 1
-            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        )
+        self._shards = shards
+        self.names = shard_names(len(shards))
         self._writers = [
-            StreamingWriter(folder / name, shard, metadata)
+            StreamingWriter(folder / name, shard, metadata, syncer)
             for name, shard in zip(self.names, shards, strict=True)
         ]
         self._route = {
             e[0]: w for w, shard in zip(self._writers, shards, strict=True) for e in shard
         }
-        self._weight_map = {
-            e[0]: name for name, shard in zip(self.names, shards, strict=True) for e in shard
-        }
-        self._total = sum(math.prod(e[2]) * DTYPE_SIZES[e[1]] for e in entries)
 
     def __enter__(self) -> ShardedWriter:
         return self
@@ -78,15 +98,13 @@ class ShardedWriter:
     ) -> None:
         for w in self._writers:
             w.__exit__(exc_type, exc, tb)
-        if exc_type is None and len(self.names) > 1:
-            index = {"metadata": {"total_size": self._total}, "weight_map": self._weight_map}
-            try:
-                (self.folder / INDEX).write_text(
-                    json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8"
-                )
-            except OSError as err:
-                raise output_error(err, "cannot write the shard index", str(self.folder)) from err
+        if exc_type is None:
+            write_index(self.folder, self.names, self._shards)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write one tensor into its shard."""
-        self._route[name].write(name, tensor)
+        """Write one tensor into its shard; a shard's last tensor finishes (closes) the shard,
+        so its fsync can start while the next shards are merged."""
+        w = self._route[name]
+        w.write(name, tensor)
+        if w.complete:
+            w.close()

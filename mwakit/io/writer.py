@@ -20,6 +20,7 @@ from types import TracebackType
 import torch
 
 from mwakit.errors import OutputError
+from mwakit.io.durable import KICK_BYTES, BackgroundSync
 from mwakit.io.header import DTYPE_NAMES, DTYPE_SIZES
 from mwakit.io.oserror import output_error
 
@@ -120,15 +121,23 @@ class StreamingWriter:
         path: The file to create (truncated if it exists).
         entries: (name, dtype code, shape) of every tensor the file will hold.
         metadata: ``__metadata__`` strings; ``format: pt`` is included unless given.
+        syncer: Flush the file to disk in the background as it is written, and fsync it when
+            it is complete (`mwakit.io.durable.BackgroundSync`); it then owns the descriptor.
 
     Raises:
         OutputError: An entry is invalid, or the file cannot be created.
     """
 
     def __init__(
-        self, path: Path, entries: Sequence[Entry], metadata: dict[str, str] | None = None
+        self,
+        path: Path,
+        entries: Sequence[Entry],
+        metadata: dict[str, str] | None = None,
+        syncer: BackgroundSync | None = None,
     ) -> None:
         self.path = path
+        self._syncer = syncer
+        self._unsynced = 0
         head, self._offsets = _header_bytes(entries, metadata)
         self._specs = {name: (code, tuple(shape)) for name, code, shape in entries}
         self._data_start = len(head)
@@ -159,10 +168,13 @@ class StreamingWriter:
         else:
             self._abort()
 
-    def _abort(self) -> None:
+    def _abort(self, *, complete: bool = False) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
-            os.close(fd)
+            if self._syncer is not None:
+                self._syncer.close(fd, self.path, sync=complete)
+            else:
+                os.close(fd)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write one tensor at its planned offset.
@@ -205,9 +217,18 @@ class StreamingWriter:
                 if n <= 0:
                     raise OSError(0, "no progress")
                 mv, pos = mv[n:], pos + n
+                self._unsynced += n
         except OSError as err:
             raise output_error(err, f"cannot write tensor {name!r}", str(self.path)) from err
         self._written.add(name)
+        if self._syncer is not None and self._unsynced >= KICK_BYTES:
+            self._unsynced = 0
+            self._syncer.kick(self._fd, self.path)
+
+    @property
+    def complete(self) -> bool:
+        """Every planned tensor has been written."""
+        return len(self._written) == len(self._specs)
 
     def close(self) -> None:
         """Finish the file; calling it again does nothing.
@@ -217,8 +238,8 @@ class StreamingWriter:
         """
         if self._fd is None:
             return
-        self._abort()
         missing = sorted(set(self._specs) - self._written)
+        self._abort(complete=not missing)
         if missing:
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise OutputError(

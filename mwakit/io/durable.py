@@ -1,0 +1,110 @@
+"""fsync off the merge's critical path: output files are flushed to disk while the merge runs.
+
+`atomic_output_dir` fsyncs every file before its final rename, so a crash leaves the complete
+output or none. Done only there, the whole output's writeback (gigabytes for a full model) waits
+at the end of the merge. A `BackgroundSync` instead asks the kernel to write each output file
+back on a helper thread as it grows (``fdatasync`` every few tens of MiB written) and fsyncs it
+as soon as it is complete, so by the rename there is (almost) nothing left to flush; the final
+fsync pass then costs little. Durability before the rename is unchanged: ``join`` waits for every
+flush, and an error of any of them fails the output.
+
+A writer hands its descriptor to the syncer for good: the syncer closes it after its last flush,
+so a descriptor is never closed (and its number reused) under a pending flush.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+
+from mwakit.io.oserror import output_error
+
+#: Ask for writeback after this many bytes written to a file since the last request.
+KICK_BYTES = 64 << 20
+
+
+class BackgroundSync:
+    """Flushes output files on one helper thread; ``join`` waits and reports the first error.
+
+    Use it as a context manager around the writing: on exit every descriptor handed to it is
+    closed (after its flushes when the block succeeded).
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="mwakit-sync")
+        self._futures: list[Future[None]] = []
+        self._pending: set[int] = set()  # descriptors with a writeback request queued
+        self._lock = threading.Lock()
+        self._error: tuple[OSError, Path] | None = None
+        self._closed = False
+
+    def __enter__(self) -> BackgroundSync:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            if not self._closed:
+                self.join()
+        else:
+            self._pool.shutdown(wait=True)  # close jobs still run; flush errors no longer matter
+
+    def _run(self, fn: Callable[[int], None], fd: int, path: Path) -> None:
+        try:
+            fn(fd)
+        except OSError as err:
+            with self._lock:
+                if self._error is None:
+                    self._error = (err, path)
+
+    def kick(self, fd: int, path: Path) -> None:
+        """Ask for ``fd``'s dirty pages to be written back soon (coalesced; never blocks)."""
+        with self._lock:
+            if fd in self._pending or self._closed:
+                return
+            self._pending.add(fd)
+
+        def job(fd: int) -> None:
+            with self._lock:
+                self._pending.discard(fd)
+            os.fdatasync(fd)
+
+        self._futures.append(self._pool.submit(self._run, job, fd, path))
+
+    def close(self, fd: int, path: Path, *, sync: bool = True) -> None:
+        """Take ``fd`` over: fsync it (unless ``sync`` is False: a discarded file), then close.
+
+        The descriptor must not be used by the caller afterwards.
+        """
+
+        def job(fd: int) -> None:
+            try:
+                if sync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        self._futures.append(self._pool.submit(self._run, job, fd, path))
+
+    def join(self) -> None:
+        """Wait for every flush and close handed over so far.
+
+        Raises:
+            OutputError: A flush failed (disk full, I/O error), naming the file.
+        """
+        futures, self._futures = self._futures, []
+        for f in futures:
+            f.result()
+        self._closed = True
+        self._pool.shutdown(wait=True)
+        if self._error is not None:
+            err, path = self._error
+            raise output_error(err, "cannot write", str(path)) from err

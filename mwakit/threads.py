@@ -1,0 +1,67 @@
+"""How many torch threads a merge computes with: one, unless told otherwise.
+
+Streaming merges are memory-bound elementwise work (weighted sums, casts, finiteness checks):
+a second intra-op thread barely helps them on an idle box, and on a busy one it is ruinous. On
+the project's shared 2-core machine (load ≈ 6) a 256 MiB ``torch.isfinite(x).all()`` took
+0.87 s with 1 thread and 1.77 s with 2; a five-way bf16 weighted sum 0.53 s against 1.90 s;
+a cast 0.17 s against 0.34 s. OpenMP workers that wait at a barrier for a descheduled peer
+spin, burning the core the peer needs. Meanwhile mwakit's own second core is busy anyway: the
+reader's read-ahead thread copies (and hashes) the next tensor group while this one computes.
+
+`benchmarks/bench_threads.py` measures these kernels; at load ≈ 10 it gave TIES over five
+2048×5632 task vectors 1.67 s with 1 thread against 19.8 s with 2.
+
+So a merge runs with 1 intra-op thread, which also makes every result independent of the
+machine's core count. ``MWAKIT_THREADS=N`` overrides it (a many-core idle machine re-factorising
+large ΔW with ``delta_rank`` gains from more threads for the SVDs); ``MWAKIT_THREADS=auto``
+keeps torch's own choice. The previous setting is restored afterwards, so a program that calls
+mwakit keeps its own.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from mwakit.errors import UsageError
+
+ENV = "MWAKIT_THREADS"
+DEFAULT = 1
+
+
+def merge_threads() -> int | None:
+    """The intra-op thread count for a merge: ``MWAKIT_THREADS`` or 1; None for ``auto``.
+
+    Raises:
+        UsageError: ``MWAKIT_THREADS`` is neither a whole number ≥ 1 nor ``auto``.
+    """
+    raw = os.environ.get(ENV, "").strip()
+    if not raw:
+        return DEFAULT
+    if raw.lower() == "auto":
+        return None
+    if raw.isdigit() and int(raw) >= 1:
+        return int(raw)
+    raise UsageError(
+        f"{ENV}={raw!r} is not a thread count",
+        where=ENV,
+        fix="set it to a whole number ≥ 1 (e.g. 1) or auto, or unset it",
+    )
+
+
+@contextmanager
+def merge_thread_policy() -> Iterator[int]:
+    """Run the block with `merge_threads` intra-op torch threads; yields the count in use."""
+    import torch
+
+    want = merge_threads()
+    before = torch.get_num_threads()
+    if want is None or want == before:
+        yield before
+        return
+    torch.set_num_threads(want)
+    try:
+        yield want
+    finally:
+        torch.set_num_threads(before)
