@@ -193,7 +193,8 @@ def main() -> int:
         out = t / "out"
         rec = t / "ties.yaml"
         write_recipe(rec, folders, out, a.rank)
-        env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
+        n = str(a.threads)  # MWAKIT_THREADS: the merge's own thread policy (default 1)
+        env = {**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "MWAKIT_THREADS": n}
         stats_file = t / "stats.json"
         cmd = [sys.executable, "-c", CHILD, str(rec), str(stats_file), str(a.threads)]
         t0 = time.perf_counter()
