@@ -256,6 +256,16 @@ def run(
         adapter_side_files(p)
     if on_plan is not None:
         on_plan(p)
+    if r.output.format == "merged":
+        # Bake into the base in one pass: the merged adapter stays in memory, never written.
+        from mwakit.bake import merged_base, run_merged
+
+        base = merged_base(p)  # a missing base fails before any output is created
+        stats = run_merged(
+            p, target, r.output.overwrite, input_paths(p), on_task=on_task, base=base
+        )
+        url = _push(target, dest) if dest is not None else None
+        return RunResult(path=target, plan=p, stats=stats, commit_url=url)
     with (
         atomic_output_dir(target, r.output.overwrite, input_paths(p)) as tmp,
         ThreadPoolExecutor(1) as pool,
@@ -299,7 +309,15 @@ def run(
         text = dump_recipe(resolved)
         (tmp / RESOLVED_RECIPE).write_text(text, encoding="utf-8")
         prints = fingerprints(p, {**assets.result(), **streamed})
-        write_card(p, tmp, text, stats.rel_errors, prints, rerun=resolved.output.path)
+        write_card(
+            p,
+            tmp,
+            text,
+            stats.rel_errors,
+            prints,
+            rerun=resolved.output.path,
+            solvers=stats.solvers,
+        )
         syncer.join()  # every weights file on disk before the folder is renamed into place
     # The upload starts only once the local folder is complete; if it fails, the folder stays
     # and the error says how to retry with `mwakit push`.

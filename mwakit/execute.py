@@ -32,6 +32,7 @@ from mwakit.lowrank import (
     full_factors,
     refactor,
 )
+from mwakit.methods.sparsify import derive_seed
 from mwakit.planner import FullTask, LoraTask, Plan, Task, TensorRef
 from mwakit.threads import merge_thread_policy
 
@@ -47,6 +48,7 @@ class ExecStats:
         bytes_written: Output tensor bytes written.
         device: The compute device.
         rel_errors: Relative Frobenius error of each re-factorised module (delta_rank: N).
+        solvers: How each dense ΔW was re-factorised (`mwakit.lowrank.Refactored.solver`).
         max_live_inputs: The most input tensors held at once (the streaming bound).
         fisher_norms: Global L2 norm of each checkpoint's Fisher (normalize_fisher).
         thresholds: Per-checkpoint magnitude thresholds for whole-model trimming, by task name.
@@ -60,6 +62,7 @@ class ExecStats:
     bytes_written: int = 0
     device: str = "cpu"
     rel_errors: dict[str, float] = field(default_factory=dict)
+    solvers: dict[str, str] = field(default_factory=dict)
     max_live_inputs: int = 0
     fisher_norms: list[float] = field(default_factory=list)
     thresholds: dict[str, list[float]] = field(default_factory=dict)
@@ -260,7 +263,10 @@ def _run_lora(
             ref = full_factors(merged)
         else:
             # No bf16/fp16 SVD exists: factorise in float32 (float64) whatever `dtype` is.
-            ref = dense_refactor(merged, task.rank, compute_dtype=acc)
+            # The sketch is seeded by the module name: same bytes in every run and process.
+            seed = derive_seed(0, f"refactor:{task.module}", 0)
+            ref = dense_refactor(merged, task.rank, compute_dtype=acc, seed=seed)
+            stats.solvers[task.module] = ref.solver
         a, b = ref.A, ref.B
         stats.rel_errors[task.module] = ref.rel_error
         coeffs = [w * s for w, s in zip(task.weights, task.scalings, strict=True)]

@@ -7,14 +7,21 @@ restores the trailing dims on output.
 
 Nothing here forms the out×in matrix except `dense_delta` and `dense_refactor`, which exist for
 task-vector methods (their sparsified ΔW is no longer low rank) and for tests. The math is
-METHODS.md §2.
+METHODS.md §2; the randomized re-factorisation of a dense ΔW is `mwakit.rsvd`.
+
+Thread count: every result here is the same bytes whatever ``torch.get_num_threads()`` is (on
+one machine and library build). The QR and SVD of LAPACK split their work by thread count, so
+they run single-threaded (`serial`); they only ever see small matrices, except the exact SVD of
+a dense ΔW (small modules and the fallback of `mwakit.rsvd`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -27,7 +34,28 @@ __all__ = [
     "dense_refactor",
     "factors_average",
     "refactor",
+    "serial",
 ]
+
+
+@contextmanager
+def serial() -> Iterator[None]:
+    """Run the enclosed torch ops on one intra-op thread, then restore the thread count.
+
+    MKL's LAPACK (QR, SVD, eigh) and reductions split their work by the thread count, and each
+    split rounds differently: with 1 and 2 threads the same QR gives different bits. Inside this
+    block the result depends on the inputs alone (and the CPU's kernels, see README
+    "Reproducibility").
+    """
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _weighted_sum(
@@ -153,12 +181,17 @@ class Refactored:
         B: (out, rank[, 1, 1]); columns beyond the available rank are zero.
         rel_error: ‖M − BA‖_F / ‖M‖_F, in [0, 1]; 0.0 when M = 0.
         rank: The requested rank (the shape, not the numerical rank).
+        solver: How it was computed: ``"qr"`` (QR + small SVD of factors), ``"exact"`` (dense
+            SVD), ``"randomized"`` (sketch certified within 1 % of the optimal error, see
+            `mwakit.rsvd`), ``"fallback"`` (a dense SVD after the sketch was not certified) or
+            ``"none"`` (no SVD: full-rank factors).
     """
 
     A: torch.Tensor
     B: torch.Tensor
     rel_error: float
     rank: int
+    solver: str = "exact"
 
 
 def _check_rank(rank: int) -> None:
@@ -173,16 +206,21 @@ def _split(
     rank: int,
     a_rest: tuple[int, ...],
     b_rest: tuple[int, ...],
+    *,
+    rel: float | None = None,
 ) -> Refactored:
-    """Turn an SVD M = U diag(S) Vᵀ into rank-``rank`` factors with √S split across both."""
+    """Turn an SVD M = U diag(S) Vᵀ into rank-``rank`` factors with √S split across both.
+
+    ``rel`` is the relative error when S is not the whole spectrum (a sketch's truncation).
+    """
     k = min(rank, s.numel())
     # Tail from the discarded values directly (not total − kept, which cancels to noise when
     # the tail is tiny); divide by s_0 first so squaring cannot overflow in float32.
     top = float(s[0]) if s.numel() else 0.0
-    if top > 0.0:
+    if rel is None and top > 0.0:
         sn = s / top
         rel = math.sqrt(float(sn[k:].square().sum()) / float(sn.square().sum()))
-    else:
+    elif rel is None:
         rel = 0.0
     root = s[:k].sqrt()
     b = u[:, :k] * root  # B' = U_r √S_r  (balanced split keeps both factors well scaled)
@@ -251,15 +289,18 @@ def refactor(
     a_rest, b_rest = tuple(A.shape[1:]), tuple(B.shape[2:])
     a2 = A.reshape(A.shape[0], -1).to(compute_dtype)
     b2 = B.reshape(B.shape[0], -1).to(compute_dtype)
-    qb, rb = torch.linalg.qr(b2)  # (out, p), (p, R) with p = min(out, R)
-    qa, ra = torch.linalg.qr(a2.T)  # (in, q), (q, R) with q = min(in, R)
+    with serial():  # Householder QR rounds differently per thread count; R is small anyway
+        qb, rb = torch.linalg.qr(b2)  # (out, p), (p, R) with p = min(out, R)
+        qa, ra = torch.linalg.qr(a2.T)  # (in, q), (q, R) with q = min(in, R)
     core = rb @ ra.T  # (p, q): M = Q_b core Q_aᵀ
     if not bool(torch.isfinite(core).all()):
         return _non_finite(
             rank, (rank, *a_rest), (B.shape[0], rank, *b_rest), compute_dtype, A.device
         )
-    u, s, vh = torch.linalg.svd(core, full_matrices=False)
-    return _split(qb @ u, s, vh @ qa.T, rank, a_rest, b_rest)
+    with serial():
+        u, s, vh = torch.linalg.svd(core, full_matrices=False)
+    ref = _split(qb @ u, s, vh @ qa.T, rank, a_rest, b_rest)
+    return Refactored(ref.A, ref.B, ref.rel_error, rank, "qr")
 
 
 def dense_delta(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -301,41 +342,73 @@ def full_factors(delta: torch.Tensor) -> Refactored:
     err = 0.0 if bool(torch.isfinite(delta).all()) else math.nan
     if full_rank(delta.shape, (out,)) == out:  # ΔW has A's trailing dims; B = I_out, A = ΔW
         eye = torch.eye(out, dtype=delta.dtype, device=delta.device)
-        return Refactored(delta, eye.reshape(out, out, *(1,) * (delta.dim() - 2)), err, out)
+        b = eye.reshape(out, out, *(1,) * (delta.dim() - 2))
+        return Refactored(delta, b, err, out, "none")
     eye = torch.eye(delta.shape[1], dtype=delta.dtype, device=delta.device)
-    return Refactored(eye, delta, err, delta.shape[1])
+    return Refactored(eye, delta, err, delta.shape[1], "none")
 
 
 def dense_refactor(
-    delta: torch.Tensor, rank: int, *, compute_dtype: torch.dtype = torch.float32
+    delta: torch.Tensor,
+    rank: int,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    solver: Literal["auto", "exact"] = "auto",
 ) -> Refactored:
     """Best rank-``rank`` factorisation of a dense update (after TIES/DARE/pruning).
 
-    With the thin SVD ΔW = U S Vᵀ (``full_matrices=False``: the full one would allocate
-    out×out and in×in for nothing), B' = U_r √S_r and A' = √S_r V_rᵀ; error, padding and
-    output shapes as in `refactor`.
+    With an SVD ΔW ≈ U_r S_r V_rᵀ, B' = U_r √S_r and A' = √S_r V_rᵀ; error, padding and output
+    shapes as in `refactor`. Large matrices are factorised from a randomized sketch
+    (`mwakit.rsvd`) whose error is certified within 1 % of the optimal truncation error; when
+    it cannot be certified, and for small matrices, the thin dense SVD is used
+    (``full_matrices=False``: the full one would allocate out×out and in×in for nothing).
 
     Args:
         delta: ΔW, (out, in) or (out, in, kh, kw).
         rank: The output rank r (≥ 1).
         compute_dtype: float32 or float64; the SVD runs in it and the outputs have it.
+        seed: Seeds the sketch's test matrix (derive it from the module name: the result is
+            then a function of ΔW and the name alone).
+        solver: ``"auto"`` (sketch when worth it) or ``"exact"`` (always the dense SVD).
 
     Returns:
-        A' (r, in[, kh, kw]), B' (out, r[, 1, 1]), the relative error and r. A non-finite
-        input gives NaN factors and a NaN error.
+        A' (r, in[, kh, kw]), B' (out, r[, 1, 1]), the relative error, r and the solver used.
+        A non-finite input gives NaN factors and a NaN error.
 
     Raises:
         ValueError: ``rank`` < 1 or ``delta`` has fewer than 2 dims.
     """
+    from mwakit import rsvd
+
     _check_rank(rank)
     if delta.dim() < 2:
         raise ValueError(f"delta must be at least 2-D, got shape {list(delta.shape)}")
     a_rest = tuple(delta.shape[1:])
     b_rest = (1,) * (delta.dim() - 2)  # conv B is (out, r, 1, 1)
     m = delta.reshape(delta.shape[0], -1).to(compute_dtype)
-    if not bool(torch.isfinite(m).all()):
+    # ‖ΔW‖² (float64: no overflow) is NaN/Inf exactly when ΔW is not finite, and the sketch
+    # needs it: one pass instead of a bool tensor from isfinite (several times slower).
+    total = rsvd.sum_squares(m)
+    if not math.isfinite(total):
         return _non_finite(
             rank, (rank, *a_rest), (delta.shape[0], rank, *b_rest), compute_dtype, m.device
         )
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
-    return _split(u, s, vh, rank, a_rest, b_rest)
+    used = "exact"
+    if solver == "auto" and rsvd.worth((m.shape[0], m.shape[1]), rank):
+        attempts = ((rsvd.OVERSAMPLE, rsvd.POWER_ITERS), (3 * rank + 4 * rsvd.OVERSAMPLE, 3))
+        for oversample, iters in attempts:
+            if rank + oversample > min(m.shape) // 2:
+                break  # as wide as half the matrix: the dense SVD is the better buy
+            sk = rsvd.sketch(
+                m, rank, seed=seed, oversample=oversample, power_iters=iters, total=total
+            )
+            if sk.certified:
+                u, s, vh = (t.to(compute_dtype) for t in (sk.u, sk.s, sk.vh))
+                ref = _split(u, s, vh, rank, a_rest, b_rest, rel=sk.rel_error)
+                return Refactored(ref.A, ref.B, ref.rel_error, rank, "randomized")
+        used = "fallback"
+    with serial():  # LAPACK's SVD rounds differently per thread count
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    ref = _split(u, s, vh, rank, a_rest, b_rest)
+    return Refactored(ref.A, ref.B, ref.rel_error, rank, used)

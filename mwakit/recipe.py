@@ -198,6 +198,9 @@ class Output(_Strict):
     """Full models: the largest output shard, units spelled out ("500MB", "5GB", "2GiB")."""
     hub: HubTarget | None = None
     """Upload the output folder to the Hub after a successful write (``--no-push`` skips)."""
+    format: Literal["adapter", "merged"] = "adapter"
+    """adapter: the merged LoRA adapter; merged: that adapter baked into its base model (a full
+    model for serving: sharded safetensors, config, tokenizer), streamed, in one pass."""
 
     @field_validator("shard_size")
     @classmethod

@@ -54,13 +54,18 @@ def checked_plan(recipe: Recipe, *, source: str | None = None) -> Plan:
     try:
         if specs is None:
             col.raise_if_any(source)  # nothing to plan: the run could not be listed
-        return build_plan(
+        plan = build_plan(
             recipe,
             checkpoints,
             base,
             problems=col,
             expected=None if specs is None else len(specs),
         )
+        if recipe.output.format == "merged":
+            from mwakit.bake import merged_base
+
+            merged_base(plan)  # the base to bake into exists (and this is an adapter merge)
+        return plan
     except RecipeError as err:
         if err.source is None and source is not None:
             raise RecipeError(err.problems, source=source) from err

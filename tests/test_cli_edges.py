@@ -89,12 +89,15 @@ def _one_line(res: Result) -> str:
 
 def test_set_changes_plan_run_and_validate(project: Path, tmp_path: Path) -> None:
     r = _recipe(tmp_path, project / "run")
-    res = _invoke("plan", "--json", str(r), "--set", "params.penalty=2", "--set", "select.last=2")
+    # loss_window=1: the loss logged at each checkpoint (the default averages the interval).
+    sets = ["--set", "params.penalty=2", "--set", "select.last=2", "--set", "loss_window=1"]
+    res = _invoke("plan", "--json", str(r), *sets)
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert doc["params"]["penalty"] == 2.0  # a YAML number, not the string "2"
     assert [c["step"] for c in doc["checkpoints"]] == [20, 30]
-    # power transform, p = 2, q = 1/loss: w ∝ (1/0.8)² : (1/0.5)² = 1.5625 : 4.
+    # power transform, p = 2, q = 1/loss (the loss logged at the step, loss_window 1):
+    # w ∝ (1/0.8)² : (1/0.5)² = 1.5625 : 4.
     assert doc["checkpoints"][1]["weight"] == pytest.approx(4 / 5.5625, abs=1e-12)
     res = _invoke("validate", str(r), "--set", "select.last=1")
     assert res.exit_code == 0 and "1 adapter," in res.stdout, res.output
@@ -136,6 +139,16 @@ def test_malformed_set_is_a_usage_error(
     res = _invoke("plan", str(r), "--set", item)
     assert res.exit_code == 2
     assert message in _one_line(res)
+
+
+def test_tune_takes_set_and_checks_it_before_any_data(project: Path, tmp_path: Path) -> None:
+    r = _recipe(tmp_path, project / "run")
+    data = str(tmp_path / "never-read.jsonl")
+    res = _invoke("tune", str(r), "--data", data, "--set", "params.penalty=-1")
+    assert res.exit_code == 1
+    assert "--set params.penalty: Input should be greater than or equal to 0" in _one_line(res)
+    res = _invoke("tune", str(r), "--data", data, "--set", "penalty")
+    assert res.exit_code == 2 and "is not KEY=VALUE" in _one_line(res)
 
 
 def test_set_indexes_lists_and_creates_blocks(tmp_path: Path) -> None:

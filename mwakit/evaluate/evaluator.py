@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mwakit.errors import DataError, SourceError
+from mwakit.errors import DataError, SourceError, UsageError
 from mwakit.evaluate import metrics as M
 from mwakit.evaluate.data import Row
 from mwakit.evaluate.model import LoadedModel, quiet, resolve_model_folder
@@ -118,6 +118,12 @@ class Evaluator:
         from mwakit.execute import resolve_device
 
         self.metrics = M.parse_metrics(metrics)
+        if dtype not in ("float32", "bfloat16", "float16", "float64"):
+            raise UsageError(
+                f"unknown dtype {dtype!r}",
+                where="dtype",
+                fix="use float32, bfloat16, float16 or float64",
+            )
         self.device = resolve_device(device)
         self.batch_tokens = max(1, int(batch_tokens))
         folder = resolve_model_folder(base)
@@ -126,6 +132,12 @@ class Evaluator:
             tok_folder = _tokenizer_folder(tokenizer)
         elif tokenizer_fallback is not None and not _has_tokenizer(folder):
             tok_folder = _tokenizer_folder(tokenizer_fallback)
+            if not _has_tokenizer(tok_folder):
+                raise SourceError(
+                    f"no tokenizer files here, nor in {tok_folder}",
+                    where=str(folder),
+                    fix="save the tokenizer into the base folder, or pass --tokenizer FOLDER",
+                )
         else:
             tok_folder = folder
         self.tokenizer = _load_tokenizer(tok_folder)

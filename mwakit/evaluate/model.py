@@ -81,7 +81,8 @@ def quiet() -> Iterator[None]:
 
 def _structure(adapter: MergedAdapter) -> str:
     cfg = {k: v for k, v in adapter.adapter_config.items() if k not in _INERT}
-    shapes = sorted((k, tuple(t.shape), str(t.dtype)) for k, t in adapter.tensors.items())
+    # Not the dtypes: copying into the slot casts (a bfloat16 merge fits a float32 slot).
+    shapes = sorted((k, tuple(t.shape)) for k, t in adapter.tensors.items())
     return json.dumps([cfg, shapes], sort_keys=True, default=str)
 
 
@@ -113,6 +114,9 @@ class LoadedModel:
         self.base: Any = loaded.to(device).eval().requires_grad_(False)
         self.peft: Any = None  # the PeftModel around `base`, once an adapter was scored
         self._structure: str | None = None
+        self._keys: frozenset[str] | None = None  # the adapter slot's tensor names
+        self._slots: dict[str, torch.Tensor] = {}  # by name, the slot's tensors
+        self._direct = False  # the slots are the parameters' own storage
         self._pristine: dict[str, torch.Tensor] | None = None  # base weights, after a full merge
         self.swaps = 0
         self.rebuilds = 0
@@ -160,7 +164,7 @@ class LoadedModel:
                 parent = self.peft.base_model.model.get_submodule(parent_name)
                 setattr(parent, child, m.original_module)
         self.base = self.peft.unload()  # drops the LoRA layers; their base layers stay
-        self.peft, self._structure = None, None
+        self.peft, self._structure, self._keys = None, None, None
         return self.base
 
     def _swap(self, adapter: MergedAdapter) -> None:
@@ -173,9 +177,14 @@ class LoadedModel:
             with quiet():
                 self.peft = get_peft_model(self.base, _lora_config(adapter.adapter_config))
             self.peft.to(self.device).eval().requires_grad_(False)
-            self._structure = structure
+            self._structure, self._keys = structure, None
             self.rebuilds += 1
-        expected = set(_adapter_keys(self.peft))
+        if self._keys is None:
+            self._slots = _live_slots(self.peft)
+            self._keys = frozenset(self._slots)
+            live = {p.data_ptr() for p in self.peft.parameters()}
+            self._direct = all(t.data_ptr() in live for t in self._slots.values())
+        expected = self._keys
         given = set(adapter.tensors)
         if expected != given:
             # A key the model has but the candidate lacks would keep a previous candidate's
@@ -188,15 +197,23 @@ class LoadedModel:
                 where=str(self.folder),
                 fix="evaluate the adapter with the base model it was trained on",
             )
-        tensors = {k: v.to(self.device, self.dtype) for k, v in adapter.tensors.items()}
-        try:
-            set_peft_model_state_dict(self.peft, tensors)
-        except RuntimeError as err:  # a shape mismatch against an existing module
-            raise PlanError(
-                f"the adapter's tensors do not fit the model: {str(err).splitlines()[0]}",
-                where=str(self.folder),
-                fix="evaluate the adapter with the base model it was trained on",
-            ) from err
+        for k, v in adapter.tensors.items():
+            if tuple(v.shape) != tuple(self._slots[k].shape):
+                raise PlanError(
+                    f"the adapter's {k} is {tuple(v.shape)}, the model's "
+                    f"{tuple(self._slots[k].shape)}",
+                    where=str(self.folder),
+                    fix="evaluate the adapter with the base model it was trained on",
+                )
+        if self._direct:
+            # The slots share storage with the LoRA parameters: copying into them is the swap
+            # (with the cast to the model's dtype and device), no state-dict round trip.
+            for k, v in adapter.tensors.items():
+                self._slots[k].copy_(v)
+        else:
+            set_peft_model_state_dict(
+                self.peft, {k: v.to(self.device, self.dtype) for k, v in adapter.tensors.items()}
+            )
         self.swaps += 1
 
     def _load_full(self, adapter: MergedAdapter) -> None:
@@ -232,10 +249,11 @@ class LoadedModel:
         self._pristine = None
 
 
-def _adapter_keys(peft_model: Any) -> list[str]:
+def _live_slots(peft_model: Any) -> dict[str, torch.Tensor]:
+    """The adapter's tensors by the names its file uses (PEFT's own save mapping)."""
     from peft import get_peft_model_state_dict
 
-    return list(get_peft_model_state_dict(peft_model, save_embedding_layers=False))
+    return dict(get_peft_model_state_dict(peft_model, save_embedding_layers=False))
 
 
 def _lora_config(cfg: dict[str, Any]) -> Any:

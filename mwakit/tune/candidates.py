@@ -29,6 +29,7 @@ TIER = {
     "uniform": 0,
     "last_k": 0,
     "mwa": 1,
+    "recipe": 1,
     "greedy": 2,
     "weights": 3,
     "groups": 4,
@@ -67,6 +68,9 @@ class Space:
     metric: str = "loss"
     higher_is_better: bool = False
     metrics: Mapping[int | str, tuple[dict[str, float], ...]] = field(default_factory=dict)
+    given: dict[str, Any] | None = None
+    """The recipe as given, resolved (explicit checkpoints, the metrics it read), for the
+    ``recipe`` candidate."""
 
     @property
     def n(self) -> int:
@@ -92,7 +96,7 @@ class Candidate:
 
     Attributes:
         name: A short human label (``mwa power p=2.1``, ``last 5``, ``greedy soup (4)``).
-        kind: A `TIER` key: what sort of merge this is.
+        kind: A `TIER` key: what sort of merge this is (``recipe``: the recipe as given).
         search: The search (or ``baseline``) that proposed it.
         members: Indices of the checkpoints merged (the others get weight 0 and are left out
             of the recipe).
@@ -101,6 +105,8 @@ class Candidate:
         transform: MWA transform.
         loss_window: MWA loss window (None: the recipe's).
         group_penalties: Per-module-group MWA penalties (glob, penalty), as ``rules:``.
+        layer_penalties: An MWA penalty per layer depth (first layer … last layer, a
+            per-layer list interpolated over depth); replaces ``penalty`` in the recipe.
     """
 
     name: str
@@ -112,6 +118,7 @@ class Candidate:
     transform: Transform = "power"
     loss_window: int | str | None = None
     group_penalties: tuple[tuple[str, float], ...] = ()
+    layer_penalties: tuple[float, ...] = ()
 
     @property
     def tier(self) -> int:
@@ -125,6 +132,8 @@ class Candidate:
         set ``method: mwa``; the others are ``method: linear`` with explicit weights (none
         when uniform, linear's default).
         """
+        if self.kind == "recipe" and space.given is not None:
+            return copy.deepcopy(space.given)
         data = {k: copy.deepcopy(v) for k, v in space.base.items() if k not in _OWNED}
         cks = []
         for j, i in enumerate(self.members):
@@ -137,7 +146,7 @@ class Candidate:
         else:
             params: dict[str, Any] = {
                 "metric": space.metric,
-                "penalty": self.penalty,
+                "penalty": list(self.layer_penalties) if self.layer_penalties else self.penalty,
                 "transform": self.transform,
                 "higher_is_better": space.higher_is_better,
             }
@@ -165,6 +174,8 @@ class Candidate:
             ValueError: The space has no values of its MWA metric.
         """
         out = [0.0] * space.n
+        if self.kind == "recipe":
+            raise ValueError("the recipe as given weighs by its own method")
         if self.penalty is None:
             raw = list(self.weights) if self.weights is not None else [1.0] * len(self.members)
             total = math.fsum(raw)

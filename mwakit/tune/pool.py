@@ -11,6 +11,7 @@ raised in the driver as if scored here.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -90,13 +91,28 @@ class InProcess:
         self._scorer = None
 
 
-def _worker_main(conn: Any, spec: ScorerSpec) -> None:
-    """A local worker: build the scorer, then score what the driver sends until None."""
+def _worker_main(conn: Any, spec: ScorerSpec, threads: int = 0) -> None:
+    """A local worker: build the scorer, then score what the driver sends until None.
+
+    ``threads`` (> 0) caps the worker's math threads, so N workers share the cores instead
+    of each starting one thread per core.
+    """
+    import signal
+    import sys
+
+    if threads > 0:
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # read when torch is first imported
+
+    # Ctrl-C reaches the whole process group: the driver stops the workers itself, so a
+    # worker must not die printing a KeyboardInterrupt traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         scorer = spec.build()
     except BaseException as err:
         conn.send(("init", "err", _pack(err)))
         return
+    if threads > 0 and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
     conn.send(("init", "ok", None))
     while True:
         job = conn.recv()
@@ -122,7 +138,8 @@ class LocalWorkers:
 
     def _start(self) -> tuple[Any, Any]:
         parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_worker_main, args=(child, self.spec), daemon=True)
+        threads = max(1, (os.cpu_count() or 1) // self.n)
+        proc = self._ctx.Process(target=_worker_main, args=(child, self.spec, threads), daemon=True)
         proc.start()
         child.close()
         return proc, parent
@@ -239,7 +256,8 @@ class RayWorkers:
                 fix="pip install 'mwakit[ray]'",
             ) from err
         self.ray = ray
-        if not ray.is_initialized():
+        self._started = not ray.is_initialized()
+        if self._started:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         self.n = n or max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.spec = spec
@@ -281,11 +299,13 @@ class RayWorkers:
             yield job, payload
 
     def close(self) -> None:
-        """Stop the actors (the cluster stays up)."""
+        """Stop the actors; disconnect from Ray if this pool connected."""
         for a in self._actors:
             with contextlib.suppress(Exception):
                 self.ray.kill(a)
         self._actors = []
+        if self._started:  # a connection (or a local cluster) this pool opened: close it
+            self.ray.shutdown()
 
 
 def make_pool(spec: ScorerSpec, workers: int = 0, ray: str | bool | None = None) -> Pool:

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from mwakit import __version__
-from mwakit.errors import MetricError, UsageError
+from mwakit.errors import MetricError, OutputError, UsageError
 from mwakit.recipe import Recipe, load_recipe
 from mwakit.trainer_state import LossWindow
 from mwakit.tune import searches as S
@@ -90,6 +90,8 @@ class TuneResult:
         out: Where ``best.yaml`` was written, if anywhere.
         plot: Where the plot was drawn, if anywhere.
         resumed: Trials read back from the trial log instead of scored.
+        given: The recipe as given (its own method and params), scored on VAL for reference
+            (and eligible for the choice as an MWA-tier candidate).
     """
 
     metric: str
@@ -103,6 +105,7 @@ class TuneResult:
     out: Path | None = None
     plot: Path | None = None
     resumed: int = 0
+    given: Entry | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` document: baselines, best (with its recipe), searches, trials."""
@@ -112,6 +115,7 @@ class TuneResult:
             "baselines": {k: e.to_json() for k, e in self.baselines.items()},
             "best": {**self.best.to_json(), "reason": self.reason, "recipe": self.recipe},
             "searches": {k: e.to_json() for k, e in self.searches.items()},
+            "given": None if self.given is None else self.given.to_json(),
             "trials": [t.to_json() for t in self.trials],
             "out": None if self.out is None else str(self.out),
             "plot": None if self.plot is None else str(self.plot),
@@ -123,6 +127,7 @@ class TuneResult:
         the paired VAL gain over uniform, TEST ± SE (baselines and chosen only)."""
         uni = self.baselines["uniform"].val
         rows = [("baseline: " + k, e) for k, e in self.baselines.items()]
+        rows += [("recipe as given", self.given)] if self.given is not None else []
         rows += [(f"{k}: best", e) for k, e in self.searches.items()]
         rows.append(("chosen", self.best))
         head = ["", "candidate", f"VAL {self.metric}", "vs uniform", f"TEST {self.metric}"]
@@ -214,6 +219,7 @@ def build_space(recipe: Recipe) -> Space:
         MwakitError: The recipe cannot be planned (as `mwakit plan` says).
         UsageError: Fewer than two checkpoints.
     """
+    from mwakit.card import resolved_recipe
     from mwakit.trainer_state import read_metrics
     from mwakit.validate import checked_plan
     from mwakit.weights import metric_direction
@@ -266,7 +272,18 @@ def build_space(recipe: Recipe) -> Space:
         metric=metric,
         higher_is_better=bool(higher),
         metrics=windows if higher is not None else {},
+        given=_given(resolved_recipe(plan)),
     )
+
+
+def _given(r: Recipe) -> dict[str, Any]:
+    """The recipe as run (absolute checkpoints: a Ray actor runs elsewhere), minus its
+    tuning block."""
+    data = r.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+    data = {"method": r.method, **data}  # said even when it is the default
+    data["output"] = r.output.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+    data.pop("tuning", None)
+    return data
 
 
 class _Tuner:
@@ -343,7 +360,10 @@ def _searches(names: Sequence[str] | str) -> list[str]:
             where="--search",
             fix=f"use one or more of {', '.join(S.SEARCHES)}, comma-separated",
         )
-    return list(dict.fromkeys(items))
+    # weights starts from the best MWA solution and groups varies it: both need penalty's.
+    if {"weights", "groups"} & set(items):
+        items.append("penalty")
+    return [name for name in S.SEARCHES if name in items]  # prerequisites first
 
 
 def _direction(metric: str) -> int:
@@ -382,7 +402,8 @@ def tune(
         base: The base model (default: the adapters' ``base_model_name_or_path``).
         metric: The metric to score by (``loss``, ``exact_match``, ``accuracy``, …).
         searches: Any of ``penalty``, ``last``, ``greedy``, ``weights``, ``groups`` (a list or
-            a comma-separated string); the baselines are always scored.
+            a comma-separated string), run in that order; ``weights`` and ``groups`` bring
+            ``penalty`` (they start from its best). The baselines are always scored.
         budget: The most candidates each search scores (the baselines are not counted).
         out: Where to write the chosen recipe (``best.yaml``); None writes nothing.
         trial_log: A JSONL trial log: scores already in it are reused (resume), new ones
@@ -422,7 +443,13 @@ def tune(
         if base is None:
             base = _default_base(r)
     direction = _direction(metric)
-    files = {"val": str(val_path), **({"test": str(test_path)} if test_path else {})}
+    if out is not None:
+        _check_out(Path(out))
+    # Absolute paths: a Ray actor runs in a folder of its own.
+    base, tokenizer = _absolute(base), _absolute(tokenizer)
+    files = {"val": str(val_path.resolve())}
+    if test_path is not None:
+        files["test"] = str(test_path.resolve())
     context = {
         "checkpoints": [s["path"] for s in space.specs],
         "data": {k: sha256_of(Path(p)) for k, p in files.items()},
@@ -450,18 +477,26 @@ def tune(
     out_path = None if out is None else Path(out)
     if out_path is not None:
         text = yaml.safe_dump(chosen, sort_keys=False, allow_unicode=True)
-        _atomic_write(out_path, text)
+        try:
+            _atomic_write(out_path, text)
+        except OSError as err:
+            raise OutputError(
+                f"cannot write the chosen recipe: {err.strerror or err}",
+                where=str(out_path),
+                fix="write it into a folder you can write to (--out PATH)",
+            ) from err
     plot_path = _plot_path(plot, out_path)
     if plot_path is not None:
         from mwakit.tune.plot import draw
 
         draw(plot_path, tuner, result[0], space)
-    choice, baselines, best_of, best_entry = result
+    choice, baselines, best_of, best_entry, given = result
     return TuneResult(
         metric=metric,
         direction=direction,
         baselines=baselines,
         searches=best_of,
+        given=given,
         best=best_entry,
         reason=choice.reason,
         trials=list(log),
@@ -470,6 +505,26 @@ def tune(
         plot=plot_path,
         resumed=log.resumed,
     )
+
+
+def _absolute(p: str | Path | None) -> str | None:
+    """A local path made absolute; an ``hf://`` reference (or None) as it is."""
+    if p is None or str(p).startswith("hf://"):
+        return None if p is None else str(p)
+    return str(Path(p).resolve())
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an --out that cannot be a file before any candidate is scored."""
+    if out.is_dir():
+        raise OutputError(
+            "--out is a folder", where=str(out), fix="give a file name, e.g. best.yaml"
+        )
+    parent = next((p for p in out.resolve().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise OutputError(
+            f"{parent} is a file, not a folder", where=str(out), fix="write --out elsewhere"
+        )
 
 
 def _plot_path(plot: str | Path | bool | None, out: Path | None) -> Path | None:
@@ -494,6 +549,9 @@ def _default_base(r: Recipe) -> str:
     )
 
 
+_Outcome = tuple[Choice, dict[str, Entry], dict[str, Entry], Entry, Entry]
+
+
 def _need_cmaes() -> None:
     try:
         import cmaes  # noqa: F401
@@ -505,12 +563,12 @@ def _need_cmaes() -> None:
         ) from err
 
 
-def _run(
-    t: _Tuner, names: Sequence[str], budget: int, with_test: bool, seed: int
-) -> tuple[Choice, dict[str, Entry], dict[str, Entry], Entry]:
+def _run(t: _Tuner, names: Sequence[str], budget: int, with_test: bool, seed: int) -> _Outcome:
     space = t.space
     base = S.baselines(space, t.evaluate)
     singles = [base[f"single:{i}"][1] for i in range(space.n)]
+    given = Candidate("recipe as given", "recipe", "baseline", tuple(range(space.n)))
+    t.evaluate([given])
     tried: S.Tried = []
     per_search: dict[str, S.Tried] = {}
     for name in names:
@@ -553,11 +611,12 @@ def _run(
         if got:
             c, _ = S.best(got)
             best_of[name] = entry(c, tests[3] if t.key(c) == t.key(choice.candidate) else None)
-    return choice, baselines, best_of, entry(choice.candidate, tests[3])
+    given_entry = entry(given, tests[3] if t.key(given) == t.key(choice.candidate) else None)
+    return choice, baselines, best_of, entry(choice.candidate, tests[3]), given_entry
 
 
 def _with_tuning(
-    result: tuple[Choice, dict[str, Entry], dict[str, Entry], Entry],
+    result: _Outcome,
     space: Space,
     r: Recipe,
     files: Mapping[str, str],
@@ -565,7 +624,7 @@ def _with_tuning(
     base: str | Path | None,
 ) -> dict[str, Any]:
     """The chosen recipe with its ``tuning:`` block (what the card's Tuning section shows)."""
-    choice, baselines, _, best = result
+    choice, baselines, _, best, _ = result
     recipe = dict(best.recipe)
     data = {}
     for split, p in files.items():

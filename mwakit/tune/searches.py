@@ -14,7 +14,8 @@ returns every (candidate, goodness) it tried.
   add a checkpoint to the soup when that improves VAL (skip it otherwise).
 - `weights_search`: free weights on the simplex (softmax of an unconstrained vector) by CMA-ES
   (the ``cmaes`` library), started from the best MWA solution, as in arXiv 2412.04144.
-- `groups_search`: separate MWA penalties for attention and MLP modules (``rules:``).
+- `groups_search`: MWA penalties per layer depth (a per-layer list) and per module group,
+  attention vs MLP (``rules:``).
 """
 
 from __future__ import annotations
@@ -259,12 +260,30 @@ def _softmax(z: Sequence[float]) -> list[float]:
 
 
 def groups_search(space: Space, evaluate: Evaluate, budget: int, top: Candidate) -> Tried:
-    """Separate penalties for attention and MLP modules around the best MWA candidate:
-    each group's penalty on the grid ×(1/3, 1, 3) of the top one, the others fixed."""
+    """Penalties per module group and per layer depth around the best MWA candidate: first
+    a penalty rising or falling over depth (first layer p/3 → last 3p, and back), then
+    separate penalties for attention and MLP modules, each on ×(1/3, 1, 3) of the top one."""
     if top.penalty is None:
         return []
     factors = (1 / 3, 1.0, 3.0)
     cands = []
+    for lo, hi in ((1 / 3, 3.0), (3.0, 1 / 3)):
+        ps = (round_sig(top.penalty * lo, 4), round_sig(top.penalty * hi, 4))
+        if top.transform == "rank" and max(ps) > 1:
+            continue
+        cands.append(
+            Candidate(
+                f"{top.name} layers {ps[0]:g}→{ps[1]:g}",
+                "groups",
+                "groups",
+                top.members,
+                None,
+                top.penalty,
+                top.transform,
+                top.loss_window,
+                layer_penalties=ps,
+            )
+        )
     for fa in factors:
         for fm in factors:
             if fa == fm == 1.0:

@@ -74,9 +74,12 @@ def choose(scored: Sequence[tuple[Candidate, Score]], direction: int) -> Choice:
     """
     if not scored:
         raise ValueError("no candidate was scored")
-    order = sorted(
-        range(len(scored)), key=lambda i: (-direction * scored[i][1].value, scored[i][0].tier, i)
-    )
+
+    def badness(i: int) -> float:
+        v = scored[i][1].value
+        return -direction * v if math.isfinite(v) else math.inf  # a diverged merge: last
+
+    order = sorted(range(len(scored)), key=lambda i: (badness(i), scored[i][0].tier, i))
     win, win_score = scored[order[0]]
     for tier in range(win.tier):
         in_tier = [i for i in order if scored[i][0].tier == tier]

@@ -130,13 +130,21 @@ class TrialLog:
         self.context = json.loads(json.dumps(dict(context), sort_keys=True, default=str))
         self.trials: dict[tuple[str, str], Trial] = {}
         self.resumed = 0
-        if self.path is not None and self.path.is_file() and self.path.stat().st_size:
-            self._read(self.path)
-            self.resumed = len(self.trials)
-        elif self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            header = {"mwakit_tune": FORMAT, "context": self.context}
-            self._append(header)
+        try:
+            if self.path is not None and self.path.is_file() and self.path.stat().st_size:
+                self._read(self.path)
+                self.resumed = len(self.trials)
+            elif self.path is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                header = {"mwakit_tune": FORMAT, "context": self.context}
+                self._append(header)
+        except (OSError, UnicodeDecodeError) as err:
+            why = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+            raise UsageError(
+                f"cannot use the trial log: {why or err}",
+                where=str(self.path),
+                fix="give --trial-log a file you can read and write",
+            ) from err
 
     def _read(self, path: Path) -> None:
         where = str(path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,7 @@ def bigram_logits(seed: int = 0) -> torch.Tensor:
     logits[:, EOS] = logits.min() - 1  # EOS only after `ENDERS`
     for i in ENDERS:
         logits[i, EOS] = logits[i].max() + 1
+    logits[5, ENDERS[0]] = logits[5].max() + 1  # an assistant turn's greedy answer: w100 </s>
     return logits
 
 
@@ -114,3 +116,13 @@ def bigram_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bigram") / "base"
     model.save_pretrained(out, safe_serialization=True)
     return save_tokenizer(out)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread: the matrices are tiny, and thread hand-offs on a shared 2-core box
+    cost far more than the math (see examples/make_run.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

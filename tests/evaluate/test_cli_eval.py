@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner, Result
 
@@ -148,3 +149,65 @@ def test_missing_data_and_target(run_dir: Path, tmp_path: Path) -> None:
     res = _invoke("eval", str(tmp_path), "--data", str(data))
     assert res.exit_code == 1
     assert "not an adapter folder, a model folder or a recipe file" in res.stderr
+
+
+def test_tokenizer_from_the_adapter_folder(
+    run_dir: Path, tiny_base: Path, tok_base: Path, tmp_path: Path
+) -> None:
+    from .conftest import save_tokenizer
+
+    ck = tmp_path / "ck"
+    shutil.copytree(run_dir / "checkpoint-10", ck)
+    save_tokenizer(ck)  # as mwakit run copies it into an adapter output
+    data = _jsonl(tmp_path / "d.jsonl", ROWS[1:2])
+    res = _invoke("eval", str(ck), "--data", str(data), "--base", str(tiny_base), "--json")
+    assert res.exit_code == 0, res.output
+    with_tok = _invoke("eval", str(ck), "--data", str(data), "--base", str(tok_base), "--json")
+    assert json.loads(res.stdout)["metrics"] == json.loads(with_tok.stdout)["metrics"]
+    # Neither has one: the message says where to put it.
+    shutil.rmtree(ck)
+    shutil.copytree(run_dir / "checkpoint-10", ck)
+    res = _invoke("eval", str(ck), "--data", str(data), "--base", str(tiny_base))
+    assert res.exit_code == 1
+    assert res.stderr.startswith(
+        f"error: {tiny_base}: no tokenizer files here, nor in {ck} — fix: save the tokenizer"
+    )
+
+
+def test_full_model_recipe(tok_base: Path, tmp_path: Path) -> None:
+    """A full-model recipe is merged in memory and loaded into its base_model."""
+    from transformers import AutoModelForCausalLM
+
+    folders = []
+    for i in range(2):
+        m = AutoModelForCausalLM.from_pretrained(tok_base)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.mul_(1.0 + 0.1 * (i + 1))
+        m.save_pretrained(tmp_path / f"m{i}")
+        folders.append(str(tmp_path / f"m{i}"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "method": "linear",
+                "checkpoints": [{"path": f, "weight": 1.0} for f in folders],
+                "base_model": str(tok_base),
+                "output": {"path": str(tmp_path / "out")},
+            }
+        )
+    )
+    data = _jsonl(tmp_path / "d.jsonl", ROWS[1:2])
+    got = evaluate(recipe, data=data)
+    # The linear average of θ·1.1 and θ·1.2 is θ·1.15: score that model directly.
+    m = AutoModelForCausalLM.from_pretrained(tok_base)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(1.15)
+    m.save_pretrained(tmp_path / "avg")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok_base / f, tmp_path / "avg" / f)
+    want = evaluate(tmp_path / "avg", data=data)
+    assert got.base == str(tok_base)
+    assert got.metrics["loss"] == pytest.approx(want.metrics["loss"], abs=1e-5)
+    assert not (tmp_path / "out").exists()

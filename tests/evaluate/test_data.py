@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,3 +50,14 @@ def test_label_must_be_an_int_not_a_bool(tmp_path: Path) -> None:
     f.write_text('{"prompt": "P", "choices": ["x", "y"], "label": true}\n')
     with pytest.raises(DataError, match=r"d.jsonl:1: \"label\" must be an index"):
         load_rows(f)
+
+
+def test_the_api_imports_light() -> None:
+    # tune imports these at start-up: torch, transformers and peft wait for an Evaluator.
+    code = (
+        "import sys, mwakit.evaluate, mwakit.memory\n"
+        "from mwakit.evaluate import load_rows, metric_direction, parse_metrics\n"
+        "heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -19,7 +19,7 @@ from mwakit.evaluate.target import resolve_target
 from ..conftest import MakeAdapter
 from .conftest import save_tokenizer, word
 
-PROMPTS = [[6 + (7 * i + 3 * j) % 90 for j in range(2 + i % 3)] for i in range(8)]
+PROMPTS = [[6 + (7 * i + 3 * j) % 90 for j in range(2 + i % 3)] for i in range(6)]
 
 
 def _greedy(model: object, ids: list[int], n: int, eos: int | None) -> list[int]:

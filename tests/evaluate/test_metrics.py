@@ -146,6 +146,23 @@ def test_exact_match_without_eos_generates(ev: Evaluator, tmp_path: Path) -> Non
     assert texts == [_words(chain[1:])] * 2
 
 
+def test_exact_match_on_messages_scores_the_last_assistant_turn(
+    ev: Evaluator, tmp_path: Path
+) -> None:
+    def chat(answer: str) -> dict[str, Any]:
+        turns = [("user", "w7"), ("assistant", "w9"), ("user", "w8"), ("assistant", answer)]
+        return {"messages": [{"role": r, "content": c} for r, c in turns]}
+
+    # After <|assistant|> the argmax is w100, after w100 it is </s>: greedy answers "w100".
+    rows = load_rows(_jsonl(tmp_path / "d.jsonl", [chat("w100"), chat("w101"), chat("w100 w6")]))
+    ev.metrics = ["exact_match"]
+    seqs = ev.encode(rows)
+    assert all(s.eos_terminated for s in seqs)
+    assert seqs[0].answer is not None
+    assert seqs[0].ids[seqs[0].answer[0] : seqs[0].answer[1]] == (100, EOS)
+    assert ev.score(rows).per_row["exact_match"] == [1.0, 0.0, 0.0]
+
+
 def test_plugin_metric_and_directions(
     ev: Evaluator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -84,6 +84,8 @@ def test_swaps_equal_fresh_loads(tok_base: Path, adapters: dict[str, Path], rows
     for name in order:
         adapter = None if name is None else resolve_target(adapters[name], tok_base).adapter
         got[name] = ev.score(rows, adapter).metrics["loss"]
+        # LoRA, modules_to_save and DoRA tensors alike: copied into the parameters directly.
+        assert name is None or ev.model._direct, name
     for name in dict.fromkeys(order):
         want = _reference_loss(tok_base, None if name is None else adapters[name])
         assert got[name] == pytest.approx(want, abs=1e-6), name

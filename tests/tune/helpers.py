@@ -39,7 +39,7 @@ class CrashOnce(HashScorer):
         self.marker = Path(marker)
 
     def score(self, recipe: Mapping[str, Any], split: str) -> Score:
-        if recipe["method"] == "linear" and len(recipe["checkpoints"]) == 2:
+        if recipe.get("method") == "linear" and len(recipe["checkpoints"]) == 2:
             try:
                 fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:

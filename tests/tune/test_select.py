@@ -58,6 +58,10 @@ def test_higher_is_better_and_ties_go_to_the_simpler() -> None:
     assert ch.candidate.name == "u" and ch.winner.name == "u"
     with pytest.raises(ValueError):
         choose([], 1)
+    # A diverged candidate (NaN) never wins, whatever the direction.
+    nan = Score(math.nan, (math.nan, math.nan))
+    for d in (1, -1):
+        assert choose([(_c("w", "weights"), nan), (_c("u", "uniform"), a)], d).winner.name == "u"
 
 
 def _trial(key: str, v: float, split: str = "val") -> Trial:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 
 import mwakit
 from mwakit.cli import main
-from mwakit.errors import UsageError
+from mwakit.errors import OutputError, UsageError
 from mwakit.evaluate import Evaluator, load_rows
 from mwakit.memory import MergedAdapter, merge_in_memory
 from mwakit.recipe import load_recipe
@@ -44,8 +45,12 @@ def test_tune_chooses_and_best_yaml_reproduces_the_scored_candidate(
     assert set(res.baselines) == {"last", "best_single", "uniform"}
     assert res.baselines["last"].name == "checkpoint-25"
     assert set(res.searches) == {"penalty", "last", "greedy", "weights", "groups"}
+    # The recipe as written (MWA p = 1) is scored too, with its checkpoints made absolute.
+    assert res.given is not None and res.given.recipe["params"]["penalty"] == 1.0
+    assert all(Path(c["path"]).is_absolute() for c in res.given.recipe["checkpoints"])
     groups = [t for t in res.trials if t.kind == "groups"]
-    assert groups and all(t.recipe["rules"][0]["match"] == "*self_attn*" for t in groups)
+    assert any(isinstance(t.recipe["params"]["penalty"], list) for t in groups)
+    assert any(t.recipe.get("rules", [{}])[0].get("match") == "*self_attn*" for t in groups)
     assert all(e.test is not None for e in res.baselines.values()) and res.best.test is not None
     # TEST only for the baselines and the chosen one: at most 4 test trials.
     tests = [t for t in res.trials if t.split == "test"]
@@ -176,3 +181,31 @@ def test_cli_tune_missing_data_and_one_checkpoint(
     one = str(write_recipe(tmp_path, tune_run, select={"run": str(tune_run), "last": 1}))
     got, out = _invoke("tune", one, "--data", str(val_test[0]))
     assert got == 2 and out.count("\n") == 1 and "at least 2 checkpoints" in out, out
+
+
+def test_unusable_out_and_trial_log(
+    tune_run: Path, tune_base: Path, val_test: tuple[Path, Path], tmp_path: Path
+) -> None:
+    rec = str(write_recipe(tmp_path, tune_run))
+    args = ["tune", rec, "--data", str(val_test[0]), "--base", str(tune_base)]
+    for opt in ("--out", "--trial-log"):  # click refuses a folder: usage, exit 2
+        got, out = _invoke(*args, opt, str(tmp_path))
+        assert got == 2 and "is a directory" in out, out
+    kw: dict[str, Any] = dict(data=val_test[0], scorer=HASH, searches="last", budget=1)
+    with pytest.raises(OutputError, match="--out is a folder"):
+        tune(rec, out=tmp_path, **kw)
+    with pytest.raises(UsageError, match="cannot use the trial log"):
+        tune(rec, trial_log=tmp_path, **kw)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="is a file, not a folder"):
+        tune(rec, out=tmp_path / "file" / "best.yaml", **kw)
+
+
+def test_searches_run_in_order_with_their_prerequisites() -> None:
+    from mwakit.tune.run import _searches
+
+    assert _searches("greedy,penalty") == ["penalty", "greedy"]
+    assert _searches(["weights"]) == ["penalty", "weights"]
+    assert _searches("groups, last") == ["penalty", "last", "groups"]
+    with pytest.raises(UsageError, match="no search given"):
+        _searches([])

@@ -1,0 +1,96 @@
+"""W' for one base tensor, computed the way PEFT's ``merge_and_unload`` computes it.
+
+ΔW is formed from the factors in float32 (float64 for a float64 base), one module at a time:
+forming out×in is unavoidable since W itself is dense, but it never outlives its tensor. The
+order of operations follows PEFT's (``(B @ A) * s``; an embedding's ΔW rounded to the base
+dtype before the add; DoRA's norm of W + ΔW along PEFT's axis), so a float32 bake is the same
+bytes as PEFT's merged model and a bf16 one differs by at most one rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mwakit.bake.adapter import AdapterTensor, ModuleDelta, value
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _conv_fn(dim: int) -> Any:
+    return {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[dim]
+
+
+def delta_weight(d: ModuleDelta, like: torch.Tensor) -> torch.Tensor:
+    """ΔW = s·B·A of one module, shaped like its base tensor, in float32 (float64).
+
+    Mirrors PEFT's ``get_delta_weight`` of Linear, Embedding and ConvNd (factors cast up
+    first, the product, then the scaling).
+    """
+    acc = _acc(like.dtype)
+    a = value(d.a).to(device=like.device, dtype=acc)
+    b = value(d.b).to(device=like.device, dtype=acc)
+    if d.kind == "embedding":
+        return (b @ a).T * d.scaling
+    if d.kind == "linear":
+        out = (b @ a).mul_(d.scaling)  # in place: (B @ A) * s, without a second out×in
+        return out.T if d.fan_in_fan_out else out
+    if tuple(like.shape[2:4]) == (1, 1):
+        # PEFT's 1×1 path: a plain matrix product of the squeezed factors.
+        out = (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3)
+        return out * d.scaling
+    conv = _conv_fn(like.dim())
+    res: torch.Tensor = conv(a.transpose(0, 1), b)
+    return res.transpose(0, 1) * d.scaling
+
+
+def _dora(d: ModuleDelta, w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """m ⊙ (W + ΔW) / ‖W + ΔW‖, the norm along PEFT's axis, not yet rounded."""
+    assert d.magnitude is not None
+    mag = value(d.magnitude).to(device=w.device, dtype=delta.dtype)
+    if d.kind == "linear":
+        # Row norms of the (out, in) weight: one per output feature.
+        wt = w.T if d.fan_in_fan_out else w
+        dt = delta.T if d.fan_in_fan_out else delta
+        norm = torch.linalg.norm(wt + dt, dim=1)
+        factor = (mag / norm).view(-1, 1)
+        return (factor.T if d.fan_in_fan_out else factor) * (w + delta)
+    if d.kind == "embedding":
+        # PEFT norms the (dim, vocab) transpose by rows: one norm per embedding dimension.
+        norm = torch.linalg.norm((w + delta).T, dim=1)
+        return (mag / norm).view(1, -1) * (w + delta)
+    # Conv: the norm over every dim but the output channel, as (1, out, 1, ...) like PEFT's.
+    weight = w + delta
+    dims = tuple(range(1, weight.dim()))
+    norm = weight.norm(p=2, dim=dims, keepdim=True).transpose(1, 0)
+    factor = (mag / norm).view((-1,) + (1,) * (weight.dim() - 1))
+    return factor * (w + delta)
+
+
+def bake_weight(w: torch.Tensor, deltas: Sequence[ModuleDelta]) -> torch.Tensor:
+    """The merged weight W' (in W's dtype): every module's update applied in turn, as PEFT
+    applies them (each result rounded to W's dtype before the next)."""
+    for d in deltas:
+        delta = delta_weight(d, w)
+        if d.magnitude is not None:
+            w = _dora(d, w, delta).to(w.dtype)
+        elif d.kind == "embedding":
+            # PEFT rounds an embedding's ΔW to the base dtype before adding it.
+            w = w + delta.to(w.dtype)
+        else:
+            # ΔW + W in place (addition commutes exactly): one float32 out×in, not two.
+            w = delta.add_(w).to(w.dtype)
+        del delta
+    return w
+
+
+def bake_bias(bias: torch.Tensor, lora_bias: AdapterTensor, scaling: float) -> torch.Tensor:
+    """b' = b + s·b_B (``lora_bias``), in b's dtype."""
+    acc = _acc(bias.dtype)
+    b = value(lora_bias).to(device=bias.device, dtype=acc)
+    return (bias.to(acc) + b * scaling).to(bias.dtype)
