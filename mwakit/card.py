@@ -208,6 +208,43 @@ def write_card(
     return [folder / PLOT_FILE, card]
 
 
+def tuning_lines(tuning: dict[str, Any] | None) -> list[str]:
+    """The card's "Tuning" section, from the recipe's ``tuning:`` block (`mwakit tune`): what
+    the merge was chosen on and how it scored against the baselines."""
+    if not tuning:
+        return []
+    metric = tuning.get("metric", "?")
+    lines = ["", "## Tuning", ""]
+    lines.append(
+        f"Chosen by `{tuning.get('tool', 'mwakit tune')}` on held-out data, metric "
+        f"`{metric}`: {tuning.get('reason', '')}".rstrip()
+    )
+    data = tuning.get("data") or {}
+    if data:
+        lines += ["", "| split | file | rows | sha256 |", "|---|---|---|---|"]
+        for split, d in data.items():
+            d = d if isinstance(d, dict) else {}
+            name = Path(str(d.get("path", ""))).name
+            lines.append(f"| {split} | `{name}` | {d.get('rows', '')} | `{d.get('sha256', '')}` |")
+    results = tuning.get("results") or {}
+    if results:
+        lines += ["", f"| merge | candidate | VAL {metric} | TEST {metric} |", "|---|---|---|---|"]
+
+        def cell(r: dict[str, Any], k: str) -> str:
+            v, se = r.get(k), r.get(f"{k}_se")
+            if not isinstance(v, int | float):
+                return "—"
+            return f"{v:.4f}" + (f" ± {se:.2g}" if isinstance(se, int | float) else "")
+
+        for label, r in results.items():
+            r = r if isinstance(r, dict) else {}
+            lines.append(
+                f"| {label} | {r.get('name', '')} | {cell(r, 'val')} | {cell(r, 'test')} |"
+            )
+        lines += ["", "± is one standard error over the rows. TEST was not used to choose."]
+    return lines
+
+
 def render_card(
     plan: Plan,
     recipe_yaml: str,
@@ -305,6 +342,7 @@ def render_card(
             "Per-tensor rules (first match wins) change the weights of matching tensors; "
             "see the recipe below.",
         ]
+    lines += tuning_lines(plan.recipe.tuning)
     if plan.warnings:
         lines += ["", "## Notes", ""] + [f"- {w}" for w in plan.warnings]
     if fingerprints:

@@ -91,6 +91,7 @@ def main(debug: bool) -> None:
     mwakit methods                list merge methods and their params
     mwakit convert mergekit.yaml  turn a mergekit config into an mwakit recipe
     mwakit fisher CKPT --base B --data D.jsonl   estimate a Fisher for `method: fisher`
+    mwakit tune recipe.yaml --data VAL.jsonl --out best.yaml   choose the merge on held-out data
     """
 
 
@@ -546,6 +547,117 @@ def fisher(
         out_name=out_name,
     )
     click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", required=True, help="VAL: the JSONL rows every candidate is scored on.")
+@click.option("--test", help="TEST: scored for the baselines and the chosen merge only.")
+@click.option("--base", help="Base model folder or hf:// ref [the adapters' base_model].")
+@click.option("--tokenizer", help="Tokenizer folder [the base's].")
+@click.option("--metric", default="loss", show_default=True, help="The metric to choose by.")
+@click.option(
+    "--search",
+    "search",
+    default="penalty",
+    show_default=True,
+    help="Searches, comma-separated: penalty, last, greedy, weights, groups.",
+)
+@click.option(
+    "--budget", default=30, show_default=True, type=int, help="Most candidates per search."
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the chosen recipe here (and the plot beside it, as .png).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--workers", default=0, show_default=True, type=int, help="Local processes.")
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Score on Ray actors (no ADDRESS: start a local cluster; --workers: actors).",
+)
+@click.option(
+    "--trial-log",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSONL trial log: resume from it, append to it.",
+)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_handle_errors
+def tune(
+    recipe: Path,
+    data: str,
+    test: str | None,
+    base: str | None,
+    tokenizer: str | None,
+    metric: str,
+    search: str,
+    budget: int,
+    out: Path | None,
+    as_json: bool,
+    workers: int,
+    ray_address: str | None,
+    trial_log: Path | None,
+    device: str,
+    quiet: bool,
+) -> None:
+    """Search how to merge RECIPE's checkpoints, scoring each candidate on --data (VAL).
+
+    Baselines (last, best single, uniform) are always scored; the choice is made on VAL
+    alone (a simpler merge within 1 paired SE of the best wins) and TEST is scored for the
+    baselines and the chosen merge only. --out gets a plain recipe that `mwakit run`
+    reproduces.
+    """
+    from mwakit.tune import tune as run_tune
+
+    bar: Any = None
+
+    def on_trial(trial: Any, done: int, total: int) -> None:
+        nonlocal bar
+        if quiet or not sys.stderr.isatty():
+            return
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="trial", desc="tuning", leave=False)
+        bar.total = max(bar.total, done)
+        bar.set_postfix_str(trial.name[:30], refresh=False)
+        bar.update(1)
+
+    try:
+        res = run_tune(
+            recipe,
+            data=data,
+            test=test,
+            base=base,
+            tokenizer=tokenizer,
+            metric=metric,
+            searches=search,
+            budget=budget,
+            out=out,
+            trial_log=trial_log,
+            workers=workers,
+            ray=ray_address,
+            device=device,
+            on_trial=on_trial,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if as_json:
+        click.echo(json.dumps(res.to_json(), indent=2))
+        return
+    click.echo(res.table())
+    if res.resumed:
+        click.echo(f"resumed: {res.resumed} trials read from {trial_log}", err=True)
+    if res.out is not None:
+        click.echo(f"wrote {res.out}" + (f" and {res.plot}" if res.plot else ""))
 
 
 if __name__ == "__main__":

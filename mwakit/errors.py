@@ -110,6 +110,10 @@ class ConvertError(MwakitError):
     """A mergekit config could not be converted into a recipe (nothing usable in it)."""
 
 
+class DataError(MwakitError):
+    """An evaluation data file or one of its rows is unusable (`mwakit eval`, `mwakit tune`)."""
+
+
 class UsageError(MwakitError):
     """The command line itself is wrong (exit code 2)."""
 

@@ -246,8 +246,11 @@ class Recipe(_Strict):
     delta_rank: Literal["concat", "full"] | PositiveInt = "concat"
     """With lora_space: delta — ``concat`` (exact, rank Σr), ``full`` (the merged ΔW exactly, as
     full-rank factors: no SVD) or a rank to re-factorise to."""
-    loss_window: PositiveInt = 1
-    """Mean of the last n logged training losses at each checkpoint (per-step loss is noisy)."""
+    loss_window: PositiveInt | Literal["since_save"] = "since_save"
+    """A checkpoint's training ``loss``: the mean of the losses logged since the previous saved
+    checkpoint (``since_save``, the default: one logged batch is a noisy measure, and MWA at
+    large penalties piles weight onto a lucky one), or of the last n logged (1: the last
+    logged loss alone, the default before)."""
     dtype: DType = "float32"
     """The merge's precision. Sums, products, norms and factorisations always run in float32
     (float64 with ``dtype: float64``); with ``bfloat16``/``float16`` the results of each step
@@ -270,6 +273,10 @@ class Recipe(_Strict):
     """Full models, ``method: passthrough``: the output's layers, slice after slice, each from
     one checkpoint (renumbered from 0); the other tensors come from the checkpoint
     ``params.rest_from`` names, else the first slice's checkpoint."""
+    tuning: dict[str, Any] | None = None
+    """Written by `mwakit tune` into the recipe it chose: the data's fingerprints, the metric,
+    VAL/TEST of the chosen merge and the baselines. The model card shows it; the merge
+    ignores it."""
     output: Output
 
     _base_model = field_validator("base_model")(_hub_ref)

@@ -22,7 +22,7 @@ from mwakit import hub
 from mwakit.errors import PlanError, Problems, SourceError
 from mwakit.io.layout import inside_folder
 from mwakit.recipe import CheckpointSpec, Recipe, Select
-from mwakit.trainer_state import read_metrics, step_from_name
+from mwakit.trainer_state import LossWindow, read_metrics, step_from_name
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
@@ -255,7 +255,7 @@ def _weights_file(folder: Path, ref: str, allow_pickle: bool) -> Path:
 
 def _resolve_one(
     spec: CheckpointSpec,
-    loss_window: int,
+    loss_window: LossWindow,
     allow_pickle: bool,
     local: tuple[Path, str] | None = None,
 ) -> Checkpoint:
@@ -273,7 +273,7 @@ def _read_one(
     spec: CheckpointSpec,
     folder: Path,
     name: str,
-    loss_window: int,
+    loss_window: LossWindow,
     allow_pickle: bool,
     local: tuple[Path, str] | None,
 ) -> Checkpoint:

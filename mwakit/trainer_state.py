@@ -18,9 +18,14 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from mwakit.errors import SourceError
+
+#: How many logged train losses make a checkpoint's ``loss``: a count, or ``since_save`` (every
+#: loss logged since the previous saved checkpoint).
+LossWindow = int | Literal["since_save"]
+SINCE_SAVE: Literal["since_save"] = "since_save"
 
 _STATE_FILE = "trainer_state.json"
 
@@ -123,13 +128,57 @@ def _global_step(state: dict[str, Any], name_step: int | None, path: Path) -> in
     return gs
 
 
-def read_metrics(checkpoint_dir: Path, *, loss_window: int = 1) -> CheckpointMetrics:
+def _previous_save(state: dict[str, Any], step: int, folder: Path) -> float:
+    """The step of the checkpoint saved before ``step`` (−inf when none is known).
+
+    ``save_steps`` in the state is the Trainer's absolute save interval (a ratio already turned
+    into steps); a ``checkpoint-<N>`` folder beside this one with N < step also counts (saving
+    by epoch leaves ``save_steps`` at its unused default). The later of the two wins.
+    """
+    found = [-math.inf]
+    every = state.get("save_steps")
+    if isinstance(every, int) and not isinstance(every, bool) and every > 0:
+        found.append(step - every)
+    if step_from_name(folder.name) is not None:
+        try:
+            siblings = [step_from_name(p.name) for p in folder.parent.iterdir()]
+        except OSError:  # an unlistable parent: save_steps alone decides
+            siblings = []
+        found += [s for s in siblings if s is not None and s < step]
+    return max(found)
+
+
+def _window(
+    train: list[tuple[float, dict[str, Any]]],
+    loss_window: LossWindow,
+    state: dict[str, Any],
+    step: int | None,
+    folder: Path,
+) -> list[float]:
+    """The logged train losses that make the checkpoint's ``loss`` (at least the last one)."""
+    losses = [float(e["loss"]) for _, e in train]
+    if loss_window != SINCE_SAVE:
+        return losses[-int(loss_window) :]
+    if step is None:
+        return losses[-1:]
+    prev = _previous_save(state, step, folder)
+    since = [float(e["loss"]) for s, e in train if s > prev]
+    # Logging less often than saving can leave no loss in the interval: the last one stands.
+    return since or losses[-1:]
+
+
+def read_metrics(
+    checkpoint_dir: Path, *, loss_window: LossWindow = SINCE_SAVE
+) -> CheckpointMetrics:
     """Read a checkpoint's metrics from its ``trainer_state.json``.
 
     The step is ``global_step``, else the ``checkpoint-<step>`` folder name. Log entries after
     the step are ignored (a root trainer_state.json covers the whole run). ``loss`` is the last
-    logged train loss at or before the step (the mean of the last ``loss_window`` ones), and the
-    other numeric keys of that last train entry keep their names. ``eval_*`` keys come from the
+    of the train losses logged since the previous saved checkpoint (``loss_window:
+    since_save``, the default: one logged batch is a noisy measure), or of the last
+    ``loss_window`` ones (``1``: the last logged loss alone); the other numeric keys of the
+    last train entry keep their names. The previous save is ``save_steps`` before the step,
+    or a ``checkpoint-<N>`` folder beside this one if that is later. ``eval_*`` keys come from the
     evaluation at the step, else from the latest one before it; every entry logged at that
     evaluation step is merged, since a dict ``eval_dataset`` logs one entry per dataset.
     ``train_loss`` comes from the end-of-training summary. Non-numeric values are skipped;
@@ -138,7 +187,8 @@ def read_metrics(checkpoint_dir: Path, *, loss_window: int = 1) -> CheckpointMet
     Args:
         checkpoint_dir: The ``checkpoint-<step>/`` folder (or any folder holding a
             trainer_state.json).
-        loss_window: How many of the last logged training losses to average (≥ 1).
+        loss_window: ``since_save``, or how many of the last logged training losses to
+            average (≥ 1).
 
     Returns:
         The step, the metrics and the file they came from. Without trainer_state.json the
@@ -149,8 +199,8 @@ def read_metrics(checkpoint_dir: Path, *, loss_window: int = 1) -> CheckpointMet
             wrong types.
         ValueError: ``loss_window`` is below 1 (the recipe validates it first).
     """
-    if loss_window < 1:
-        raise ValueError(f"loss_window must be ≥ 1, got {loss_window}")
+    if loss_window != SINCE_SAVE and (not isinstance(loss_window, int) or loss_window < 1):
+        raise ValueError(f"loss_window must be since_save or ≥ 1, got {loss_window!r}")
     name_step = step_from_name(checkpoint_dir.name)
     path = checkpoint_dir / _STATE_FILE
     if not path.is_file():
@@ -170,13 +220,13 @@ def read_metrics(checkpoint_dir: Path, *, loss_window: int = 1) -> CheckpointMet
     if epoch is not None:
         metrics["epoch"] = epoch
 
-    train = [e for _, e in entries if _num(e.get("loss")) is not None]
+    train = [(s, e) for s, e in entries if _num(e.get("loss")) is not None]
     if train:
-        for k, v in train[-1].items():
+        for k, v in train[-1][1].items():
             # step/epoch describe the log, not the checkpoint; loss is windowed below.
             if k not in ("step", "epoch", "loss") and (x := _num(v)) is not None:
                 metrics[k] = x
-        metrics["loss"] = _mean([float(e["loss"]) for e in train[-loss_window:]])
+        metrics["loss"] = _mean(_window(train, loss_window, state, step, checkpoint_dir))
 
     evals = [(s, e) for s, e in entries if any(k.startswith("eval_") for k in e)]
     if evals:

@@ -19,14 +19,18 @@ from .conftest import MakeAdapter, trainer_state, write_trainer_state
 LOSSES = {10: 1.0, 20: 0.8, 30: 0.5}
 
 
+def _log(step: int, loss: float) -> list[tuple[int, float]]:
+    # Loss 2.0 early on, then the checkpoint's loss at every step since the previous save
+    # (save_steps 5): the default loss_window, since_save, and loss_window: 1 both read it.
+    return [(s, 2.0) for s in range(1, step - 4)] + [(s, loss) for s in range(step - 4, step + 1)]
+
+
 @pytest.fixture(scope="module")
 def run_dir(make_adapter: MakeAdapter, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Trainer-style run: checkpoint-10/20/30 with trainer_state.json (losses 1.0, 0.8, 0.5)."""
     run = tmp_path_factory.mktemp("run") / "run"
     for i, (step, loss) in enumerate(LOSSES.items()):
-        st = trainer_state(
-            step, [(s, 2.0) for s in range(1, step)] + [(step, loss)], evals=[(step, loss + 0.1)]
-        )
+        st = trainer_state(step, _log(step, loss), evals=[(step, loss + 0.1)])
         make_adapter(run / f"checkpoint-{step}", seed=i, r=4, lora_alpha=8, state=st)
     return run
 

@@ -60,7 +60,9 @@ def _runs(make_adapter: MakeAdapter, tmp: Path, losses: list[float], **kw: Any) 
     out = []
     for i, loss in enumerate(losses):
         step = 10 * (i + 1)
-        st = trainer_state(step, [(s, loss + 0.01 * (step - s)) for s in range(1, step + 1)])
+        # A falling loss, then the checkpoint's loss since the previous save (save_steps 5).
+        log = [(s, loss + 0.01 * (step - s) if s <= step - 5 else loss) for s in range(1, step + 1)]
+        st = trainer_state(step, log)
         out.append(make_adapter(tmp / f"checkpoint-{step}", seed=i + 1, state=st, **kw))
     return out
 

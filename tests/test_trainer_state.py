@@ -150,7 +150,9 @@ def test_checkpoint_metrics_are_read(tmp_path: Path) -> None:
         metrics={
             "step": 20.0,
             "epoch": 1.0,
-            "loss": 1.2,
+            # The default loss_window, since_save: the losses logged at steps 12, 16 and 20,
+            # after checkpoint-10 (save_steps 10).
+            "loss": pytest.approx((1.5 + 1.3 + 1.2) / 3),
             "grad_norm": 1 / 20,
             "learning_rate": 2e-4 * 0.5,
             "eval_loss": 1.25,
@@ -165,7 +167,7 @@ def test_checkpoint_metrics_are_read(tmp_path: Path) -> None:
 def test_loss_is_last_logged_before_global_step(tmp_path: Path) -> None:
     # Logged every 4 steps: checkpoint-10's last train log is at step 8 (older than 10), and the
     # other train keys come from that same entry.
-    m = read_metrics(_checkpoint(tmp_path, 10)).metrics
+    m = read_metrics(_checkpoint(tmp_path, 10), loss_window=1).metrics
     assert m["step"] == 10.0 and m["epoch"] == 0.5
     assert m["loss"] == 1.8
     assert m["grad_norm"] == 1 / 8
@@ -174,7 +176,7 @@ def test_loss_is_last_logged_before_global_step(tmp_path: Path) -> None:
 
 def test_loss_window_means_the_last_n(tmp_path: Path) -> None:
     d = _checkpoint(tmp_path, 30)  # train losses ≤ 30: 2.1, 1.8, 1.5, 1.3, 1.2, 1.1, 1.0
-    assert read_metrics(d).metrics["loss"] == 1.0
+    assert read_metrics(d, loss_window=1).metrics["loss"] == 1.0
     assert read_metrics(d, loss_window=3).metrics["loss"] == pytest.approx((1.2 + 1.1 + 1.0) / 3)
     # A window longer than the log averages everything there is.
     everything = (2.1 + 1.8 + 1.5 + 1.3 + 1.2 + 1.1 + 1.0) / 7
@@ -183,11 +185,43 @@ def test_loss_window_means_the_last_n(tmp_path: Path) -> None:
         read_metrics(d, loss_window=0)
 
 
+def test_since_save_means_the_losses_after_the_previous_save(tmp_path: Path) -> None:
+    # save_steps 10: checkpoint-30 averages the losses logged at 24 and 28 (after step 20).
+    d = _checkpoint(tmp_path, 30)
+    assert read_metrics(d).metrics["loss"] == pytest.approx((1.1 + 1.0) / 2)
+    assert read_metrics(d, loss_window="since_save").metrics == read_metrics(d).metrics
+    # The first checkpoint averages everything logged before it.
+    assert read_metrics(_checkpoint(tmp_path, 10)).metrics["loss"] == pytest.approx(1.95)
+
+
+def test_since_save_takes_a_later_sibling_checkpoint(tmp_path: Path) -> None:
+    # Saving by epoch leaves save_steps at an unused value (500 here): checkpoint-25 beside
+    # checkpoint-40 is the previous save, so the window is steps 28 … 40.
+    state = _state(40, [e for e in RUN if e["step"] <= 40])
+    state["save_steps"] = 500
+    d = _write(tmp_path / "checkpoint-40", state)
+    _write(tmp_path / "checkpoint-25", _state(25, [e for e in RUN if e["step"] <= 25]))
+    (tmp_path / "checkpoint-60").mkdir()  # a later one never counts
+    assert read_metrics(d).metrics["loss"] == pytest.approx((1.0 + 0.9 + 0.85 + 0.8) / 4)
+
+
+def test_since_save_with_nothing_logged_since_keeps_the_last_loss(tmp_path: Path) -> None:
+    # Logging every 8 steps, saving every 2: checkpoint-10 saw no log since checkpoint-8…
+    history = [_train(8, 1.6)]
+    state = _state(10, history)
+    state["save_steps"] = 2
+    assert read_metrics(_write(tmp_path / "checkpoint-10", state)).metrics["loss"] == 1.6
+    # … and a state with no step at all (no global_step, no checkpoint-<N> name) too.
+    state = _state(10, [_train(4, 2.0), _train(8, 1.6)])
+    del state["global_step"]
+    assert read_metrics(_write(tmp_path / "adapter", state)).metrics["loss"] == 1.6
+
+
 def test_eval_at_exact_step_vs_latest_before(tmp_path: Path) -> None:
     # eval_steps divides 30: the step-30 evaluation is already in checkpoint-30.
     assert read_metrics(_checkpoint(tmp_path, 30)).metrics["eval_loss"] == 1.05
     # A checkpoint at step 36 (save_steps not a multiple of eval_steps): latest eval, step 30.
-    m = read_metrics(_checkpoint(tmp_path, 36)).metrics
+    m = read_metrics(_checkpoint(tmp_path, 36), loss_window=1).metrics
     assert m["eval_loss"] == 1.05 and m["loss"] == 0.85
 
 
@@ -211,14 +245,14 @@ def test_root_state_is_filtered_by_step(tmp_path: Path) -> None:
     state["global_step"] = 20
     state["epoch"] = 1.0
     _write(d, state)
-    m = read_metrics(d).metrics
+    m = read_metrics(d, loss_window=1).metrics
     assert m["loss"] == 1.2 and m["eval_loss"] == 1.25 and "train_loss" not in m
 
 
 def test_root_state_of_the_finished_run(tmp_path: Path) -> None:
     # The run folder itself: no step in the name, global_step 40, summary included.
     d = _write(tmp_path / "run", _state(40, RUN))
-    m = read_metrics(d)
+    m = read_metrics(d, loss_window=1)
     assert m.step == 40
     assert m.metrics["train_loss"] == 1.29
     assert m.metrics["loss"] == 0.8 and m.metrics["eval_loss"] == 0.95
@@ -228,7 +262,7 @@ def test_root_state_of_the_finished_run(tmp_path: Path) -> None:
 def test_step_falls_back_to_the_folder_name(tmp_path: Path) -> None:
     state = _state(20, RUN)  # a whole-run log: the folder's step must filter it
     del state["global_step"]
-    m = read_metrics(_write(tmp_path / "checkpoint-20", state))
+    m = read_metrics(_write(tmp_path / "checkpoint-20", state), loss_window=1)
     assert m.step == 20 and m.metrics["loss"] == 1.2 and m.metrics["eval_loss"] == 1.25
 
 

@@ -32,6 +32,12 @@ LOSSES = {10: 1.0, 20: 0.8, 30: 0.5}
 BASE_ID = "mwakit-test/tiny-llama"
 
 
+def _log(step: int, loss: float) -> list[tuple[int, float]]:
+    # Loss 2.0 early on, then the checkpoint's loss at every step since the previous save
+    # (save_steps 5): the default loss_window, since_save, and loss_window: 1 both read it.
+    return [(s, 2.0) for s in range(1, step - 4)] + [(s, loss) for s in range(step - 4, step + 1)]
+
+
 @pytest.fixture(scope="session")
 def hub_run(make_adapter: MakeAdapter, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Trainer run (checkpoint-10/20/30, losses 1.0/0.8/0.5) as it would be uploaded: the
@@ -39,7 +45,7 @@ def hub_run(make_adapter: MakeAdapter, tmp_path_factory: pytest.TempPathFactory)
     must never download."""
     run = tmp_path_factory.mktemp("hubrun") / "run"
     for i, (step, loss) in enumerate(LOSSES.items()):
-        st = trainer_state(step, [(s, 2.0) for s in range(1, step)] + [(step, loss)])
+        st = trainer_state(step, _log(step, loss))
         ck = make_adapter(run / f"checkpoint-{step}", seed=i, r=4, lora_alpha=8, state=st)
         cfg_file = ck / "adapter_config.json"
         cfg = json.loads(cfg_file.read_text())

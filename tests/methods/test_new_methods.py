@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -500,6 +500,8 @@ def test_multislerp_and_nuslerp_of_two_equal_norm_points_are_slerp(
     if na < 1e-3 or nb < 1e-3:
         return
     b = b * (na / nb)  # equal norms: slerp's norm is then the lerp of the norms too
+    # Antipodal points have no unique great circle: each method's tie-break is its own.
+    assume(float(torch.dot(a.flatten(), b.flatten())) / (na * na) > -0.999)
     slerp = get_method("slerp")
     want = slerp.merge([a, b], [1 - t, t], slerp.params(t=t))
     _close(_merge("multislerp", [a, b], weights=[1 - t, t]), want, 1e-3)

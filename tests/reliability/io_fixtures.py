@@ -24,12 +24,18 @@ ROOT = Path(__file__).resolve().parents[2]
 LOSSES = {10: 1.0, 20: 0.5}
 
 
+def _log(step: int, loss: float) -> list[tuple[int, float]]:
+    # Loss 2.0 early on, then the checkpoint's loss at every step since the previous save
+    # (save_steps 5): the default loss_window, since_save, and loss_window: 1 both read it.
+    return [(s, 2.0) for s in range(1, step - 4)] + [(s, loss) for s in range(step - 4, step + 1)]
+
+
 @pytest.fixture(scope="session")
 def run_src(make_adapter: MakeAdapter, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Trainer-style run: checkpoint-10 and checkpoint-20 with trainer_state.json."""
     run = tmp_path_factory.mktemp("rel-run") / "run"
     for i, (step, loss) in enumerate(LOSSES.items()):
-        st = trainer_state(step, [(s, 2.0) for s in range(1, step)] + [(step, loss)])
+        st = trainer_state(step, _log(step, loss))
         make_adapter(run / f"checkpoint-{step}", seed=i, r=4, lora_alpha=8, state=st)
     return run
 

@@ -16,9 +16,11 @@ from .io_fixtures import recipe, run, run_src, spawn, temp_dirs, wait_for
 __all__ = ["run", "run_src"]
 
 
-def _start(tmp_path: Path, run: Path, *extra: str) -> tuple[subprocess.Popen[str], Path]:
+def _start(
+    tmp_path: Path, run: Path, *extra: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], Path]:
     out = tmp_path / "out"
-    proc = spawn("run", recipe(tmp_path, out, select={"run": str(run)}), *extra)
+    proc = spawn("run", recipe(tmp_path, out, select={"run": str(run)}), *extra, env=env)
     # The temporary folder appears once the plan is made and streaming starts.
     wait_for(lambda: bool(temp_dirs(out)), proc, "the merge to start")
     return proc, out
@@ -49,7 +51,9 @@ def test_signal_cleans_up_like_ctrl_c(
 def test_live_folder_kept_then_sigkill_leftover_removed_by_the_next_run(
     tmp_path: Path, run: Path
 ) -> None:
-    proc, out = _start(tmp_path, run)
+    # A slow disk (1 s per read) so the first run is still alive when the second one finishes,
+    # however loaded the machine is; it is killed, never waited for.
+    proc, out = _start(tmp_path, run, env={"MWAKIT_TEST_READ_DELAY": "1"})
     (theirs,) = temp_dirs(out)
     other = tmp_path / "other"
     other.mkdir()

@@ -1,0 +1,83 @@
+"""Scale-out: local worker processes and Ray actors give the in-process results; a worker that
+dies loses only its candidate, which is scored again."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mwakit.tune import tune
+from mwakit.tune.scoring import ScorerSpec
+from tests.tune.conftest import write_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+HASH = ScorerSpec("tests.tune.helpers:HashScorer")
+SEARCHES = "penalty,last,greedy"
+
+
+def _values(res: Any) -> dict[tuple[str, str, str], float]:
+    # By label, not key: the key also hashes the scorer's name, which differs here.
+    return {(t.name, t.search, t.split): t.score.value for t in res.trials}
+
+
+@pytest.fixture(scope="module")
+def in_process(tune_run: Path, val_test: tuple[Path, Path], tmp_path_factory: Any) -> Any:
+    tmp = tmp_path_factory.mktemp("inproc")
+    return tune(
+        write_recipe(tmp, tune_run), data=val_test[0], searches=SEARCHES, budget=4, scorer=HASH
+    )
+
+
+def test_local_workers_equal_in_process(
+    in_process: Any, tune_run: Path, val_test: tuple[Path, Path], tmp_path: Path
+) -> None:
+    crash = ScorerSpec("tests.tune.helpers:CrashOnce", {"marker": str(tmp_path / "died")})
+    res = tune(
+        write_recipe(tmp_path, tune_run),
+        data=val_test[0],
+        searches=SEARCHES,
+        budget=4,
+        scorer=crash,
+        workers=2,
+        trial_log=tmp_path / "log.jsonl",
+    )
+    assert (tmp_path / "died").is_file()  # a worker really died on "last 2"…
+    assert _values(res) == _values(in_process)  # … and its candidate was scored again
+    assert res.best.name == in_process.best.name
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 1 + len(res.trials)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    ray = pytest.importorskip("ray")
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": path, "HF_HUB_OFFLINE": "1"}},
+    )
+    yield
+    ray.shutdown()
+
+
+def test_ray_actors_equal_in_process_and_survive_a_dead_actor(
+    ray_cluster: None, in_process: Any, tune_run: Path, val_test: tuple[Path, Path], tmp_path: Path
+) -> None:
+    crash = ScorerSpec("tests.tune.helpers:CrashOnce", {"marker": str(tmp_path / "died")})
+    res = tune(
+        write_recipe(tmp_path, tune_run),
+        data=val_test[0],
+        searches=SEARCHES,
+        budget=4,
+        scorer=crash,
+        ray=True,
+        workers=2,
+    )
+    assert (tmp_path / "died").is_file()
+    assert _values(res) == _values(in_process)
+    assert res.best.name == in_process.best.name

@@ -1,0 +1,165 @@
+"""`tune` end to end on a real (tiny) model: baselines, searches, best.yaml, resume, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import mwakit
+from mwakit.cli import main
+from mwakit.errors import UsageError
+from mwakit.evaluate import Evaluator, load_rows
+from mwakit.memory import MergedAdapter, merge_in_memory
+from mwakit.recipe import load_recipe
+from mwakit.tune import tune
+from mwakit.tune.scoring import ScorerSpec
+from tests.tune.conftest import write_recipe
+
+HASH = ScorerSpec("tests.tune.helpers:HashScorer")
+
+
+def test_tune_chooses_and_best_yaml_reproduces_the_scored_candidate(
+    tune_base: Path, tune_run: Path, val_test: tuple[Path, Path], tmp_path: Path
+) -> None:
+    val, test = val_test
+    out = tmp_path / "best.yaml"
+    seen: list[int] = []
+    res = tune(
+        write_recipe(tmp_path, tune_run),
+        data=val,
+        test=test,
+        base=tune_base,
+        searches="penalty,last,greedy,weights",
+        budget=6,
+        out=out,
+        on_trial=lambda t, done, total: seen.append(done),
+    )
+    assert set(res.baselines) == {"last", "best_single", "uniform"}
+    assert res.baselines["last"].name == "checkpoint-25"
+    assert set(res.searches) == {"penalty", "last", "greedy", "weights"}
+    assert all(e.test is not None for e in res.baselines.values()) and res.best.test is not None
+    # TEST only for the baselines and the chosen one: at most 4 test trials.
+    tests = [t for t in res.trials if t.split == "test"]
+    assert 1 <= len(tests) <= 4
+    best_val = min(t.score.value for t in res.trials if t.split == "val")
+    assert res.best.val.value <= res.baselines["uniform"].val.value
+    assert res.best.val.value >= best_val  # the simpler-within-1-SE rule may pick another
+    assert seen == list(range(1, len(res.trials) + 1))
+    # best.yaml is a plain recipe with its tuning block; `mwakit run` writes the very tensors
+    # that were scored.
+    doc = yaml.safe_load(out.read_text())
+    assert doc["tuning"]["chosen"] == res.best.name and doc["tuning"]["metric"] == "loss"
+    assert doc["tuning"]["data"]["val"]["rows"] == 12
+    assert out.with_suffix(".png").is_file() and res.plot == out.with_suffix(".png")
+    recipe = load_recipe(out)
+    mem = merge_in_memory(recipe)
+    written = mwakit.run(recipe, output=tmp_path / "adapter").path
+    disk = load_file(written / "adapter_model.safetensors")
+    assert set(disk) == set(mem.tensors)
+    for k, t in disk.items():
+        torch.testing.assert_close(mem.tensors[k], t, atol=1e-6, rtol=0)
+    # Scoring the written adapter gives the chosen candidate's VAL score.
+    cfg = json.loads((written / "adapter_config.json").read_text())
+    ev = Evaluator(tune_base, metrics=["loss"])
+    again = ev.score(load_rows(val), MergedAdapter(disk, cfg)).metrics["loss"]
+    assert again == pytest.approx(res.best.val.value, abs=1e-6)
+    card = (written / "README.md").read_text()
+    assert "## Tuning" in card and res.best.name in card and "sha256" in card
+    # --json's document has the issue's top-level keys.
+    j = res.to_json()
+    assert {"baselines", "best", "trials"} <= set(j)
+    assert set(j["baselines"]["uniform"]) >= {"val", "test"} and j["best"]["recipe"] == doc
+
+
+def test_resume_from_a_partial_trial_log(
+    tune_run: Path, val_test: tuple[Path, Path], tmp_path: Path
+) -> None:
+    val, _ = val_test
+    log = tmp_path / "trials.jsonl"
+    kw = dict(data=val, searches="penalty,greedy", budget=6, trial_log=log, scorer=HASH)
+    first = tune(write_recipe(tmp_path, tune_run), **kw)  # type: ignore[arg-type]
+    lines = log.read_text().splitlines()
+    assert len(lines) == 1 + len(first.trials)
+    # Interrupted: half the trials made it, the next line was cut mid-write.
+    keep = lines[: 1 + len(first.trials) // 2]
+    log.write_text("\n".join(keep) + "\n" + lines[len(keep)][:20])
+    new: list[str] = []
+    second = tune(
+        write_recipe(tmp_path, tune_run),
+        on_trial=lambda t, d, n: new.append(t.key),
+        **kw,  # type: ignore[arg-type]
+    )
+    assert second.resumed == len(keep) - 1
+    assert len(new) == len(first.trials) - second.resumed
+    assert second.best == first.best and second.to_json()["trials"] == first.to_json()["trials"]
+    # Another metric is another tune: its log is refused.
+    with pytest.raises(UsageError, match="another tune"):
+        tune(write_recipe(tmp_path, tune_run), **{**kw, "metric": "perplexity"})  # type: ignore[arg-type]
+
+
+def _invoke(*args: str) -> tuple[int, str]:
+    res = CliRunner().invoke(main, list(args))
+    return res.exit_code, res.output
+
+
+def test_cli_tune_json_and_table(
+    tune_base: Path, tune_run: Path, val_test: tuple[Path, Path], tmp_path: Path
+) -> None:
+    val, test = val_test
+    rec = str(write_recipe(tmp_path, tune_run))
+    code, out = _invoke(
+        "tune", rec, "--data", str(val), "--test", str(test), "--base", str(tune_base),
+        "--search", "last", "--budget", "3", "--json",
+    )  # fmt: skip
+    assert code == 0, out
+    doc = json.loads(out)
+    assert set(doc["baselines"]) == {"last", "best_single", "uniform"}
+    assert doc["best"]["test"] is not None and doc["trials"]
+    code, out = _invoke(
+        "tune", rec, "--data", str(val), "--base", str(tune_base), "--search", "last",
+        "--budget", "3", "--out", str(tmp_path / "b.yaml"),
+    )  # fmt: skip
+    assert code == 0, out
+    assert "baseline: uniform" in out and "chose" in out and f"wrote {tmp_path / 'b.yaml'}" in out
+    assert (tmp_path / "b.yaml").is_file()
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle", "code"),
+    [
+        (["--search", "nope"], "unknown search 'nope'", 2),
+        (["--budget", "0"], "--budget must be at least 1", 2),
+        (["--metric", "bleu"], "bleu", 1),
+    ],
+)
+def test_cli_tune_errors_are_one_line(
+    tune_run: Path,
+    tune_base: Path,
+    val_test: tuple[Path, Path],
+    tmp_path: Path,
+    extra: list[str],
+    needle: str,
+    code: int,
+) -> None:
+    rec = str(write_recipe(tmp_path, tune_run))
+    got, out = _invoke("tune", rec, "--data", str(val_test[0]), "--base", str(tune_base), *extra)
+    assert got == code, out
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], out
+
+
+def test_cli_tune_missing_data_and_one_checkpoint(
+    tune_run: Path, val_test: tuple[Path, Path], tmp_path: Path
+) -> None:
+    rec = str(write_recipe(tmp_path, tune_run))
+    got, out = _invoke("tune", rec, "--data", str(tmp_path / "nope.jsonl"))
+    assert got == 2 and out.count("\n") == 1 and "VAL data file not found" in out, out
+    one = str(write_recipe(tmp_path, tune_run, select={"run": str(tune_run), "last": 1}))
+    got, out = _invoke("tune", one, "--data", str(val_test[0]))
+    assert got == 2 and out.count("\n") == 1 and "at least 2 checkpoints" in out, out
