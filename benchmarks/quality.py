@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds (default 0,1,2)")
     ap.add_argument("--train-only", action="store_true", help="build model, data and runs; stop")
     ap.add_argument("--no-tune", action="store_true", help="skip mwakit.tune (fixed rows only)")
-    ap.add_argument("--budget", type=int, default=12, help="tune budget per search (default 12)")
+    ap.add_argument("--budget", type=int, default=16, help="tune budget per search (default 16)")
     ap.add_argument("--markdown", type=Path, help="also write the tables to this file")
     a = ap.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",")]
