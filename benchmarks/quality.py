@@ -386,6 +386,35 @@ def cost_table(scorer: Scorer) -> str:
     )
 
 
+def tune_cost(logs: list[Path]) -> str:
+    """What tune's own trials say: merge + swap seconds against the rest of each trial."""
+    trials = []
+    for log in logs:
+        if log.is_file():
+            for line in log.read_text().splitlines():
+                d = json.loads(line)
+                if "merge_seconds" in d and d.get("seconds", 0) > d["merge_seconds"]:
+                    trials.append(d)
+    if not trials:
+        return ""
+    fr = sorted(d["merge_seconds"] / (d["seconds"] - d["merge_seconds"]) for d in trials)
+    many = [d for d in trials if len(d.get("recipe", {}).get("checkpoints", [])) >= 10]
+    merge = sum(d["merge_seconds"] for d in trials)
+    rest = sum(d["seconds"] - d["merge_seconds"] for d in trials)
+    line = (
+        f"tune's trial logs ({len(trials)} trials): merge + swap / evaluation: median "
+        f"{100 * fr[len(fr) // 2]:.1f} %, overall {100 * merge / rest:.1f} %"
+    )
+    if many:
+        mm = sum(d["merge_seconds"] for d in many) / len(many)
+        ev = sum(d["seconds"] - d["merge_seconds"] for d in many) / len(many)
+        line += (
+            f"; candidates of >= 10 checkpoints ({len(many)}): {mm:.2f} s vs {ev:.2f} s "
+            f"= {100 * mm / ev:.1f} %"
+        )
+    return line + ".\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
@@ -409,9 +438,10 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         print(seed_table(r), flush=True)
     text = "\n".join(seed_table(r) for r in results) + "\n" + mean_table(results)
-    text += "\n" + cost_table(scorer)
+    logs = [runs[s].parent / f"trials-{runs[s].name}.jsonl" for s in seeds]
+    text += "\n" + cost_table(scorer) + tune_cost(logs)
     print(mean_table(results))
-    print(cost_table(scorer))
+    print(cost_table(scorer) + tune_cost(logs))
     print(f"total {time.perf_counter() - t0:.0f} s")
     if a.markdown:
         a.markdown.write_text(text)
