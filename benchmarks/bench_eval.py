@@ -191,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name:<24} {1e3 * merge:9.1f} {1e3 * swap:8.1f} {1e3 * evaluation:8.1f} "
                 f"{pct:8.1f}%"
             )
-        n = max(1, a.candidates - 2)
+        n = a.candidates - len({0, half})
+        if n <= 0:
+            print("no candidate reused an adapter slot: give --candidates ≥ 3")
+            return 0
         m, s, e = (1e3 * t / n for t in totals)
         print(
             f"mean over the {n} swaps without a rebuild: merge {m:.1f} ms, swap {s:.1f} ms, "
