@@ -466,7 +466,8 @@ def tune(
         spec = scorer
     spec = ScorerSpec(spec.factory, {**spec.kwargs, "data": files, "metric": metric})
     log = TrialLog(trial_log, context)
-    total = _expected(names, budget, space) + (4 if test_path else 0)
+    # Trials read back from the log are not scored again: the bar counts the others.
+    total = max(1, _expected(names, budget, space) + (4 if test_path else 0) - log.resumed)
     pool = make_pool(spec, workers, ray)
     try:
         tuner = _Tuner(space, pool, log, context, direction, total, on_trial)
