@@ -265,6 +265,12 @@ def build_space(recipe: Recipe) -> Space:
     base = recipe.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
     base["output"] = recipe.output.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
     base.pop("tuning", None)
+    if base.pop("relative_to", "cwd") == "recipe":
+        # Loading rebased the paths onto the recipe's folder; best.yaml lives elsewhere, so
+        # it says where the output goes plainly (its checkpoints are absolute already).
+        base["output"]["path"] = str(Path(recipe.output.path).resolve())
+        if recipe.base_model is not None and not recipe.base_model.startswith("hf://"):
+            base["base_model"] = str(Path(recipe.base_model).resolve())
     return Space(
         base=base,
         specs=tuple(specs),
