@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +159,31 @@ def make_adapter(tiny_base: Path) -> MakeAdapter:
         return out
 
     return build
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[Any]:
+    """One local Ray cluster (2 worker CPUs) for the whole session: the executor's and tune's
+    tests share it (Ray allows one `ray.init` per process)."""
+    ray = pytest.importorskip("ray")
+    # Workers are started by the raylet, which inherits this environment, and get it again
+    # through the runtime env: they import this tree's mwakit and stay offline.
+    old = os.environ.get("PYTHONPATH")
+    path = os.pathsep.join([str(ROOT), *([old] if old else [])])
+    os.environ["PYTHONPATH"] = path
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level="ERROR",
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env={"env_vars": {"PYTHONPATH": path, "HF_HUB_OFFLINE": "1"}},
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old

@@ -106,7 +106,11 @@ def _case(draw: st.DrawFn) -> dict[str, Any]:
     )
     keep = [draw(st.sampled_from([None, 0.25, 0.5, 1.0])) for _ in range(k)]
     drop = [draw(st.sampled_from([None, 0.5, 1.5])) for _ in range(k)]
-    drops = [(draw(st.sampled_from([0.0, 0.3, 0.5])), draw(st.integers(0, 99))) for _ in range(k)]
+    # Drop rates whose rescale 1/(1 - p) is a power of two keep the arithmetic exact: with 0.3,
+    # a sign election whose masses cancel exactly in the reals (1.25/0.7 + 0.5/0.7 = 1.75/0.7)
+    # is decided by float32 vs float64 rounding, not by the method.
+    rates = st.sampled_from([0.0, 0.5, 0.75])
+    drops = [(draw(rates), draw(st.integers(0, 99))) for _ in range(k)]
     return {"xs": xs, "ws": ws, "base": base, "keep": keep, "drop": drop, "drops": drops}
 
 

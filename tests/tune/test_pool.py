@@ -3,8 +3,6 @@ dies loses only its candidate, which is scored again."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,27 +47,6 @@ def test_local_workers_equal_in_process(
     assert _values(res) == _values(in_process)  # … and its candidate was scored again
     assert res.best.name == in_process.best.name
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 1 + len(res.trials)
-
-
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[None]:
-    """A local 2-CPU Ray cluster, or the one the session already runs (tests/executors'):
-    Ray allows one per process, and that one also puts this tree on the workers' path."""
-    ray = pytest.importorskip("ray")
-    if ray.is_initialized():
-        yield
-        return
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": path, "HF_HUB_OFFLINE": "1"}},
-    )
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 @pytest.mark.slow
