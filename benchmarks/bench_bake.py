@@ -70,15 +70,21 @@ print(worst)
 
 
 def build(data: Path, layers: int) -> tuple[Path, Path]:
-    """The bf16 base and the r 64 adapter (built once, reused)."""
+    """The bf16 base and the r 64 adapter (built once, reused).
+
+    Heavy modules are imported only to build: the parent that times the children must stay
+    small, since a child's peak RSS counts what it inherited from the fork before exec.
+    """
+    root = data / f"tinyllama-l{layers}"
+    base, adapter = root / "base", root / "adapter-r64"
+    if (base / "config.json").is_file() and (adapter / "adapter_config.json").is_file():
+        return base, adapter
     import torch
     from huggingface_hub import save_torch_state_dict
     from peft import LoraConfig
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    root = data / f"tinyllama-l{layers}"
-    base, adapter = root / "base", root / "adapter-r64"
     if not (base / "config.json").is_file():
         cfg = LlamaConfig(
             vocab_size=32000,
@@ -137,7 +143,10 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=22)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument(
-        "--threads", type=int, default=1, help="torch threads of both sides (OMP_NUM_THREADS)"
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of both sides (OMP_NUM_THREADS, MWAKIT_THREADS)",
     )
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -149,7 +158,8 @@ def main() -> int:
     # below, but it would hold memory the children then compete for.
     subprocess.run([py, __file__, *sys.argv[1:], "--build-only"], check=True)
     base, adapter = build(a.data, a.layers)
-    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    # The same intra-op thread count on both sides (mwakit's own policy reads MWAKIT_THREADS).
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MWAKIT_THREADS"):
         os.environ[k] = str(a.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

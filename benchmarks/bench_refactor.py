@@ -193,7 +193,8 @@ def main() -> int:
         out = t / "out"
         rec = t / "ties.yaml"
         write_recipe(rec, folders, out, a.rank)
-        env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
+        n = str(a.threads)  # MWAKIT_THREADS: the merge's own thread policy (default 1)
+        env = {**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "MWAKIT_THREADS": n}
         stats_file = t / "stats.json"
         cmd = [sys.executable, "-c", CHILD, str(rec), str(stats_file), str(a.threads)]
         t0 = time.perf_counter()
@@ -210,6 +211,13 @@ def main() -> int:
             f"merge wall {wall:.1f} s (start-up, read, ΔW, TIES, re-factorise, write); "
             f"re-factorisation {doc['refactor_s']:.1f} s"
         )
+        full = LAYERS * len(MODULES)
+        if len(names) < full and len(names) % len(MODULES) == 0:
+            scale = full / len(names)  # whole layers: the same mix of shapes
+            print(
+                f"extrapolated to {full} modules (×{scale:g}): wall ≈ {wall * scale:.0f} s, "
+                f"re-factorisation ≈ {doc['refactor_s'] * scale:.0f} s"
+            )
         print(
             f"solvers: {counts}; reported rel. error mean {sum(errs.values()) / len(errs):.4f}, "
             f"max {worst[1]:.4f} at {worst[0]}"

@@ -235,6 +235,9 @@ def merge_adapters(
             "lora_space": lora_space,
             "dtype": dtype,
             "device": device,
+            # The adapters already sit on one loaded model: configs that name its base
+            # differently (a Hub id and a local copy) warn instead of refusing.
+            "allow_mixed_bases": True,
             "output": {"path": str(root / "merged")},
         }
         if lora_space == "delta":

@@ -338,3 +338,11 @@ def test_a_non_lora_adapter_is_refused(tiny_base: Path) -> None:
     model.add_adapter("second", cfg())
     with pytest.raises(PlanError, match="adapter type IA3 is not supported"):
         merge_adapters(model, ["first", "second"])
+
+
+def test_adapters_naming_the_base_differently_warn_not_refuse(tiny_base: Path) -> None:
+    model = _model(tiny_base, {"first": PLAIN, "second": PLAIN}, seed=12)
+    model.peft_config["second"].base_model_name_or_path = "org/the-same-model-on-the-hub"
+    with pytest.warns(UserWarning, match="merge_adapters: .*base"):
+        merge_adapters(model, ["first", "second"], name="m")
+    assert _check_exact(model, "m", ["first", "second"], [0.5, 0.5]) == ALL_MODULES

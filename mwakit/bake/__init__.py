@@ -204,6 +204,7 @@ def _plan(
     from mwakit.bake.stream import plan_layout
 
     cfg = _base_config(base.path)
+    _side_files(base.path)  # a side file linked out of the folder fails now, not after the bake
     layout = plan_layout(base.files, adapter, out_dtype=dtype, tied=_tied(cfg), base_name=base.ref)
     return layout, cfg
 
@@ -218,8 +219,15 @@ def _stream(
     fallback: Path | None = None,
 ) -> tuple[BakeStats, str]:
     from mwakit.bake.stream import stream_bake
+    from mwakit.io.durable import BackgroundSync
 
-    stats = stream_bake(layout, adapter, tmp, shard_size=shard_size, on_tensor=on_tensor)
+    # Shards are flushed to disk as they are written, so the fsync before the folder's rename
+    # finds (almost) nothing left to do.
+    with BackgroundSync() as syncer:
+        stats = stream_bake(
+            layout, adapter, tmp, shard_size=shard_size, on_tensor=on_tensor, syncer=syncer
+        )
+        syncer.join()
     out_dtype = _dominant_dtype(layout)
     _write_side_files(base.path, tmp, out_dtype, layout.untied, fallback)
     return stats, out_dtype

@@ -9,6 +9,7 @@ bytes as PEFT's merged model and a bf16 one differs by at most one rounding.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,9 +73,44 @@ def _dora(d: ModuleDelta, w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return factor * (w + delta)
 
 
+_BLOCK_BYTES = 4 << 20  # a float32 block of ΔW rows that stays in cache
+_MIN_ROWS = 16  # a one-row product is a matrix-vector call, rounded otherwise: never that
+
+
+def _linear_blocked(w: torch.Tensor, d: ModuleDelta) -> torch.Tensor:
+    """W + s·B·A of a plain linear LoRA, rows at a time, rounded to W's dtype.
+
+    The same values as PEFT's ``W + (B @ A) * s``: each row of B @ A is the same dot products
+    whatever the rows around it (blocks keep at least `_MIN_ROWS` rows), and a power-of-two
+    s ≥ 1 is folded into A exactly. A block lives in cache through the add and the rounding,
+    so the out×in float32 ΔW never goes to memory.
+    """
+    acc = _acc(w.dtype)
+    a = value(d.a).to(device=w.device, dtype=acc)
+    b = value(d.b).to(device=w.device, dtype=acc)
+    s = d.scaling
+    fold = s >= 1.0 and math.frexp(s)[0] == 0.5  # s = 2^k, k ≥ 0: a·s is exact
+    if fold and s != 1.0:
+        a = a * s
+    n = int(w.shape[0])
+    rows = max(_MIN_ROWS, _BLOCK_BYTES // (4 * max(1, int(w.shape[1]))))
+    starts = list(range(0, n, rows))
+    if len(starts) > 1 and n - starts[-1] < _MIN_ROWS:
+        starts.pop()  # a short tail joins the block before it
+    out = torch.empty_like(w)
+    for k, e in zip(starts, [*starts[1:], n], strict=True):
+        blk = b[k:e] @ a
+        if not fold:
+            blk.mul_(s)
+        out[k:e].copy_(blk.add_(w[k:e]))
+    return out
+
+
 def bake_weight(w: torch.Tensor, deltas: Sequence[ModuleDelta]) -> torch.Tensor:
     """The merged weight W' (in W's dtype): every module's update applied in turn, as PEFT
     applies them (each result rounded to W's dtype before the next)."""
+    if len(deltas) == 1 and _plain_linear(deltas[0], w):
+        return _linear_blocked(w, deltas[0])
     for d in deltas:
         delta = delta_weight(d, w)
         if d.magnitude is not None:
@@ -87,6 +123,16 @@ def bake_weight(w: torch.Tensor, deltas: Sequence[ModuleDelta]) -> torch.Tensor:
             w = delta.add_(w).to(w.dtype)
         del delta
     return w
+
+
+def _plain_linear(d: ModuleDelta, w: torch.Tensor) -> bool:
+    return (
+        d.kind == "linear"
+        and d.magnitude is None
+        and not d.fan_in_fan_out
+        and w.dim() == 2
+        and int(w.shape[0]) >= _MIN_ROWS
+    )
 
 
 def bake_bias(bias: torch.Tensor, lora_bias: AdapterTensor, scaling: float) -> torch.Tensor:

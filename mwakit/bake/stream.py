@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,9 +27,11 @@ from mwakit import __version__
 from mwakit.bake.adapter import BakeAdapter, value
 from mwakit.bake.delta import bake_bias, bake_weight
 from mwakit.errors import PlanError, TensorError
+from mwakit.io.durable import BackgroundSync
 from mwakit.io.header import DTYPE_NAMES, TensorInfo, dtype_code, is_float_code, read_header
 from mwakit.io.reader import PreadReader
 from mwakit.io.shards import ShardedWriter
+from mwakit.threads import merge_thread_policy
 
 #: Output-head and input-embedding names of tied models (PEFT's EMBEDDING_LAYER_NAMES, and
 #: the usual names of other architectures).
@@ -229,6 +232,30 @@ def _updated(
     return w, changed
 
 
+def _baked(
+    item: _Item, t: torch.Tensor, adapter: BakeAdapter, alias: dict[str, str]
+) -> tuple[torch.Tensor, bool]:
+    """The tensor to write for ``item`` (CPU, contiguous, the written dtype), and whether the
+    adapter changed it.
+
+    Raises:
+        TensorError: The baked tensor holds NaN/Inf.
+    """
+    want = getattr(torch, DTYPE_NAMES[item.code])
+    # Written wider than stored (--dtype float32 of a bf16 base): merge in the wider dtype, so
+    # W + ΔW is not first rounded to the base's.
+    wider = t.is_floating_point() and want.itemsize > t.element_size()
+    new, changed = _updated(item, t.to(want) if wider else t, adapter, alias)
+    if changed and new.is_floating_point() and not _finite(new):
+        raise TensorError(
+            f"the baked {item.key} holds NaN or Inf",
+            where=f"{adapter.source} on {item.source[0].parent}",
+            fix="the adapter is broken (training diverged) or too large for the base's dtype; "
+            "bake with --dtype float32",
+        )
+    return new.to(device="cpu", dtype=want).contiguous(), changed
+
+
 def _one(source: tuple[Path, TensorInfo]) -> tuple[Path, list[TensorInfo]]:
     return source[0], [source[1]]
 
@@ -247,6 +274,7 @@ def stream_bake(
     shard_size: int,
     device: torch.device | None = None,
     on_tensor: Callable[[int, int], None] | None = None,
+    syncer: BackgroundSync | None = None,
 ) -> BakeStats:
     """Write the baked model's shards (+ index) into ``out_dir``, streaming the base.
 
@@ -257,6 +285,7 @@ def stream_bake(
         shard_size: The largest shard, in bytes.
         device: Where ΔW is computed (default: CPU).
         on_tensor: Progress callback (tensors done, tensors in all).
+        syncer: Flushes the shards to disk in the background as they are written.
 
     Raises:
         TensorError: A merged tensor holds NaN/Inf (a broken adapter).
@@ -271,37 +300,40 @@ def stream_bake(
     items = layout.items
     # Read ahead only what is small next to the largest tensors: two embeddings in memory at
     # once would double the bake's peak for no gain (copying them is I/O-bound anyway).
+    # Writes run one behind on a helper thread (pwrite releases the GIL), so the copy into the
+    # page cache overlaps the next tensor's ΔW; one tensor waits at most.
+    pending: Future[None] | None = None
+    done: tuple[Path, TensorInfo] | None = None
     with (
+        merge_thread_policy(),
         PreadReader(readahead=_READAHEAD) as reader,
-        ShardedWriter(out_dir, layout.entries(), shard_size, metadata) as w,
+        ShardedWriter(out_dir, layout.entries(), shard_size, metadata, syncer) as w,
+        ThreadPoolExecutor(1, thread_name_prefix="mwakit-bake-write") as pool,
     ):
-        for n, item in enumerate(items):
-            if n + 1 < len(items):
-                reader.prefetch(*_one(items[n + 1].source))
-            path, info = item.source
-            t = reader.get(info, path)
-            stats.bytes_read += info.nbytes
-            want = getattr(torch, DTYPE_NAMES[item.code])
-            # Written wider than stored (--dtype float32 of a bf16 base): merge in the wider
-            # dtype, so W + ΔW is not first rounded to the base's.
-            wider = t.is_floating_point() and want.itemsize > t.element_size()
-            new, changed = _updated(item, t.to(dev, want if wider else t.dtype), adapter, alias)
-            if changed and new.is_floating_point() and not _finite(new):
-                raise TensorError(
-                    f"the baked {item.key} holds NaN or Inf",
-                    where=f"{adapter.source} on {path.parent}",
-                    fix="the adapter is broken (training diverged) or too large for the base's "
-                    "dtype; bake with --dtype float32",
-                )
-            code = item.code
-            out = new.to(device="cpu", dtype=getattr(torch, DTYPE_NAMES[code])).contiguous()
-            w.write(item.key, out)
-            stats.bytes_written += out.numel() * out.element_size()
-            stats.tensors += 1
-            stats.changed += int(changed)
-            del t, new, out
-            reader.release(path, [info])
-            if on_tensor is not None:
-                on_tensor(n + 1, len(items))
+        try:
+            for n, item in enumerate(items):
+                if n + 1 < len(items):
+                    reader.prefetch(*_one(items[n + 1].source))
+                path, info = item.source
+                t = reader.get(info, path)
+                stats.bytes_read += info.nbytes
+                out, changed = _baked(item, t.to(dev), adapter, alias)
+                if pending is not None:
+                    pending.result()
+                if done is not None:
+                    reader.release(*_one(done))
+                pending = pool.submit(w.write, item.key, out)
+                done = item.source
+                stats.bytes_written += out.numel() * out.element_size()
+                stats.tensors += 1
+                stats.changed += int(changed)
+                del t, out
+                if on_tensor is not None:
+                    on_tensor(n + 1, len(items))
+            if pending is not None:
+                pending.result()
+        finally:
+            if pending is not None:
+                pending.exception()  # never close the writer under a write in flight
     stats.seconds = time.perf_counter() - t0
     return stats

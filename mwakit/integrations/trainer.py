@@ -18,6 +18,7 @@ import copy
 import importlib
 import json
 import logging
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sized
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
-from mwakit.errors import UsageError
+from mwakit.errors import MwakitError, UsageError
 from mwakit.recipe import Recipe, parse_recipe
 
 if TYPE_CHECKING:
@@ -42,6 +43,8 @@ logger = logging.getLogger("mwakit.integrations")
 DEFAULT_OUTPUT = "merged"
 #: Where a tune writes the recipe it chose, inside ``args.output_dir``.
 TUNED_RECIPE = "mwakit-tuned.yaml"
+#: The Trainer's eval rows a tune scored on, beside the tuned recipe.
+TUNED_DATA = "mwakit-tune-eval.jsonl"
 _RUN_PLACEHOLDER = "<Trainer output_dir>"
 _TEXT_KEYS = ("text", "prompt", "completion", "messages", "choices", "label")
 
@@ -98,7 +101,8 @@ class MergeCallback(TrainerCallback):
         params: Other method params, merged over the recipe's.
         lora_space: ``factors`` or ``delta``.
         delta_rank: With ``delta``: ``concat``, ``full`` or a rank.
-        loss_window: How many logged training losses each checkpoint's ``loss`` averages.
+        loss_window: What each checkpoint's ``loss`` averages: ``since_save`` (the recipe
+            default: the losses logged since the previous save) or the last n logged ones.
         overwrite: Replace an existing output folder.
         tune: Tune the merge on the Trainer's eval data before writing it: True, or a mapping
             of keyword arguments for `mwakit.tune.tune` (``searches``, ``budget``, ``metric``,
@@ -127,7 +131,7 @@ class MergeCallback(TrainerCallback):
         params: Mapping[str, Any] | None = None,
         lora_space: str | None = None,
         delta_rank: str | int | None = None,
-        loss_window: int | None = None,
+        loss_window: int | str | None = None,
         overwrite: bool | None = None,
         tune: bool | Mapping[str, Any] | None = None,
         tune_data: str | Path | None = None,
@@ -355,13 +359,17 @@ class MergeCallback(TrainerCallback):
         )
 
     def _tuned(self, recipe: Recipe, run_dir: Path, events: dict[str, Any]) -> Recipe:
-        """Tune ``recipe`` on the eval data and return the recipe the tune chose."""
+        """Tune ``recipe`` on the eval data and return the recipe the tune chose.
+
+        The eval rows are kept beside the chosen recipe (`TUNED_DATA`), since its ``tuning:``
+        record names the file it was tuned on.
+        """
         from mwakit.recipe import load_recipe
         from mwakit.tune import tune
 
         assert self._tune is not None
-        out = run_dir / TUNED_RECIPE
         options = dict(self._tune)
+        options.setdefault("out", run_dir / TUNED_RECIPE)
         with tempfile.TemporaryDirectory(prefix="mwakit-tune-") as tmp:
             data = self._tune_data
             if data is None:
@@ -374,19 +382,37 @@ class MergeCallback(TrainerCallback):
                         fix="give the Trainer an eval_dataset with eval_strategy='steps', or "
                         "pass tune_data=FILE.jsonl",
                     )
-                data = Path(tmp) / "eval.jsonl"
                 rows = eval_rows(dataset, events.get("processing_class"))
-                data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-            tokenizer: Any = events.get("processing_class")
-            if "tokenizer" not in options and hasattr(tokenizer, "save_pretrained"):
-                # The tokenizer the run trained with, which the base folder may lack.
-                tokenizer.save_pretrained(str(Path(tmp) / "tokenizer"))
-                options["tokenizer"] = Path(tmp) / "tokenizer"
-            options.setdefault("out", out)
+                data = run_dir / TUNED_DATA
+                part = Path(tmp) / TUNED_DATA
+                part.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+                shutil.move(part, data)  # complete or absent, never half-written
+            if "tokenizer" not in options:
+                found = _tokenizer_folder(run_dir, events.get("processing_class"), Path(tmp))
+                if found is not None:
+                    options["tokenizer"] = found
             tune(recipe, data=data, **options)
         chosen = load_recipe(options["out"])
         # The tune chose how to merge; where to write stays the callback's.
         return chosen.model_copy(update={"output": recipe.output})
+
+
+def _tokenizer_folder(run_dir: Path, tokenizer: Any, tmp: Path) -> Path | None:
+    """The tokenizer the run trained with (which the base folder may lack): the one the Trainer
+    saved in the last checkpoint, else the Trainer's own saved into ``tmp``, else None."""
+    from mwakit.recipe import Select
+    from mwakit.sources import discover
+
+    try:
+        last = discover(Select(run=str(run_dir)))[-1]
+    except MwakitError:
+        last = None
+    if last is not None and (last / "tokenizer_config.json").is_file():
+        return last
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        return tmp / "tokenizer"
+    return None
 
 
 def _plain(v: Any) -> Any:

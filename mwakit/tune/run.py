@@ -466,7 +466,7 @@ def tune(
         spec = scorer
     spec = ScorerSpec(spec.factory, {**spec.kwargs, "data": files, "metric": metric})
     log = TrialLog(trial_log, context)
-    total = space.n + 1 + budget * len(names) + (4 if test_path else 0)
+    total = _expected(names, budget, space) + (4 if test_path else 0)
     pool = make_pool(spec, workers, ray)
     try:
         tuner = _Tuner(space, pool, log, context, direction, total, on_trial)
@@ -505,6 +505,19 @@ def tune(
         plot=plot_path,
         resumed=log.resumed,
     )
+
+
+def _expected(names: Sequence[str], budget: int, space: Space) -> int:
+    """About how many VAL trials the tune scores (the progress bar's total, for its ETA)."""
+    n = space.n
+    per = {
+        "penalty": min(budget, 5 * len(S.penalty_variants(space)) + 6),
+        "last": min(budget, max(0, n - 2)),
+        "greedy": min(budget, n - 1),
+        "weights": max(1, budget // (4 + int(3 * math.log(n)))) * (4 + int(3 * math.log(n))),
+        "groups": min(budget, 10),
+    }
+    return n + 2 + sum(per[name] for name in names)
 
 
 def _absolute(p: str | Path | None) -> str | None:

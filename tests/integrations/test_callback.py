@@ -6,7 +6,7 @@ byte in adapter_model.safetensors.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,19 @@ from mwakit.integrations import MergeCallback
 from .conftest import Train, build_trainer
 
 WEIGHTS = "adapter_model.safetensors"
-HAS_TUNE = importlib.util.find_spec("mwakit.tune") is not None
+
+
+def _importable(name: str) -> bool:
+    # A real import, not find_spec: an editable install elsewhere can make find_spec answer
+    # for a module this tree does not have, whose import then fails.
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
+HAS_TUNE = _importable("mwakit.tune")
 
 
 def _cli_run(recipe: dict[str, Any], path: Path) -> Path:
@@ -239,7 +251,7 @@ def test_an_existing_output_is_refused_before_training(tmp_path: Path, tiny_base
     build_trainer(tmp_path / "run", tiny_base, [MergeCallback(overwrite=True)])
 
 
-HAS_EVAL = importlib.util.find_spec("mwakit.evaluate") is not None
+HAS_EVAL = _importable("mwakit.evaluate")
 
 
 @pytest.mark.slow
@@ -283,6 +295,10 @@ def test_tune_on_the_trainers_eval_dataset(
     assert tuned.is_file() and cb.result is not None and cb.result.path == run / "merged"
     # The written adapter is what `mwakit run` of the chosen recipe writes.
     chosen = yaml.safe_load(tuned.read_text(encoding="utf-8"))
+    # The eval rows it scored on stay beside it: the tuning record names that file.
+    data = run / "mwakit-tune-eval.jsonl"
+    assert len(data.read_text(encoding="utf-8").splitlines()) == 8
+    assert chosen["tuning"]["data"]["val"]["path"] == str(data)
     chosen["output"] = {"path": str(tmp_path / "cli")}
     cli = _cli_run(chosen, tmp_path / "chosen.yaml")
     assert (run / "merged" / WEIGHTS).read_bytes() == (cli / WEIGHTS).read_bytes()

@@ -1,9 +1,10 @@
 """Same recipe, same bytes: across runs and across torch thread counts (issue 8).
 
-Each merge runs in child processes with ``OMP_NUM_THREADS`` / ``torch.set_num_threads`` 1 and 2
-(and 2 again): every output tensor file must have the same sha256. The adapters' 320×288 module
-is large enough for the randomized re-factorisation (`mwakit.rsvd`), the 64×320 one gets the
-dense SVD, so both delta_rank paths are covered, with the QR + small SVD path of linear merges.
+Each merge runs in child processes with ``MWAKIT_THREADS`` (the merge's thread policy),
+``OMP_NUM_THREADS`` and ``torch.set_num_threads`` 1 and 2 (and 2 again): every output tensor
+file must have the same sha256. The adapters' 320×288 module is large enough for the randomized
+re-factorisation (`mwakit.rsvd`), the 64×320 one gets the dense SVD, so both delta_rank paths
+are covered, with the QR + small SVD path of linear merges.
 """
 
 from __future__ import annotations
@@ -25,8 +26,15 @@ import hashlib, json, sys
 from pathlib import Path
 import torch
 torch.set_num_threads(int(sys.argv[1]))
+import mwakit.execute as ex
 from mwakit.api import plan
 from mwakit.execute import execute
+seen = set()
+inner = ex.dense_refactor
+def spy(*a, **k):
+    seen.add(torch.get_num_threads())  # the thread count the merge really computes with
+    return inner(*a, **k)
+ex.dense_refactor = spy
 doc = {"threads": torch.get_num_threads(), "runs": {}}
 for spec in sys.argv[3:]:
     name, recipe, out = spec.split("=")
@@ -36,6 +44,7 @@ for spec in sys.argv[3:]:
     files = sorted(Path(out).glob("*.safetensors"))
     digest = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
     doc["runs"][name] = {"sha256": digest, "solvers": sorted(set(stats.solvers.values()))}
+doc["in_merge"] = sorted(seen)
 Path(sys.argv[2]).write_text(json.dumps(doc))
 """
 
@@ -125,7 +134,8 @@ def recipes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _run(threads: int, recipes: dict[str, Path], out: Path) -> dict[str, Any]:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    n = str(threads)  # MWAKIT_THREADS: execute's thread policy (1 unless told otherwise)
+    env = {**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "MWAKIT_THREADS": n}
     result = out / f"hashes-{threads}-{len(list(out.glob('hashes-*')))}.json"
     runs = len(list(out.glob("hashes-*")))
     specs = [f"{name}={path}={out / f'{name}-{threads}-{runs}'}" for name, path in recipes.items()]
@@ -138,7 +148,7 @@ def _run(threads: int, recipes: dict[str, Path], out: Path) -> dict[str, Any]:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc: dict[str, Any] = json.loads(result.read_text())
-    assert doc["threads"] == threads
+    assert doc["threads"] == threads and doc["in_merge"] == [threads]
     return doc["runs"]
 
 

@@ -12,7 +12,6 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-import mwakit
 from mwakit.cli import main
 from mwakit.errors import OutputError, UsageError
 from mwakit.evaluate import Evaluator, load_rows
@@ -67,7 +66,9 @@ def test_tune_chooses_and_best_yaml_reproduces_the_scored_candidate(
     assert out.with_suffix(".png").is_file() and res.plot == out.with_suffix(".png")
     recipe = load_recipe(out)
     mem = merge_in_memory(recipe)
-    written = mwakit.run(recipe, output=tmp_path / "adapter").path
+    code, text = _invoke("run", "-q", str(out), "-o", str(tmp_path / "adapter"))
+    assert code == 0, text
+    written = tmp_path / "adapter"
     disk = load_file(written / "adapter_model.safetensors")
     assert set(disk) == set(mem.tensors)
     for k, t in disk.items():
