@@ -26,7 +26,7 @@ from mwakit.errors import MwakitError, UsageError
 from mwakit.io.atomic import atomic_output_dir, check_target
 from mwakit.io.durable import BackgroundSync
 from mwakit.io.hashing import StreamHasher
-from mwakit.io.layout import MODEL_SIDE_FILES, inside_folder
+from mwakit.io.layout import MODEL_SIDE_FILES, inside_folder, side_files
 from mwakit.planner import LoraTask, Plan, Task
 from mwakit.recipe import HubTarget, Recipe, dump_recipe, load_recipe
 from mwakit.sources import discover
@@ -102,13 +102,7 @@ def model_side_files(p: Plan) -> list[Path]:
     """
     side = p.side_source or p.base
     src = side.path if side is not None else p.checkpoints[0].path
-    found = []
-    for name in MODEL_SIDE_FILES:
-        if os.path.lexists(src / name):
-            f = inside_folder(src, name, "side file")
-            if f.is_file():
-                found.append(f)
-    return found
+    return side_files(src)
 
 
 #: Tokenizer files a Trainer saves into every checkpoint (given a tokenizer or processing

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from mwakit.bases import adapter_lineage
 from mwakit.errors import PlanError, SourceError, UsageError
-from mwakit.io.layout import MODEL_SIDE_FILES, inside_folder
+from mwakit.io.layout import side_files
 
 if TYPE_CHECKING:
     from mwakit.bake.adapter import BakeAdapter, LazyTensor
@@ -111,23 +111,13 @@ def _tied(cfg: dict[str, Any]) -> bool:
     return bool(cfg.get("tie_word_embeddings", True))
 
 
-def _side_files(base: Path) -> list[Path]:
-    found = []
-    for name in MODEL_SIDE_FILES:
-        if os.path.lexists(base / name):
-            f = inside_folder(base, name, "side file")
-            if f.is_file():
-                found.append(f)
-    return found
-
-
-def _write_side_files(
+def _writeside_files(
     base: Path, out: Path, out_dtype: str, untied: bool, fallback: Path | None = None
 ) -> None:
-    found = _side_files(base)
+    found = side_files(base)
     if fallback is not None and not any(f.name not in _MODEL_CONFIGS for f in found):
         # A base saved without its tokenizer: take the one the Trainer saved with the adapter.
-        found += [f for f in _side_files(fallback) if f.name not in _MODEL_CONFIGS]
+        found += [f for f in side_files(fallback) if f.name not in _MODEL_CONFIGS]
     for f in found:
         if f.name == "config.json":
             cfg = json.loads(f.read_text(encoding="utf-8"))
@@ -204,7 +194,7 @@ def _plan(
     from mwakit.bake.stream import plan_layout
 
     cfg = _base_config(base.path)
-    _side_files(base.path)  # a side file linked out of the folder fails now, not after the bake
+    side_files(base.path)  # a side file linked out of the folder fails now, not after the bake
     layout = plan_layout(base.files, adapter, out_dtype=dtype, tied=_tied(cfg), base_name=base.ref)
     return layout, cfg
 
@@ -229,7 +219,7 @@ def _stream(
         )
         syncer.join()
     out_dtype = _dominant_dtype(layout)
-    _write_side_files(base.path, tmp, out_dtype, layout.untied, fallback)
+    _writeside_files(base.path, tmp, out_dtype, layout.untied, fallback)
     return stats, out_dtype
 
 

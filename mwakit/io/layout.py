@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 #: Files of a full model that travel with the merged weights (from the base, else the first).
@@ -72,3 +73,22 @@ def inside_folder(folder: Path, name: str, what: str) -> Path:
         fix="replace the link by a copy of the file you mean, or remove it (mwakit never reads "
         "or copies files from outside an input folder through a link)",
     )
+
+
+def side_files(folder: Path, names: Sequence[str] = MODEL_SIDE_FILES) -> list[Path]:
+    """The side files of a model folder that exist (config, tokenizer, generation config).
+
+    Args:
+        folder: The model or checkpoint folder.
+        names: Which names to look for, in the order returned.
+
+    Raises:
+        SourceError: One of them is a symlink that resolves outside ``folder``.
+    """
+    found = []
+    for name in names:
+        if os.path.lexists(folder / name):
+            f = inside_folder(folder, name, "side file")
+            if f.is_file():
+                found.append(f)
+    return found
