@@ -712,6 +712,7 @@ def eval_cmd(
     help="JSONL trial log: resume from it, append to it.",
 )
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--seed", default=0, show_default=True, type=int, help="CMA-ES's seed.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @set_option
 @_handle_errors
@@ -730,6 +731,7 @@ def tune(
     ray_address: str | None,
     trial_log: Path | None,
     device: str,
+    seed: int,
     quiet: bool,
     sets: tuple[str, ...],
 ) -> None:
@@ -774,6 +776,7 @@ def tune(
             workers=workers,
             ray=ray_address,
             device=device,
+            seed=seed,
             on_trial=on_trial,
         )
     finally:

@@ -78,7 +78,8 @@ _MIN_ROWS = 16  # a one-row product is a matrix-vector call, rounded otherwise: 
 
 
 def _linear_blocked(w: torch.Tensor, d: ModuleDelta) -> torch.Tensor:
-    """W + s·B·A of a plain linear LoRA, rows at a time, rounded to W's dtype.
+    """W + s·B·A of a linear LoRA (DoRA: m ⊙ (W + ΔW) / ‖W + ΔW‖), rows at a time, rounded to
+    W's dtype.
 
     The same values as PEFT's ``W + (B @ A) * s``: each row of B @ A is the same dot products
     whatever the rows around it (blocks keep at least `_MIN_ROWS` rows), and a power-of-two
@@ -97,12 +98,17 @@ def _linear_blocked(w: torch.Tensor, d: ModuleDelta) -> torch.Tensor:
     starts = list(range(0, n, rows))
     if len(starts) > 1 and n - starts[-1] < _MIN_ROWS:
         starts.pop()  # a short tail joins the block before it
+    # DoRA's norm is per output row: a block of rows holds whole rows, so it normalises here.
+    mag = None if d.magnitude is None else value(d.magnitude).to(device=w.device, dtype=acc)
     out = torch.empty_like(w)
     for k, e in zip(starts, [*starts[1:], n], strict=True):
         blk = b[k:e] @ a
         if not fold:
             blk.mul_(s)
-        out[k:e].copy_(blk.add_(w[k:e]))
+        blk.add_(w[k:e])  # W + ΔW, rows k … e − 1
+        if mag is not None:
+            blk.mul_((mag[k:e] / torch.linalg.norm(blk, dim=1)).view(-1, 1))
+        out[k:e].copy_(blk)
     return out
 
 
@@ -128,7 +134,6 @@ def bake_weight(w: torch.Tensor, deltas: Sequence[ModuleDelta]) -> torch.Tensor:
 def _plain_linear(d: ModuleDelta, w: torch.Tensor) -> bool:
     return (
         d.kind == "linear"
-        and d.magnitude is None
         and not d.fan_in_fan_out
         and w.dim() == 2
         and int(w.shape[0]) >= _MIN_ROWS

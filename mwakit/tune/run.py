@@ -265,6 +265,12 @@ def build_space(recipe: Recipe) -> Space:
     base = recipe.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
     base["output"] = recipe.output.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
     base.pop("tuning", None)
+    if base.pop("relative_to", "cwd") == "recipe":
+        # Loading rebased the paths onto the recipe's folder; best.yaml lives elsewhere, so
+        # it says where the output goes plainly (its checkpoints are absolute already).
+        base["output"]["path"] = str(Path(recipe.output.path).resolve())
+        if recipe.base_model is not None and not recipe.base_model.startswith("hf://"):
+            base["base_model"] = str(Path(recipe.base_model).resolve())
     return Space(
         base=base,
         specs=tuple(specs),
@@ -466,7 +472,8 @@ def tune(
         spec = scorer
     spec = ScorerSpec(spec.factory, {**spec.kwargs, "data": files, "metric": metric})
     log = TrialLog(trial_log, context)
-    total = _expected(names, budget, space) + (4 if test_path else 0)
+    # Trials read back from the log are not scored again: the bar counts the others.
+    total = max(1, _expected(names, budget, space) + (4 if test_path else 0) - log.resumed)
     pool = make_pool(spec, workers, ray)
     try:
         tuner = _Tuner(space, pool, log, context, direction, total, on_trial)

@@ -160,3 +160,23 @@ def test_tokenizer_from_base_else_from_the_adapter(
     assert res.exit_code == 0, res.output
     assert not (tmp_path / "p" / "tokenizer_config.json").exists()
     assert (tmp_path / "p" / "tokenizer.json").is_file()
+
+
+def test_a_nan_adapter_is_one_line_and_writes_nothing(
+    adapter: Path, tiny_base: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from safetensors.torch import save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(adapter, broken)
+    tensors = load_file(broken / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, broken / "adapter_model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "o"
+    res = _invoke("bake", str(broken), "--base", str(tiny_base), "-o", str(out))
+    line = _one_line_error(res)
+    assert "the baked model.layers.1.mlp.up_proj.weight holds NaN or Inf" in line
+    assert not out.exists() and not list(tmp_path.glob(".o.mwakit-*"))

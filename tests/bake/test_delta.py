@@ -32,3 +32,20 @@ def test_blocked_equals_peft(scaling: float, out: int, inner: int, dtype: torch.
     got = bake_weight(w, [ModuleDelta("m", "linear", a, b, scaling)])
     assert got.dtype == dtype and torch.equal(got, ref)
     assert not torch.equal(got, w)
+
+
+@pytest.mark.parametrize("scaling", [2.0, 16 / math.sqrt(8)])
+@pytest.mark.parametrize(("out", "inner"), [(5632, 2048), (2048, 5632), (17, 64)])
+def test_blocked_dora_equals_peft(scaling: float, out: int, inner: int) -> None:
+    g = torch.Generator().manual_seed(out * 3 + inner)
+    w = (0.02 * torch.randn(out, inner, generator=g)).to(torch.bfloat16)
+    a = 0.01 * torch.randn(16, inner, generator=g)
+    b = 0.01 * torch.randn(out, 16, generator=g)
+    m = 1.0 + torch.rand(out, generator=g)
+    # PEFT's DoraLinearVariant.merge_unsafe, with get_weight_norm(scaling=1).
+    delta = (b @ a) * scaling
+    weight = w + 1 * delta
+    norm = torch.linalg.norm(weight, dim=1).to(weight.dtype)
+    ref = ((m / norm).view(-1, 1) * (w.data + delta)).to(w.dtype)
+    got = bake_weight(w, [ModuleDelta("m", "linear", a, b, scaling, m)])
+    assert torch.equal(got, ref)

@@ -210,3 +210,32 @@ def test_searches_run_in_order_with_their_prerequisites() -> None:
     assert _searches("groups, last") == ["penalty", "last", "groups"]
     with pytest.raises(UsageError, match="no search given"):
         _searches([])
+
+
+def test_best_yaml_of_a_recipe_relative_to_its_folder(
+    tune_run: Path, val_test: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # relative_to: recipe — the run and the output are named from the recipe's folder; the
+    # tune's best.yaml, written elsewhere, must still point at the same places.
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    run_link = tmp_path / "run"
+    run_link.symlink_to(tune_run)
+    rec = conf / "recipe.yaml"
+    rec.write_text(
+        yaml.safe_dump(
+            {
+                "relative_to": "recipe",
+                "select": {"run": "../run"},
+                "output": {"path": "../merged"},
+                "device": "cpu",
+            }
+        )
+    )
+    out = tmp_path / "elsewhere" / "best.yaml"
+    tune(rec, data=val_test[0], scorer=HASH, searches="last", budget=2, out=out, plot=False)
+    doc = yaml.safe_load(out.read_text())
+    assert "relative_to" not in doc
+    assert Path(doc["output"]["path"]) == (tmp_path / "merged").resolve()
+    assert all(Path(c["path"]).is_absolute() for c in doc["checkpoints"])
+    assert load_recipe(out).output.path == doc["output"]["path"]
