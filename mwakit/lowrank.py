@@ -7,7 +7,7 @@ restores the trailing dims on output.
 
 Nothing here forms the out×in matrix except `dense_delta` and `dense_refactor`, which exist for
 task-vector methods (their sparsified ΔW is no longer low rank) and for tests. The math is
-METHODS.md §2; the randomized re-factorisation of a dense ΔW is `mwakit.rsvd`.
+docs/methods.md §2; the randomized re-factorisation of a dense ΔW is `mwakit.rsvd`.
 
 Thread count: every result here is the same bytes whatever ``torch.get_num_threads()`` is (on
 one machine and library build). The QR and SVD of LAPACK split their work by thread count, so
@@ -94,7 +94,7 @@ def factors_average(
 
     Folding s_i / s_out into B makes s_out·B̄Ā reduce to s_i B_i A_i when one checkpoint has
     all the weight, so checkpoints trained with different α merge consistently. For K > 1
-    B̄Ā ≠ Σ w_i B_i A_i (cross terms B_i A_j, METHODS.md §2).
+    B̄Ā ≠ Σ w_i B_i A_i (cross terms B_i A_j, docs/methods.md §2).
 
     Args:
         As: The A factors, (r, in) or (r, in, kh, kw), all of one shape.

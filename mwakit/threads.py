@@ -13,9 +13,10 @@ reader's read-ahead thread copies (and hashes) the next tensor group while this 
 
 So a merge runs with 1 intra-op thread, which also makes every result independent of the
 machine's core count. ``MWAKIT_THREADS=N`` overrides it (a many-core idle machine re-factorising
-large ΔW with ``delta_rank`` gains from more threads for the SVDs); ``MWAKIT_THREADS=auto``
-keeps torch's own choice. The previous setting is restored afterwards, so a program that calls
-mwakit keeps its own.
+large ΔW with ``delta_rank`` gains from more threads in the randomized sketch's products; the
+QR and SVD steps run on one thread whatever the setting, so the bytes do not change);
+``MWAKIT_THREADS=auto`` keeps torch's own choice. The previous setting is restored afterwards,
+so a program that calls mwakit keeps its own.
 """
 
 from __future__ import annotations
