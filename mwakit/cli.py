@@ -145,6 +145,11 @@ def _plan_text(plan: Any) -> str:
         f"method: {doc['method']} {json.dumps(doc['params'])}",
         *([f"lora space: {space}"] if space else []),
         f"base model: {doc['base_model'] or 'unknown'}",
+        *(
+            ["output: merged into the base model (a full model; no adapter is written)"]
+            if plan.recipe.output.format == "merged"
+            else []
+        ),
         "",
     ]
     metric = doc["params"].get("metric")

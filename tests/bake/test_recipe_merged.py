@@ -117,3 +117,13 @@ def test_validate_and_plan_check_the_base(checkpoints: list[Path], tmp_path: Pat
         assert "base model folder not found" in res.output and "gone" in res.output
         assert len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_plan_says_the_output_is_baked(checkpoints: list[Path], tmp_path: Path) -> None:
+    baked = _recipe(tmp_path, checkpoints, tmp_path / "o", output={"format": "merged"})
+    res = CliRunner().invoke(main, ["plan", str(baked)])
+    assert res.exit_code == 0, res.output
+    assert "output: merged into the base model" in res.output
+    plain = _recipe(tmp_path, checkpoints, tmp_path / "p")
+    res = CliRunner().invoke(main, ["plan", str(plain)])
+    assert res.exit_code == 0 and "merged into the base" not in res.output
