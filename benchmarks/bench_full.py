@@ -120,6 +120,12 @@ def main() -> int:
     )
     ap.add_argument("--skip-whole", action="store_true", help="no whole-load reference row")
     ap.add_argument(
+        "--fsync-ref",
+        action="store_true",
+        help="also time the plain reference with its output fsynced (durable, as mwakit's "
+        "is), and take mwakit's ratios against that one",
+    )
+    ap.add_argument(
         "--digest-cache",
         action="store_true",
         help="keep mwakit's digest cache on (a re-run: fingerprints known, not hashed)",
@@ -223,6 +229,13 @@ def main() -> int:
                 lin_s = s
             if ref is not None:
                 rows.append((f"plain streamed {name}", ref[0], ref[1], ref[2], None, None))
+            if ref is not None and a.fsync_ref:
+                # The same reference made as durable as mwakit's output: fsync before done.
+                spec = {**specs[name], "fsync": True}
+                dur_cmd = [py, "-c", REFERENCE_STREAMED, json.dumps(spec), out, base_arg]
+                ((ds, drss, dcpu),) = interleaved(a.repeat, [([*dur_cmd, *groups], None)])
+                rows.append((f"plain streamed {name} + fsync", ds, drss, dcpu, None, None))
+                ref = (ds, drss, dcpu)
             rows.append((f"mwakit {name}", s, rss, cpu, ref, lin_s))
             if name == "linear" and a.ray:
                 # The driver starts a local cluster (num_cpus = this machine's) for the run:

@@ -36,6 +36,11 @@ for k, t0 in sds[0].items():
         acc += w * sd[k].float()
     merged[k] = acc.to(t0.dtype)
 save_file(merged, out, metadata={"format": "pt"})
+if spec.get("fsync"):  # durable like mwakit's output (it fsyncs before its final rename)
+    import os
+    fd = os.open(out, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
 """
 
 
@@ -92,6 +97,11 @@ for k in cks[0]:
     delta = torch.where(den > 0, num / den.clamp_min(1e-30), 0.0)
     merged[k] = (b + spec.get("lambda", 1.0) * delta).to(dt)
 save_file(merged, out, metadata={"format": "pt"})
+if spec.get("fsync"):  # durable like mwakit's output (it fsyncs before its final rename)
+    import os
+    fd = os.open(out, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
 """
 
 #: The environment mwakit runs in here: no digest cache, so every run hashes its inputs (the
