@@ -49,8 +49,8 @@ def weighted_sum(
     """Σ_i w_i t_i in ``dtype`` (default float32), accumulated in float32 (float64 for
     ``dtype: float64``) whatever ``dtype`` is, and rounded to it once at the end.
 
-    Inputs may be bf16/fp16 views straight from the file: ``add_`` promotes each into the
-    float32 accumulator without materialising a float32 copy of every input.
+    Inputs may be bf16/fp16 views straight from the file: each is widened into one reused
+    float32 buffer, never a fresh float32 copy per input.
     """
     import torch
 
@@ -58,9 +58,18 @@ def weighted_sum(
 
     dt = dtype or torch.float32
     acc = torch.zeros(tensors[0].shape, dtype=accumulator(dt), device=tensors[0].device)
+    buf: torch.Tensor | None = None
     for t, w in zip(tensors, weights, strict=True):
-        if w != 0.0:
-            acc.add_(t, alpha=w)
+        if w == 0.0:
+            continue
+        if t.dtype.is_floating_point and t.dtype.itemsize < acc.dtype.itemsize:
+            # Widen into one reused buffer first: a mixed-dtype add_ takes torch's slow
+            # promoting loop (bf16 inputs: ~1.5x the time of copy + same-dtype add). Only for
+            # narrower inputs: widening is exact, so the sum is bit for bit the same.
+            if buf is None:
+                buf = torch.empty_like(acc)
+            t = buf.copy_(t)
+        acc.add_(t, alpha=w)
     return acc if acc.dtype == dt else acc.to(dt)
 
 
