@@ -108,6 +108,22 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("base") / "tiny-llama", seed=0)
 
 
+def tiny_llama(**overrides: Any) -> Any:
+    """A tiny random `LlamaForCausalLM` (vocab 64, hidden 16, 2 layers), for full-model tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        **overrides,
+    )
+    return LlamaForCausalLM(cfg)
+
+
 MakeAdapter = Callable[..., Path]
 
 

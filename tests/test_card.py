@@ -11,7 +11,7 @@ import pytest
 
 from mwakit.card import _digest_cache, sha256_file
 
-from .conftest import MakeAdapter, trainer_state
+from .conftest import MakeAdapter, tiny_llama, trainer_state
 
 
 def test_fingerprint_is_sha256_and_cached_per_file_version(
@@ -120,18 +120,8 @@ def test_card_table_of_one_checkpoint_says_checkpoint(
 
 
 def test_card_of_full_models_names_the_base_once(tmp_path: Path) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
     for name in ("base", "m0", "m1"):
-        LlamaForCausalLM(cfg).save_pretrained(tmp_path / name)
+        tiny_llama().save_pretrained(tmp_path / name)
     r = _write_recipe(
         tmp_path,
         method="task_arithmetic",

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 from mwakit.cli import main
 
-from .conftest import MakeAdapter, trainer_state
+from .conftest import MakeAdapter, tiny_llama, trainer_state
+from .test_cli import _invoke, _recipe
 
 LOSSES = {10: 1.0, 20: 0.8, 30: 0.5}
 
@@ -40,41 +41,13 @@ def _tokenizer(folder: Path) -> None:
 def project(make_adapter: MakeAdapter, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """make_run.py's layout: PROJECT/run/checkpoint-10/20/30 (adapters with trainer_state.json
     and the tokenizer files a Trainer saves) beside PROJECT/full/checkpoint-30 (a full model)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("proj") / "tiny"
     for i, (step, loss) in enumerate(LOSSES.items()):
         st = trainer_state(step, [(s, 2.0) for s in range(1, step)] + [(step, loss)])
         ck = make_adapter(root / "run" / f"checkpoint-{step}", seed=i, state=st)
         _tokenizer(ck)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(root / "full" / "checkpoint-30")
+    tiny_llama().save_pretrained(root / "full" / "checkpoint-30")
     return root
-
-
-def _invoke(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
-
-
-def _recipe(tmp: Path, run: Path, **kw: Any) -> Path:
-    data: dict[str, Any] = {
-        "method": "mwa",
-        "params": {"metric": "loss", "penalty": 1.0},
-        "select": {"run": str(run)},
-        "device": "cpu",
-        "output": {"path": str(tmp / "out")},
-    }
-    data.update(kw)
-    p = tmp / "recipe.yaml"
-    p.write_text(yaml.safe_dump(data), encoding="utf-8")
-    return p
 
 
 def _one_line(res: Result) -> str:
@@ -324,17 +297,7 @@ def test_init_hub_unreachable_is_one_fast_line(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_inspect_full_models_sharded_or_not(tmp_path: Path) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
-    model = LlamaForCausalLM(cfg)
+    model = tiny_llama()
     model.save_pretrained(tmp_path / "one")
     model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     n = sum(p.numel() for p in model.state_dict().values())
@@ -373,21 +336,11 @@ def test_inspect_mwakit_outputs_and_full_runs(project: Path, tmp_path: Path) -> 
 
 
 def test_inspect_mwakit_full_output(tmp_path: Path) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from mwakit import api
     from mwakit.recipe import parse_recipe
 
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
     for i in range(2):
-        LlamaForCausalLM(cfg).save_pretrained(tmp_path / f"m{i}")
+        tiny_llama().save_pretrained(tmp_path / f"m{i}")
     recipe = parse_recipe(
         {
             "method": "linear",
