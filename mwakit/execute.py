@@ -32,6 +32,7 @@ from mwakit.lowrank import (
     full_factors,
     refactor,
 )
+from mwakit.methods.blocks import Factored
 from mwakit.methods.sparsify import derive_seed
 from mwakit.planner import FullTask, LoraTask, Plan, Task, TensorRef
 from mwakit.threads import merge_thread_policy
@@ -250,10 +251,18 @@ def _run_lora(
         # Task-vector methods act on ΔW_i = s_i B_i A_i (base 0), never on A or B alone; the
         # merged ΔW is sparse, no longer low rank: it is re-factorised by a truncated SVD, or
         # (delta_rank: full) written exactly as full-rank factors.
-        deltas = [
-            dense_delta(A.to(dtype), B.to(dtype), s)
-            for A, B, s in zip(As, Bs, task.scalings, strict=True)
-        ]
+        deltas: list[Any]
+        if plan.method.factored and task.module not in stats.thresholds:
+            # Formed block by block inside the method, in the compute dtype: never whole.
+            deltas = [
+                Factored(A.to(acc), B.to(acc), s)
+                for A, B, s in zip(As, Bs, task.scalings, strict=True)
+            ]
+        else:
+            deltas = [
+                dense_delta(A.to(dtype), B.to(dtype), s)
+                for A, B, s in zip(As, Bs, task.scalings, strict=True)
+            ]
         extra: dict[str, Any] = {}
         if task.module in stats.thresholds:
             extra["thresholds"] = stats.thresholds[task.module]

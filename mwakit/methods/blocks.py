@@ -19,6 +19,12 @@ The per-tensor top-k threshold is found exactly by `kth_largest_abs`: a bracket 
 sample of |δ|, one blocked pass that counts the elements above it and collects the few inside,
 and a radix select on those; if the bracket misses (rare), the radix select on the whole |δ|.
 
+A LoRA task vector may come as its factors (`Factored`: ΔW = s·B·A): a block is then a run of
+whole rows, formed by one small matrix product straight into the block buffer, so the dense
+ΔW_i — gigabytes for ten 14336×4096 modules — is never held, and the passes read the factors
+(kilobytes per row) instead of streaming it from memory. Both passes (threshold and merge)
+form the same row blocks, so they see the same bits.
+
 On a GPU a block is up to 16M elements: there the op count, not the cache, is what matters.
 Inputs are cast to float32 (float64 if asked) whatever their storage dtype; a bfloat16 or
 float16 compute dtype is computed in float32 (compute in float32, write the requested dtype).
@@ -72,31 +78,124 @@ class Trim:
     seed: int = 0
 
 
+_ROW_ALIGN = 4
+"""Row blocks of a `Factored` hold a multiple of this many rows where they can: BLAS computes
+such row slices of B·A with the same kernel as the whole product (same bits, measured with MKL)."""
+
+
+class Factored:
+    """One LoRA task vector ΔW = s·B·A, formed a block of whole rows at a time, never whole.
+
+    Args:
+        a: A, (r, in) or (r, in, kh, kw), already in the compute dtype.
+        b: B, (out, r) or (out, r, 1, 1), of ``a``'s dtype and device.
+        scaling: s.
+    """
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+        self.a = a.reshape(a.shape[0], -1)
+        self.b = b.reshape(b.shape[0], -1)
+        self.scaling = scaling
+        self.shape = torch.Size((b.shape[0], *a.shape[1:]))
+        self.cols = self.a.shape[1]
+        if scaling != 1.0 and math.frexp(scaling)[0] == 0.5:
+            # A power of two (lora_alpha = 2r, …) times B is exact, and so is every product
+            # and sum of s·B·A: fold it into B once instead of scaling every block.
+            folded = self.b * scaling
+            if torch.equal(folded / scaling, self.b) and bool(torch.isfinite(folded).all()):
+                self.b, self.scaling = folded, 1.0
+        # Finite factors whose products cannot overflow give a finite ΔW: then the merge need
+        # not check every block (the executor still checks the result).
+        bound = (
+            float(self.b.abs().amax()) * float(self.a.abs().amax()) * self.a.shape[0]
+            if self.a.numel() and self.b.numel()
+            else 0.0
+        )
+        self.finite = (
+            math.isfinite(bound) and bound * abs(self.scaling) < 0.5 * torch.finfo(self.dtype).max
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype ΔW is formed in."""
+        return self.a.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where ΔW is formed."""
+        return self.a.device
+
+    def numel(self) -> int:
+        """Elements of ΔW."""
+        return self.b.shape[0] * self.cols
+
+    def form(self, out: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """ΔW's flat elements [start, end), whole rows, computed into ``out`` (returned)."""
+        r0, r1 = start // self.cols, end // self.cols
+        view = out[: end - start].view(r1 - r0, self.cols)
+        torch.mm(self.b[r0:r1], self.a, out=view)
+        return view.mul_(self.scaling).view(-1) if self.scaling != 1.0 else view.view(-1)
+
+    def dense(self) -> torch.Tensor:
+        """ΔW whole, flat (the rare fallback and small modules), in the row blocks `form` uses."""
+        n = self.numel()
+        out = torch.empty(n, dtype=self.dtype, device=self.device)
+        size = _block_size(n, self.device, None, self.cols)
+        for s in range(0, n, size):
+            self.form(out[s:], s, min(n, s + size))
+        return out
+
+
+Delta = torch.Tensor | Factored
+"""A task-vector input: a tensor (θ_i, or δ_i when there is no base) or LoRA factors."""
+
+
 def compute_dtype(dtype: torch.dtype | None) -> torch.dtype:
     """float64 if asked, else float32 (half-precision compute dtypes are computed in float32)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _block_size(n: int, device: torch.device, block: int | None) -> int:
-    """Elements per block: always even (random bits come in pairs), at most the tensor."""
+def _block_size(n: int, device: torch.device, block: int | None, cols: int | None = None) -> int:
+    """Elements per block: always even (random bits come in pairs), at most the tensor.
+
+    With ``cols`` (`Factored` inputs) a block is whole rows of that many elements: a multiple
+    of `_ROW_ALIGN` rows when a block holds that many, else at least one (two if odd).
+    """
     if block is None:
         block = BLOCK if device.type == "cpu" else GPU_BLOCK
+    if cols is not None:
+        rows = max(1, block // cols)
+        rows = rows - rows % _ROW_ALIGN if rows >= _ROW_ALIGN else rows
+        rows += (rows * cols) % 2
+        return rows * cols
     return max(2, min(block, n) + min(block, n) % 2)
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1)
+def _cols(tensors: Sequence[Delta]) -> int | None:
+    """The row length of `Factored` inputs (None for plain tensors; they cannot be mixed)."""
+    factored = [t for t in tensors if isinstance(t, Factored)]
+    if not factored:
+        return None
+    if len(factored) != len(tensors) or len({t.cols for t in factored}) != 1:
+        raise ValueError("factored task vectors must all be factored, with one shape")
+    return factored[0].cols
+
+
+def _flat(t: Delta) -> Delta:
+    return t if isinstance(t, Factored) else t.reshape(-1)
 
 
 def _load_delta(
-    out: torch.Tensor, t: torch.Tensor, b: torch.Tensor | None, s: int, e: int
+    out: torch.Tensor, t: Delta, b: torch.Tensor | None, s: int, e: int
 ) -> torch.Tensor:
+    if isinstance(t, Factored):
+        return t.form(out, s, e)  # task vectors: never a base
     d = out[: e - s].copy_(t[s:e])
     return d if b is None else d.sub_(b)
 
 
 def kth_largest_abs(
-    tensor: torch.Tensor,
+    tensor: Delta,
     base: torch.Tensor | None,
     ks: Sequence[int],
     dtype: torch.dtype = torch.float32,
@@ -106,7 +205,7 @@ def kth_largest_abs(
     """The k-th largest |δ|, δ = tensor − base in ``dtype``, exactly, for each k in ``ks``.
 
     Args:
-        tensor: θ_i (or δ_i when ``base`` is None), any float dtype.
+        tensor: θ_i (or δ_i when ``base`` is None), any float dtype, or a `Factored` δ_i.
         base: θ_0 or None.
         ks: Ranks from the top, each in [1, numel].
         dtype: float32 or float64: the dtype δ is computed in (as the merge computes it).
@@ -114,68 +213,146 @@ def kth_largest_abs(
     """
     n = tensor.numel()
     flat_t = _flat(tensor)
-    flat_b = None if base is None else _flat(base)
+    flat_b = None if base is None else base.reshape(-1)
     if n < 4 * SAMPLE:
         a = _whole_abs(flat_t, flat_b, dtype)
         return [_kth(a, k) for k in ks]
 
     # A bracket [lo, hi] around each k-th largest from a seeded sample of |δ|.
-    gen = torch.Generator(device="cpu").manual_seed(0x5EED)
-    m = min(1 << 18, max(SAMPLE, n // 32))
-    idx = torch.randint(0, n, (m,), generator=gen).to(tensor.device)
-    sample = flat_t[idx].to(dtype)
-    if flat_b is not None:
-        sample.sub_(flat_b[idx].to(dtype))
-    sample.abs_()
+    if isinstance(flat_t, Factored):
+        sample, se = _grid_sample(flat_t, dtype)
+    else:
+        sample, se = _element_sample(flat_t, flat_b, n, dtype), None
+    m = sample.numel()
     brackets = []
     for k in ks:
         f = k / n  # fraction above the k-th largest
-        width = _MARGIN * math.sqrt(m * f * (1.0 - f)) + 2.0
+        sd = math.sqrt(m * f * (1.0 - f))
+        if se is not None:
+            # Grid samples are correlated (a row of B, a column of A): their own spread.
+            sd = max(sd, m * float(se(sample, _kth(sample, max(1, min(m, round(f * m)))))))
+        width = _MARGIN * sd + 2.0
         top_hi = math.floor(f * m - width)  # sample rank (from the top) of hi
         top_lo = math.ceil(f * m + width)
-        # Open ends are finite so that (a − lo)·(hi − a) never meets 0·inf.
         hi = torch.finfo(dtype).max if top_hi < 1 else _kth(sample, min(top_hi, m))
-        lo = -1.0 if top_lo > m else _kth(sample, max(top_lo, 1))
+        lo = 0.0 if top_lo > m else _kth(sample, max(top_lo, 1))
         brackets.append((lo, hi))
 
-    size = _block_size(n, tensor.device, block)
-    b_buf = torch.empty(size, dtype=dtype, device=tensor.device)
-    a_buf, s_buf, z_buf = torch.empty_like(b_buf), torch.empty_like(b_buf), torch.empty_like(b_buf)
+    size = _block_size(n, tensor.device, block, _cols([tensor]))
     blocks_n = -(-n // size)
     # One float32 count per block (exact below 2^24), summed in float64 at the end: no
     # per-block dtype conversion.
     above = torch.zeros(len(ks), blocks_n, dtype=dtype, device=tensor.device)
+    open_sums = torch.zeros_like(above)
     inside: list[list[torch.Tensor]] = [[] for _ in ks]
+    cuts = [(None if lo <= 0.0 else _below(lo, dtype), hi) for lo, hi in brackets]
+    shrink = torch.ops.aten.hardshrink.out
+
+    b_buf, a_buf, s_buf, z_buf = (
+        torch.empty(size, dtype=dtype, device=tensor.device) for _ in range(4)
+    )
     for bi, s in enumerate(range(0, n, size)):
         e = min(n, s + size)
         bb = None if flat_b is None else b_buf[: e - s].copy_(flat_b[s:e])
         a = _load_delta(a_buf, flat_t, bb, s, e).abs_()
         sv, zv = s_buf[: e - s], z_buf[: e - s]
-        for j, (lo, hi) in enumerate(brackets):
-            # lo ≤ a ≤ hi ⟺ (a − lo)·(hi − a) ≥ 0 (float ops are far cheaper than bool ones).
-            torch.sub(a, hi, out=zv).neg_()
-            torch.sub(a, lo, out=sv).mul_(zv)
-            inside[j].append(a[_positions(sv, _nonneg)])
-            # count(a > hi): sgn(hi − a) clamped at 0 is −1 above hi, 0 at or below it.
-            torch.sum(zv.sign_().clamp_max_(0.0), 0, out=above[j, bi])
-    totals = (-above.double().sum(dim=1)).tolist()
+        for j, (lo_cut, hi) in enumerate(cuts):
+            # hardshrink keeps a > λ: zv = a above hi, sv = a in [lo, hi] (0 elsewhere;
+            # NaN stays NaN and makes the count NaN). Float ops: far cheaper than bool.
+            shrink(a, hi, out=zv)
+            if lo_cut is not None:
+                shrink(a, lo_cut, out=sv).sub_(zv)
+            else:
+                # Open below: everything up to hi is inside, zeros too (not collected, so
+                # the sum tells whether an inf hid a row from the collection: inf − inf).
+                torch.sum(torch.sub(a, zv, out=sv), 0, out=open_sums[j, bi])
+            inside[j].append(_positive_values(sv))
+            torch.sum(zv.sign_(), 0, out=above[j, bi])
+
+    totals = above.double().sum(dim=1).tolist()
+    open_ok = torch.isfinite(open_sums.double().sum(dim=1)).tolist()
     out = []
     for j, k in enumerate(ks):
-        cand = torch.cat(inside[j])
         if not math.isfinite(totals[j]):
             out.append(math.nan)  # NaN in δ: `merge` turns the result NaN for the executor
             continue
+        cand = torch.cat(inside[j])
         r = k - int(totals[j])
         if 1 <= r <= cand.numel():
             out.append(_kth(cand, r))
-            continue
-        # The sample missed (or the values are degenerate): select on the whole |δ|.
-        out.append(_kth(_whole_abs(flat_t, flat_b, dtype), k))
+        elif r > cand.numel() and brackets[j][0] <= 0.0 and open_ok[j]:
+            out.append(0.0)  # the k-th largest is one of the zeros (all of [0, hi] is inside)
+        else:
+            # The sample missed (or the values are degenerate): select on the whole |δ|.
+            out.append(_kth(_whole_abs(flat_t, flat_b, dtype), k))
     return out
 
 
+def _element_sample(
+    flat_t: torch.Tensor, flat_b: torch.Tensor | None, n: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """|δ| at a seeded uniform sample of positions (about 1/32 of the tensor, 2^16–2^18)."""
+    gen = torch.Generator(device="cpu").manual_seed(0x5EED)
+    m = min(1 << 18, max(SAMPLE, n // 32))
+    idx = torch.randint(0, n, (m,), generator=gen).to(flat_t.device)
+    sample = flat_t[idx].to(dtype)
+    if flat_b is not None:
+        sample.sub_(flat_b[idx].to(dtype))
+    return sample.abs_()
+
+
+_GRID = 16
+"""Rows and columns of each small grid a `Factored` sample is made of."""
+
+
+def _grid_sample(
+    t: Factored, dtype: torch.dtype
+) -> tuple[torch.Tensor, Callable[[torch.Tensor, float], float]]:
+    """|ΔW| on seeded random grids of rows × columns, and the standard error of a fraction.
+
+    Gathering single elements of s·B·A costs a product each (and the gathers dominate); a
+    grid of 16 random rows by 16 random columns is one tiny matrix product (all the grids: one
+    batched product). Grid elements share rows and columns, so they are not independent: the
+    standard error of "the fraction of |ΔW| above t" is measured from the spread of that
+    fraction across the grids (≈1.5× that of as many independent draws, on random factors).
+    """
+    gen = torch.Generator(device="cpu").manual_seed(0x5EED)
+    out_n, in_n = t.b.shape[0], t.cols
+    grids = max(256, min(4096, t.numel() // (32 * _GRID * _GRID)))
+    rows = torch.randint(0, out_n, (grids, _GRID), generator=gen).to(t.device)
+    cols = torch.randint(0, in_n, (grids, _GRID), generator=gen).to(t.device)
+    b = t.b[rows.reshape(-1)].reshape(grids, _GRID, -1)  # (G, g, r)
+    a = t.a[:, cols.reshape(-1)].reshape(t.a.shape[0], grids, _GRID).permute(1, 0, 2)
+    vals = torch.bmm(b, a).reshape(grids, -1)  # (G, g·g)
+    if t.scaling != 1.0:
+        vals.mul_(t.scaling)
+    sample = vals.to(dtype).abs_()
+
+    def se(flat: torch.Tensor, at: float) -> float:
+        frac = (flat.view(grids, -1) > at).to(torch.float64).mean(dim=1)
+        return float(frac.std()) / math.sqrt(grids)
+
+    return sample.reshape(-1), se
+
+
+def _positive_values(x: torch.Tensor) -> torch.Tensor:
+    """The values of ``x`` (≥ 0 or NaN) that are > 0: few (~1%), found without a full bool scan.
+
+    Rows of `_ROW` whose maximum is 0 (or NaN) are skipped whole, so the slow bool scan runs
+    over 1/_ROW of the block and the rows that pass.
+    """
+    if x.numel() % _ROW:
+        return x[x > 0]
+    rows = x.view(-1, _ROW)
+    hit = torch.nonzero(rows.amax(dim=1) > 0).reshape(-1)
+    if hit.numel() == 0:
+        return x[:0].clone()
+    sel = torch.index_select(rows, 0, hit).reshape(-1)
+    return sel[sel > 0]
+
+
 def magnitude_trims(
-    tensors: Sequence[torch.Tensor],
+    tensors: Sequence[Delta],
     weights: Sequence[float],
     base: torch.Tensor | None,
     density: float,
@@ -204,18 +381,14 @@ def magnitude_trims(
     ]
 
 
-def _whole_abs(
-    flat_t: torch.Tensor, flat_b: torch.Tensor | None, dtype: torch.dtype
-) -> torch.Tensor:
+def _whole_abs(flat_t: Delta, flat_b: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """|δ| of the whole tensor in ``dtype``, a fresh tensor (small tensors and the fallback)."""
+    if isinstance(flat_t, Factored):
+        return flat_t.dense().to(dtype).abs_()
     a = flat_t.to(dtype, copy=True)
     if flat_b is not None:
         a.sub_(flat_b.to(dtype))
     return a.abs_()
-
-
-def _nonneg(x: torch.Tensor) -> torch.Tensor:
-    return x >= 0
 
 
 def _positive(x: torch.Tensor) -> torch.Tensor:
@@ -309,7 +482,7 @@ class _Sparsifier:
 
 
 def merge(
-    tensors: Sequence[torch.Tensor],
+    tensors: Sequence[Delta],
     weights: Sequence[float],
     base: torch.Tensor | None,
     trims: Sequence[Trim],
@@ -330,7 +503,8 @@ def merge(
     executor's finiteness check names the input instead of writing a silently repaired merge.
 
     Args:
-        tensors: θ_i (or δ_i when ``base`` is None), any float dtypes, one shape.
+        tensors: θ_i (or δ_i when ``base`` is None), any float dtypes, one shape; or all
+            `Factored` δ_i (no base).
         weights: w_i (negative: the task vector is subtracted).
         base: θ_0, or None: then the merged δ (times ``scale``) is returned.
         trims: One `Trim` per tensor.
@@ -342,8 +516,8 @@ def merge(
     dt = compute_dtype(dtype)
     shape, device = tensors[0].shape, tensors[0].device
     n = tensors[0].numel()
-    size = _block_size(n, device, block)
-    flat_b = None if base is None else _flat(base)
+    size = _block_size(n, device, block, _cols(tensors))
+    flat_b = None if base is None else base.reshape(-1)
     work = _Workspace(size, dt, device)
     live = [
         (_flat(t), w, _Sparsifier(tr, work))
@@ -372,7 +546,8 @@ def merge(
         sv = s_buf[:m]
         for li, (flat_t, w, sparsify_) in enumerate(live):
             d = _load_delta(d_buf, flat_t, bb, s, e)
-            torch.sum(d, 0, out=check[bi, li])
+            if not (isinstance(flat_t, Factored) and flat_t.finite):
+                torch.sum(d, 0, out=check[bi, li])
             d = sparsify_(d, s)
             wd = w * sparsify_.rescale
             if not consensus:

@@ -183,6 +183,7 @@ METHOD = register(
         reference="Davari & Belilovsky 2023, Model Breadcrumbs (arXiv 2312.06795)",
         linear=False,
         spaces=("delta", "full"),
+        factored=True,
         needs_base=True,
     )
 )
@@ -198,6 +199,7 @@ TIES = register(
         reference="Davari & Belilovsky 2023 (arXiv 2312.06795) + TIES (arXiv 2306.01708)",
         linear=False,
         spaces=("delta", "full"),
+        factored=True,
         needs_base=True,
     )
 )

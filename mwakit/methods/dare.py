@@ -135,6 +135,7 @@ LINEAR = register(
         reference="Yu et al. 2023, Language Models are Super Mario (arXiv 2311.03099)",
         linear=False,
         spaces=("delta", "full"),
+        factored=True,
         needs_base=True,
     )
 )
@@ -150,6 +151,7 @@ TIES = register(
         reference="Yu et al. 2023 (arXiv 2311.03099) + Yadav et al. 2023 (arXiv 2306.01708)",
         linear=False,
         spaces=("delta", "full"),
+        factored=True,
         needs_base=True,
     )
 )

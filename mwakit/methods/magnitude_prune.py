@@ -87,6 +87,7 @@ METHOD = register(
         reference="Yadav et al. 2023 (arXiv 2306.01708), trim step; PEFT magnitude_prune",
         linear=False,
         spaces=("delta", "full"),
+        factored=True,
         needs_base=True,
     )
 )

@@ -60,6 +60,9 @@ class MergeMethod:
     """How many checkpoints the method takes: (at least, at most or None)."""
     uses_weights: bool = True
     """Whether `weigh` honours the recipe's per-checkpoint ``weight`` (and ``weighting:``)."""
+    factored: bool = False
+    """Whether ``merge`` takes LoRA task vectors as `mwakit.methods.blocks.Factored` (it reaches
+    them only through `mwakit.methods.blocks`), so a dense ΔW_i is never formed whole."""
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,7 @@ METHOD = register(
         reference="Yadav et al. 2023, TIES-Merging (arXiv 2306.01708)",
         linear=False,
         spaces=("delta", "full"),
+        factored=True,
         needs_base=True,
     )
 )
