@@ -17,7 +17,8 @@ does, start-up included) and reports:
 Target (issue 11 §3): total wall ≤ 5 min on the project's 2-core box, every sampled module
 within 1 % of its optimal truncation error. Measured (Dec 2026, 1 thread, all 224 modules):
 498 s, re-factorisation 65 s, all 224 certified by the sketch, sampled ratios 1.0042–1.0057
-— the wall target is missed (it was ≈ 1336 s with dense ΔW_i; one layer 22.7 s → 17.2 s).
+— the wall target is missed (it was ≈ 1336 s with dense ΔW_i; one layer 22.7 s → 17.2 s,
+peak RSS of one layer 2776 MB → 556 MB).
 Run it under the bench lock with 1 thread::
 
     flock /tmp/mwakit-bench.lock nice -n 10 python benchmarks/bench_refactor.py --threads 1
@@ -67,8 +68,10 @@ def timed(*a, **k):
         spent[0] += time.perf_counter() - t0
 ex.dense_refactor = timed
 res = api.run(load_recipe(sys.argv[1]))
+import resource
 doc = {"refactor_s": spent[0], "rel_errors": res.stats.rel_errors,
-       "solvers": res.stats.solvers, "weights": list(res.plan.weights)}
+       "solvers": res.stats.solvers, "weights": list(res.plan.weights),
+       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 open(sys.argv[2], "w").write(json.dumps(doc))
 """
 
@@ -212,7 +215,7 @@ def main() -> int:
         worst = max(errs.items(), key=lambda kv: kv[1])
         print(
             f"merge wall {wall:.1f} s (start-up, read, ΔW, TIES, re-factorise, write); "
-            f"re-factorisation {doc['refactor_s']:.1f} s"
+            f"re-factorisation {doc['refactor_s']:.1f} s; peak RSS {doc['peak_rss_mb']:.0f} MB"
         )
         full = LAYERS * len(MODULES)
         scale = 1.0
