@@ -26,6 +26,7 @@ Ray is an optional extra (``pip install 'mwakit[ray]'``), imported only here.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -169,17 +170,28 @@ def _raise(fields: tuple[str, str, str | None, str | None]) -> None:
     raise cls(what, where=where, fix=fix)
 
 
-def _connect(ray: Any, address: str | None) -> bool:
-    """Join (or start) a cluster unless connected already; True when this call started it."""
+def connect(ray: Any, address: str | None) -> bool:
+    """Join (or start) a cluster unless connected already; True when this call started it.
+
+    Ray logs a warning when it turns on token authentication for a new local cluster (its
+    default). The token stays on; the notice would land between mwakit's own lines, so it is
+    held back (``RAY_AUTH_MODE`` set by the user silences Ray itself).
+    """
     if ray.is_initialized():
         return False
-    ray.init(
-        address=address,
-        include_dashboard=False,
-        logging_level="ERROR",
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = notice.level
+    notice.setLevel(logging.ERROR)
+    try:
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            logging_level="ERROR",
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    finally:
+        notice.setLevel(level)
     return True
 
 
@@ -225,7 +237,7 @@ def execute_ray(
         _prepasses(plan, _Loader(plan, reader, torch.device("cpu")), stats, plan_dtype(plan))
     prepass = {"fisher_norms": stats.fisher_norms, "thresholds": stats.thresholds}
     groups = shard_groups(plan)
-    started = _connect(ray, address)
+    started = connect(ray, address)
     try:
         # A task sees a GPU only when it asks for one (Ray hides the others from it).
         gpus = 1 if plan.recipe.device.startswith("cuda") else 0

@@ -258,7 +258,9 @@ class RayWorkers:
         self.ray = ray
         self._started = not ray.is_initialized()
         if self._started:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            from mwakit.executors.ray import connect
+
+            connect(ray, address)
         self.n = n or max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.spec = spec
         # An actor evaluating on CUDA holds one GPU (Ray then places actors on GPU nodes).

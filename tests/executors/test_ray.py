@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from mwakit import card
 from mwakit.cli import main
 from mwakit.errors import TensorError, UsageError
 from mwakit.executors import parse_executor
-from mwakit.executors.ray import FAULT_ENV, shard_groups
+from mwakit.executors.ray import FAULT_ENV, connect, shard_groups
 from mwakit.recipe import parse_recipe
 from tests.test_execute import write_adapter
 from tests.test_full_models import _model
@@ -186,3 +187,36 @@ def test_address_needs_the_ray_executor() -> None:
 
     with pytest.raises(RecipeError, match="executor_address applies only with executor: ray"):
         parse_recipe({"checkpoints": ["a"], "output": {"path": "o"}, "executor_address": "auto"})
+
+
+class _FakeRay:
+    """Ray's ``init`` at the boundary: it logs the token notice a new local cluster gets."""
+
+    def __init__(self) -> None:
+        self.kwargs: dict[str, Any] = {}
+
+    def is_initialized(self) -> bool:
+        return bool(self.kwargs)
+
+    def init(self, **kwargs: Any) -> None:
+        logging.getLogger(TOKEN_LOGGER).warning(
+            "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled."
+        )
+        self.kwargs = kwargs
+
+
+TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def test_starting_a_local_cluster_holds_back_rays_token_notice(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake = _FakeRay()
+    before = logging.getLogger(TOKEN_LOGGER).level
+    # Ray may stop its loggers propagating to the root: capture at the logger itself.
+    with caplog.at_level(logging.WARNING, logger=TOKEN_LOGGER):
+        assert connect(fake, None) is True
+        assert connect(fake, None) is False  # already connected: nothing started
+    assert "Token authentication" not in caplog.text
+    assert fake.kwargs["address"] is None and fake.kwargs["log_to_driver"] is False
+    assert logging.getLogger(TOKEN_LOGGER).level == before  # held back for init only
