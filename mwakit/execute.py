@@ -19,6 +19,7 @@ import torch
 
 from mwakit import __version__
 from mwakit.errors import PlanError, TensorError
+from mwakit.io.cache import InputCache
 from mwakit.io.durable import BackgroundSync
 from mwakit.io.header import DTYPE_NAMES, TensorInfo
 from mwakit.io.reader import Observer, PreadReader
@@ -348,6 +349,7 @@ def execute(
     sink: MemorySink | None = None,
     observer: Observer | None = None,
     syncer: BackgroundSync | None = None,
+    cache: InputCache | None = None,
 ) -> ExecStats:
     """Stream every task of the plan into the output folder's safetensors file(s).
 
@@ -363,6 +365,9 @@ def execute(
         observer: Sees every input byte read (e.g. a `StreamHasher` computing fingerprints).
         syncer: Flushes the output files to disk in the background as they are written (the
             caller joins it before the output is renamed into place).
+        cache: Input tensors kept across executions (`mwakit.io.cache.InputCache`): what an
+            earlier execution read of the same unchanged files is not read again, and what
+            this one reads is kept within the cache's budget.
 
     Raises:
         TensorError: An input holds NaN/Inf, or the merge overflowed.
@@ -388,7 +393,8 @@ def execute(
             out_metadata(plan),
             syncer,
         )
-    with merge_thread_policy(), PreadReader(observer=observer) as reader, writer:
+    reader = PreadReader(observer=observer, cache=cache)
+    with merge_thread_policy(), reader, writer:
         ld = _Loader(plan, reader, device)
         _prepasses(plan, ld, stats, dtype)
         run_tasks(plan, list(enumerate(plan.tasks)), ld, writer, stats, on_task=on_task)
@@ -422,6 +428,7 @@ def run_tasks(
     dtype: torch.dtype = getattr(torch, plan.recipe.dtype)
     out_dtypes = {o.key: o.dtype for o in plan.outputs}
     reader = ld.reader
+    cache = reader.cache
     for j, (i, task) in enumerate(tasks):
         if j + 1 < len(tasks):
             _prefetch(reader, task_refs(tasks[j + 1][1]))
@@ -433,6 +440,10 @@ def run_tasks(
         stats.max_live_inputs = max(stats.max_live_inputs, len(refs))
         for key, t in results.items():
             t = t.to(device="cpu", dtype=torch_dtype(out_dtypes[key])).contiguous()
+            if cache is not None and cache.owns(t):
+                # A copied input (or a method returning its input) would hand the cache's
+                # bytes to the caller, who may write into them.
+                t = t.clone()
             writer.write(key, t)
             stats.bytes_written += t.numel() * t.element_size()
         stats.bytes_read += sum(r.info.nbytes for r in refs)

@@ -15,6 +15,9 @@ hint (``posix_fadvise WILLNEED``).
 
 An input that changes under the reader (size or mtime differ from when it was first opened, or
 a read comes back short) is a `SourceError` naming the file.
+
+With an `mwakit.io.cache.InputCache`, a tensor read once is kept (in memory of its own, not the
+arena's) and later readers of the same file hand it out again without reading.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from types import TracebackType
 import torch
 
 from mwakit.errors import SourceError
+from mwakit.io.cache import FileId, InputCache
 from mwakit.io.header import DTYPE_NAMES, TensorInfo
 
 _ARENA_MIN = 1 << 20  # smaller reads come from malloc, which recycles small blocks itself
@@ -104,6 +108,7 @@ class _Open:
     size: int
     mtime_ns: int
     ino: int
+    ident: FileId | None = None  # only with a cache
 
 
 class PreadReader:
@@ -121,10 +126,19 @@ class PreadReader:
             buffer) (e.g. `mwakit.io.hashing.StreamHasher.observe`, which keeps the buffer
             until it is hashed); called from the read-ahead thread too, so it must be
             thread-safe. An error it raises fails the read.
+        cache: Keeps what is read for later readers, and hands out what earlier ones kept
+            (shared: callers must not write into the tensors). The observer still sees every
+            tensor handed out, read or not.
     """
 
-    def __init__(self, readahead: int = _READAHEAD, observer: Observer | None = None) -> None:
+    def __init__(
+        self,
+        readahead: int = _READAHEAD,
+        observer: Observer | None = None,
+        cache: InputCache | None = None,
+    ) -> None:
         self._observer = observer
+        self._cache = cache
         self._files: dict[Path, _Open] = {}
         self._arena = _Arena()
         self._lock = threading.Lock()  # files and arena, shared with the read-ahead thread
@@ -132,6 +146,11 @@ class PreadReader:
         self._pool: ThreadPoolExecutor | None = None
         self._ahead: dict[tuple[Path, int, int], Future[torch.Tensor]] = {}
         self._ahead_bytes = 0
+
+    @property
+    def cache(self) -> InputCache | None:
+        """The input cache this reader keeps tensors in, if any."""
+        return self._cache
 
     def __enter__(self) -> PreadReader:
         return self
@@ -161,7 +180,8 @@ class PreadReader:
             if not stat.S_ISREG(st.st_mode):
                 os.close(fd)
                 raise SourceError("not a regular file", where=str(path), fix="point at the file")
-            f = _Open(fd, st.st_size, st.st_mtime_ns, st.st_ino)
+            ident = FileId.of(path, st) if self._cache is not None else None
+            f = _Open(fd, st.st_size, st.st_mtime_ns, st.st_ino, ident)
             self._files[path] = f
             return f
 
@@ -213,8 +233,17 @@ class PreadReader:
                 f"tensor {info.name!r} ends at byte {info.end}, past the end of the file "
                 f"({f.size} bytes)",
             )
-        with self._lock:
-            raw = self._arena.take(info.nbytes)
+        key = None
+        cache = self._cache
+        if cache is not None:
+            cache.note_read()
+        if cache is not None and f.ident is not None and cache.fits(info.nbytes):
+            # Memory of its own: a kept arena buffer would be pinned, and up to twice too big.
+            key = cache.key(f.ident, info)
+            raw = torch.empty(info.nbytes, dtype=torch.uint8)
+        else:
+            with self._lock:
+                raw = self._arena.take(info.nbytes)
         # bf16 and fp8 have no numpy dtype: read into the bytes, reinterpret inside torch.
         mv = raw.numpy().data
         try:
@@ -225,13 +254,30 @@ class PreadReader:
             # The observer may keep `raw` (to hash it later): the arena reuses a buffer only
             # once nothing references it.
             self._observer(path, info.start, raw)
+        if key is not None:
+            assert cache is not None
+            cache.put(key, raw)
+        return raw.view(dtype).reshape(info.shape)
+
+    def _cached(self, info: TensorInfo, path: Path) -> torch.Tensor | None:
+        """The cache's copy of the tensor, shown to the observer, or None."""
+        if self._cache is None or info.numel == 0:
+            return None
+        f = self._open(path)
+        assert f.ident is not None
+        raw = self._cache.get(self._cache.key(f.ident, info))
+        if raw is None:
+            return None
+        if self._observer is not None:
+            self._observer(path, info.start, raw)
+        dtype = getattr(torch, DTYPE_NAMES[info.dtype])
         return raw.view(dtype).reshape(info.shape)
 
     def get(self, info: TensorInfo, path: Path) -> torch.Tensor:
         """A tensor of ``info``'s data in ``path``, in memory of its own.
 
-        Read now, or taken from what ``prefetch`` read ahead (each read-ahead tensor is handed
-        out once; a second get reads again).
+        Read now, taken from the cache, or taken from what ``prefetch`` read ahead (each
+        read-ahead tensor is handed out once; a second get reads again).
 
         Args:
             info: The tensor's header entry, from ``read_header(path)``.
@@ -239,7 +285,8 @@ class PreadReader:
 
         Returns:
             A CPU tensor of ``info.dtype`` and ``info.shape`` (always aligned for its dtype,
-            whatever the file offset). The caller may keep it as long as it likes.
+            whatever the file offset). The caller may keep it as long as it likes; with a
+            cache it must not write into it.
 
         Raises:
             SourceError: The file cannot be opened or read, is shorter than its header said,
@@ -249,7 +296,8 @@ class PreadReader:
         if fut is not None:
             self._ahead_bytes -= info.nbytes
             return fut.result()
-        return self._read(info, path)
+        hit = self._cached(info, path)
+        return hit if hit is not None else self._read(info, path)
 
     def prefetch(self, path: Path, infos: Sequence[TensorInfo]) -> None:
         """Start reading these tensors now, while the caller computes something else.
@@ -262,6 +310,8 @@ class PreadReader:
             path: The file holding the tensors.
             infos: Their header entries.
         """
+        if self._cache is not None:
+            infos = [i for i in infos if not self._held(i, path)]
         if not infos:
             return
         want = sum(i.nbytes for i in infos)
@@ -283,6 +333,14 @@ class PreadReader:
             os.posix_fadvise(f.fd, start, end - start, os.POSIX_FADV_WILLNEED)
         except (OSError, SourceError):
             pass  # a hint only: the read itself reports a missing or unreadable file
+
+    def _held(self, info: TensorInfo, path: Path) -> bool:
+        assert self._cache is not None
+        try:
+            f = self._open(path)
+        except SourceError:
+            return False  # reported by the read itself
+        return f.ident is not None and self._cache.key(f.ident, info) in self._cache
 
     def release(self, path: Path, infos: Sequence[TensorInfo]) -> None:
         """Say these tensors are done with: their buffers may be reused once no tensor views them.
