@@ -108,8 +108,11 @@ class _Loader:
         self.plan = plan
         self.reader = reader
         self.device = device
+        self._cpu = device.type == "cpu"  # the reader's tensors are there already
 
     def get(self, refs: Sequence[TensorRef]) -> list[torch.Tensor]:
+        if self._cpu:
+            return [self.reader.get(r.info, r.path) for r in refs]
         return [self.reader.get(r.info, r.path).to(self.device) for r in refs]
 
     def finish(
@@ -429,9 +432,12 @@ def run_tasks(
     out_dtypes = {o.key: o.dtype for o in plan.outputs}
     reader = ld.reader
     cache = reader.cache
+    # Each task's inputs by file, grouped once: the group is read ahead, then released.
+    groups = [_by_file(task_refs(task)) for _, task in tasks]
     for j, (i, task) in enumerate(tasks):
         if j + 1 < len(tasks):
-            _prefetch(reader, task_refs(tasks[j + 1][1]))
+            for path, infos in groups[j + 1].items():
+                reader.prefetch(path, infos)
         if isinstance(task, FullTask):
             results = _run_full(task, plan, ld, dtype, stats)
         else:
@@ -448,7 +454,8 @@ def run_tasks(
             stats.bytes_written += t.numel() * t.element_size()
         stats.bytes_read += sum(r.info.nbytes for r in refs)
         del results
-        _release(reader, refs)
+        for path, infos in groups[j].items():
+            reader.release(path, infos)
         stats.tasks += 1
         if on_task is not None:
             on_task(i, task)
@@ -483,11 +490,6 @@ def _by_file(refs: Sequence[TensorRef]) -> dict[Path, list[TensorInfo]]:
     for r in refs:
         by_file.setdefault(r.path, []).append(r.info)
     return by_file
-
-
-def _prefetch(reader: PreadReader, refs: Sequence[TensorRef]) -> None:
-    for path, infos in _by_file(refs).items():
-        reader.prefetch(path, infos)
 
 
 def _release(reader: PreadReader, refs: Sequence[TensorRef]) -> None:

@@ -98,7 +98,7 @@ def _cases() -> list[Any]:
 def _held_equal_files(cache: InputCache) -> int:
     """Each held tensor's bytes against its file's; returns how many were checked."""
     n = 0
-    for (file, name, _, start, end), buf in cache._entries.items():
+    for file, (name, _, start, end), buf in cache.items():
         with open(file.real, "rb") as f:
             f.seek(start)
             want = f.read(end - start)

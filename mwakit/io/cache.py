@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -30,9 +30,11 @@ from mwakit.io.header import TensorInfo
 DEFAULT_FRACTION = 0.25
 
 
-@dataclass(frozen=True)
-class FileId:
-    """A file as ``fstat`` saw it when opened: any rewrite, replace or touch changes it."""
+class FileId(NamedTuple):
+    """A file as ``fstat`` saw it when opened: any rewrite, replace or touch changes it.
+
+    A named tuple, not a dataclass: it is hashed and compared on every cached read.
+    """
 
     real: str
     dev: int
@@ -49,7 +51,15 @@ class FileId:
         )
 
 
-_Key = tuple[FileId, str, str, int, int]
+TensorKey = tuple[str, str, int, int]
+"""(name, dtype code, start, end) of a tensor within its file."""
+Held = tuple[torch.Tensor, torch.Tensor]
+"""A held tensor: its bytes (uint8, for the reader's observer) and the typed, shaped view."""
+
+
+def tensor_key(info: TensorInfo) -> TensorKey:
+    """The key of ``info`` within its file's entries."""
+    return (info.name, info.dtype, info.start, info.end)
 
 
 def default_budget() -> int:
@@ -84,41 +94,38 @@ class InputCache:
         self.misses = 0
         self.nbytes = 0
         self._lock = threading.Lock()
-        self._entries: dict[_Key, torch.Tensor] = {}
-        self._files: dict[str, FileId] = {}  # real path -> the identity its entries are of
+        self._files: dict[str, tuple[FileId, dict[TensorKey, Held]]] = {}  # by real path
         self._ptrs: set[int] = set()  # data pointers of the held buffers (`owns`)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return sum(len(held) for _, held in self._files.values())
 
-    def __contains__(self, key: object) -> bool:
-        return key in self._entries
+    def entries(self, file: FileId) -> dict[TensorKey, Held]:
+        """The tensors held of this version of the file (a reader looks them up once per
+        file it opens); entries of an older version of the same path are dropped.
 
-    @staticmethod
-    def key(file: FileId, info: TensorInfo) -> _Key:
-        """The cache key of tensor ``info`` of ``file``."""
-        return (file, info.name, info.dtype, info.start, info.end)
-
-    def _forget_stale(self, file: FileId) -> None:
-        # Called with the lock held: entries of an older version of this path go.
-        known = self._files.get(file.real)
-        if known == file:
-            return
-        if known is not None:
-            for k in [k for k in self._entries if k[0] == known]:
-                buf = self._entries.pop(k)
-                self.nbytes -= buf.numel()
-                self._ptrs.discard(buf.data_ptr())
-        self._files[file.real] = file
-
-    def get(self, key: _Key) -> torch.Tensor | None:
-        """The held uint8 bytes of ``key``, or None."""
+        The dict is the cache's own: readers only read it, `put` fills it.
+        """
         with self._lock:
-            self._forget_stale(key[0])
-            buf = self._entries.get(key)
-            if buf is not None:
-                self.hits += 1
-            return buf
+            known = self._files.get(file.real)
+            if known is not None and known[0] == file:
+                return known[1]
+            if known is not None:
+                for raw, _ in known[1].values():
+                    self.nbytes -= raw.numel()
+                    self._ptrs.discard(raw.data_ptr())
+            held: dict[TensorKey, Held] = {}
+            self._files[file.real] = (file, held)
+            return held
+
+    def items(self) -> list[tuple[FileId, TensorKey, torch.Tensor]]:
+        """Every held tensor: (file, key, its bytes)."""
+        with self._lock:
+            return [(f, k, raw) for f, held in self._files.values() for k, (raw, _) in held.items()]
+
+    def hit(self) -> None:
+        """Count one tensor handed out from memory."""
+        self.hits += 1  # only the reader's own thread hands tensors out
 
     def note_read(self) -> None:
         """Count one tensor read from its file (a miss)."""
@@ -129,21 +136,25 @@ class InputCache:
         """Whether ``nbytes`` more would stay within the budget."""
         return self.nbytes + nbytes <= self.budget
 
-    def put(self, key: _Key, buf: torch.Tensor) -> bool:
-        """Keep ``buf`` (uint8, memory of its own that no one writes) as ``key``'s bytes.
+    def put(self, file: FileId, info: TensorInfo, raw: torch.Tensor, typed: torch.Tensor) -> bool:
+        """Keep ``raw`` (uint8, memory of its own that no one writes) as ``info``'s bytes in
+        ``file``, and ``typed`` (its typed, shaped view) to hand out.
 
         Returns:
             Whether it is held (False: over the budget, or its file changed meanwhile).
         """
         with self._lock:
-            self._forget_stale(key[0])
-            if key in self._entries:
-                return True
-            if not self.fits(buf.numel()) or self._files.get(key[0].real) != key[0]:
+            known = self._files.get(file.real)
+            if known is None or known[0] != file:
                 return False
-            self._entries[key] = buf
-            self._ptrs.add(buf.data_ptr())
-            self.nbytes += buf.numel()
+            key = tensor_key(info)
+            if key in known[1]:
+                return True
+            if not self.fits(raw.numel()):
+                return False
+            known[1][key] = (raw, typed)
+            self._ptrs.add(raw.data_ptr())
+            self.nbytes += raw.numel()
             return True
 
     def owns(self, t: torch.Tensor) -> bool:
@@ -155,7 +166,6 @@ class InputCache:
     def clear(self) -> None:
         """Drop everything held."""
         with self._lock:
-            self._entries.clear()
             self._files.clear()
             self._ptrs.clear()
             self.nbytes = 0

@@ -37,7 +37,7 @@ from types import TracebackType
 import torch
 
 from mwakit.errors import SourceError
-from mwakit.io.cache import FileId, InputCache
+from mwakit.io.cache import FileId, Held, InputCache, TensorKey, tensor_key
 from mwakit.io.header import DTYPE_NAMES, TensorInfo
 
 _ARENA_MIN = 1 << 20  # smaller reads come from malloc, which recycles small blocks itself
@@ -88,6 +88,11 @@ class _Arena:
         self._bufs.append((buf, idle))
         return buf[:nbytes]
 
+    @property
+    def holds(self) -> bool:
+        """Whether any buffer is kept."""
+        return bool(self._bufs)
+
     def trim(self) -> None:
         """Drop the least recently used idle buffers beyond the free budget."""
         free = [b for b, base in self._bufs if self._idle(b, base)]
@@ -109,6 +114,7 @@ class _Open:
     mtime_ns: int
     ino: int
     ident: FileId | None = None  # only with a cache
+    held: dict[TensorKey, Held] | None = None  # the cache's entries of this file version
 
 
 class PreadReader:
@@ -164,6 +170,9 @@ class PreadReader:
         self.close()
 
     def _open(self, path: Path) -> _Open:
+        f = self._files.get(path)  # a dict read is atomic: no lock on the path taken per tensor
+        if f is not None:
+            return f
         with self._lock:
             f = self._files.get(path)
             if f is not None:
@@ -180,8 +189,10 @@ class PreadReader:
             if not stat.S_ISREG(st.st_mode):
                 os.close(fd)
                 raise SourceError("not a regular file", where=str(path), fix="point at the file")
-            ident = FileId.of(path, st) if self._cache is not None else None
-            f = _Open(fd, st.st_size, st.st_mtime_ns, st.st_ino, ident)
+            f = _Open(fd, st.st_size, st.st_mtime_ns, st.st_ino)
+            if self._cache is not None:
+                f.ident = FileId.of(path, st)
+                f.held = self._cache.entries(f.ident)
             self._files[path] = f
             return f
 
@@ -233,13 +244,13 @@ class PreadReader:
                 f"tensor {info.name!r} ends at byte {info.end}, past the end of the file "
                 f"({f.size} bytes)",
             )
-        key = None
+        keep = False
         cache = self._cache
         if cache is not None:
             cache.note_read()
-        if cache is not None and f.ident is not None and cache.fits(info.nbytes):
+            keep = f.ident is not None and cache.fits(info.nbytes)
+        if keep:
             # Memory of its own: a kept arena buffer would be pinned, and up to twice too big.
-            key = cache.key(f.ident, info)
             raw = torch.empty(info.nbytes, dtype=torch.uint8)
         else:
             with self._lock:
@@ -254,24 +265,23 @@ class PreadReader:
             # The observer may keep `raw` (to hash it later): the arena reuses a buffer only
             # once nothing references it.
             self._observer(path, info.start, raw)
-        if key is not None:
-            assert cache is not None
-            cache.put(key, raw)
-        return raw.view(dtype).reshape(info.shape)
+        typed = raw.view(dtype).reshape(info.shape)
+        if keep:
+            assert cache is not None and f.ident is not None
+            cache.put(f.ident, info, raw, typed)
+        return typed
 
     def _cached(self, info: TensorInfo, path: Path) -> torch.Tensor | None:
-        """The cache's copy of the tensor, shown to the observer, or None."""
-        if self._cache is None or info.numel == 0:
+        """The cache's copy of the tensor (the same tensor every time), or None."""
+        held = self._open(path).held
+        hit = held.get(tensor_key(info)) if held else None
+        if hit is None:
             return None
-        f = self._open(path)
-        assert f.ident is not None
-        raw = self._cache.get(self._cache.key(f.ident, info))
-        if raw is None:
-            return None
+        assert self._cache is not None
+        self._cache.hit()
         if self._observer is not None:
-            self._observer(path, info.start, raw)
-        dtype = getattr(torch, DTYPE_NAMES[info.dtype])
-        return raw.view(dtype).reshape(info.shape)
+            self._observer(path, info.start, hit[0])
+        return hit[1]
 
     def get(self, info: TensorInfo, path: Path) -> torch.Tensor:
         """A tensor of ``info``'s data in ``path``, in memory of its own.
@@ -296,7 +306,7 @@ class PreadReader:
         if fut is not None:
             self._ahead_bytes -= info.nbytes
             return fut.result()
-        hit = self._cached(info, path)
+        hit = self._cached(info, path) if self._cache is not None and info.numel else None
         return hit if hit is not None else self._read(info, path)
 
     def prefetch(self, path: Path, infos: Sequence[TensorInfo]) -> None:
@@ -311,7 +321,8 @@ class PreadReader:
             infos: Their header entries.
         """
         if self._cache is not None:
-            infos = [i for i in infos if not self._held(i, path)]
+            held = self._held(path)
+            infos = [i for i in infos if tensor_key(i) not in held]
         if not infos:
             return
         want = sum(i.nbytes for i in infos)
@@ -334,13 +345,12 @@ class PreadReader:
         except (OSError, SourceError):
             pass  # a hint only: the read itself reports a missing or unreadable file
 
-    def _held(self, info: TensorInfo, path: Path) -> bool:
-        assert self._cache is not None
+    def _held(self, path: Path) -> dict[TensorKey, Held]:
         try:
-            f = self._open(path)
+            held = self._open(path).held
         except SourceError:
-            return False  # reported by the read itself
-        return f.ident is not None and self._cache.key(f.ident, info) in self._cache
+            return {}  # reported by the read itself
+        return held or {}
 
     def release(self, path: Path, infos: Sequence[TensorInfo]) -> None:
         """Say these tensors are done with: their buffers may be reused once no tensor views them.
@@ -353,13 +363,15 @@ class PreadReader:
             path: The file holding the tensors.
             infos: Their header entries.
         """
-        for i in infos:
-            fut = self._ahead.pop((path, i.start, i.end), None)
-            if fut is not None:
-                self._ahead_bytes -= i.nbytes
-                fut.cancel()
-        with self._lock:
-            self._arena.trim()
+        if self._ahead:
+            for i in infos:
+                fut = self._ahead.pop((path, i.start, i.end), None)
+                if fut is not None:
+                    self._ahead_bytes -= i.nbytes
+                    fut.cancel()
+        if self._arena.holds:  # nothing to trim (every read came from the cache or malloc)
+            with self._lock:
+                self._arena.trim()
 
     def close(self) -> None:
         """Stop reading ahead and close every file; calling it again does nothing.

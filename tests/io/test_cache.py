@@ -102,7 +102,7 @@ def test_over_budget_tensors_are_read_every_time(tmp_path: Path) -> None:
     big = infos["big"].nbytes
     cache = InputCache(big - 1)  # everything but "big" fits
     first = _read_all(path, cache)
-    assert "big" not in {k[1] for k in cache._entries}
+    assert "big" not in {key[0] for _, key, _ in cache.items()}
     assert cache.nbytes <= cache.budget
     second = _read_all(path, cache)
     _same(second, first)
