@@ -40,7 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-def steps(cache_root: Path, k: int, use_cache: bool) -> None:
+def steps(cache_root: Path, k: int, use_cache: bool, full_logits: bool = False) -> None:
     """Plan, merge, swap and evaluate K+1 logged candidates; print the split."""
     from mwakit.evaluate import Evaluator, load_rows
     from mwakit.io.cache import InputCache
@@ -57,6 +57,8 @@ def steps(cache_root: Path, k: int, use_cache: bool) -> None:
         if t.get("split") == "val" and len(t.get("recipe", {}).get("checkpoints", [])) >= 10
     ][: k + 1]
     ev = Evaluator(cache_root / "smollm2-135m-instruct", metrics=("exact_match",))
+    if full_logits:
+        ev.trim_logits = False  # the output head at every position, as before it was trimmed
     rows = load_rows(q / "data-v1" / "val.jsonl")
     ev.encode(rows)
     cache = InputCache() if use_cache else None
@@ -143,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=Path("/work/cache"), help="quality.py's cache")
     ap.add_argument("--candidates", type=int, default=8)
     ap.add_argument("--no-cache", action="store_true", help="steps: no input cache, no memo")
+    ap.add_argument(
+        "--full-logits", action="store_true", help="steps: the output head at every position"
+    )
     ap.add_argument("--searches", default="penalty,last")
     ap.add_argument("--budget", type=int, default=6)
     a = ap.parse_args(argv)
@@ -150,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     if a.mode == "steps":
-        steps(a.cache, a.candidates, not a.no_cache)
+        steps(a.cache, a.candidates, not a.no_cache, a.full_logits)
     else:
         real_tune(a.cache, a.searches, a.budget)
     return 0
