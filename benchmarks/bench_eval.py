@@ -15,9 +15,10 @@ shape, 32 rows × 32 tokens, 5 r-8 checkpoints: swap 5–11 ms = 0.2 % of a 3.9 
 merge 0.12 s in factor space (3 %), 0.47 s in delta space (SVD re-factorisation, 12 %; less
 with more rows). Those merge times re-read and re-planned every checkpoint per candidate;
 with tune's input cache and header memo (the default here; ``--no-cache`` for the old path),
-10 checkpoints, 32 rows: factor space 62 ms = 2.4 % of a 2.9 s evaluation (250 ms = 9.9 %
-without), delta space 495 ms = 17 % (690 ms without: the per-module SVD re-factorisation,
-not the reading, is what remains). benchmarks/bench_tune_cost.py measures the same on the
+10 checkpoints, 32 rows (before the output head was trimmed to the scored positions): factor
+space 62 ms = 2.4 % of a 2.9 s evaluation (250 ms = 9.9 % without), delta space 495 ms =
+17 % (690 ms without: the per-module SVD re-factorisation, not the reading, is what
+remains). benchmarks/bench_tune_cost.py measures the same on the
 real SmolLM2 runs.
 
 Usage::
