@@ -735,7 +735,7 @@ def _cache_size(text: str) -> int:
     "--cache-memory",
     metavar="SIZE",
     help="Checkpoint tensors kept in memory across candidates, per worker (e.g. 4GiB; 0: "
-    "none) [a quarter of the RAM].",
+    "none) [a quarter of the RAM, split among local --workers].",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @set_option

@@ -427,7 +427,8 @@ def tune(
             ``data`` and ``metric`` on top.
         seed: CMA-ES's seed.
         cache_memory: Bytes of checkpoint tensors each scorer keeps in memory across
-            candidates (default: a quarter of the RAM; 0: read them for every candidate).
+            candidates (default: a quarter of the RAM, split among local ``workers``; 0: read
+            them for every candidate).
 
     Returns:
         The baselines, each search's best, the chosen candidate and every trial.
@@ -470,6 +471,11 @@ def tune(
     if scorer is None:
         assert base is not None
         kw: dict[str, Any] = {"base": str(base), "tokenizer": tokenizer and str(tokenizer)}
+        if cache_memory is None and workers > 1 and ray is None:
+            from mwakit.io.cache import default_budget
+
+            # Local workers share this machine's RAM: the default quarter, split among them.
+            cache_memory = max(1, default_budget() // workers)
         spec = ScorerSpec(DEFAULT_FACTORY, {**kw, "device": device, "cache_memory": cache_memory})
     else:
         spec = scorer
