@@ -678,6 +678,19 @@ def eval_cmd(
     click.echo(f"{res.tokens} tokens scored in {res.seconds:.2f}s", err=True)
 
 
+def _cache_size(text: str) -> int:
+    """--cache-memory: a size with its unit, or 0."""
+    from mwakit.errors import UsageError
+    from mwakit.recipe import parse_size
+
+    if text.strip() == "0":
+        return 0
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise UsageError(str(err), where="--cache-memory", fix="give e.g. 4GiB, or 0") from None
+
+
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--data", required=True, help="VAL: the JSONL rows every candidate is scored on.")
@@ -718,6 +731,12 @@ def eval_cmd(
 )
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--seed", default=0, show_default=True, type=int, help="CMA-ES's seed.")
+@click.option(
+    "--cache-memory",
+    metavar="SIZE",
+    help="Checkpoint tensors kept in memory across candidates, per worker (e.g. 4GiB; 0: "
+    "none) [a quarter of the RAM, split among local --workers].",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @set_option
 @_handle_errors
@@ -737,6 +756,7 @@ def tune(
     trial_log: Path | None,
     device: str,
     seed: int,
+    cache_memory: str | None,
     quiet: bool,
     sets: tuple[str, ...],
 ) -> None:
@@ -752,6 +772,7 @@ def tune(
 
     # Read (and --set) before any data or model is loaded: a bad recipe fails at once.
     loaded = load_recipe_with(recipe, sets) if sets else recipe
+    cache_bytes = None if cache_memory is None else _cache_size(cache_memory)
     bar: Any = None
 
     def on_trial(trial: Any, done: int, total: int) -> None:
@@ -783,6 +804,7 @@ def tune(
             device=device,
             seed=seed,
             on_trial=on_trial,
+            cache_memory=cache_bytes,
         )
     finally:
         if bar is not None:

@@ -19,6 +19,7 @@ import torch
 
 from mwakit import __version__
 from mwakit.errors import PlanError, TensorError
+from mwakit.io.cache import InputCache
 from mwakit.io.durable import BackgroundSync
 from mwakit.io.header import DTYPE_NAMES, TensorInfo
 from mwakit.io.reader import Observer, PreadReader
@@ -108,8 +109,11 @@ class _Loader:
         self.plan = plan
         self.reader = reader
         self.device = device
+        self._cpu = device.type == "cpu"  # the reader's tensors are there already
 
     def get(self, refs: Sequence[TensorRef]) -> list[torch.Tensor]:
+        if self._cpu:
+            return [self.reader.get(r.info, r.path) for r in refs]
         return [self.reader.get(r.info, r.path).to(self.device) for r in refs]
 
     def finish(
@@ -357,6 +361,7 @@ def execute(
     sink: MemorySink | None = None,
     observer: Observer | None = None,
     syncer: BackgroundSync | None = None,
+    cache: InputCache | None = None,
 ) -> ExecStats:
     """Stream every task of the plan into the output folder's safetensors file(s).
 
@@ -372,6 +377,9 @@ def execute(
         observer: Sees every input byte read (e.g. a `StreamHasher` computing fingerprints).
         syncer: Flushes the output files to disk in the background as they are written (the
             caller joins it before the output is renamed into place).
+        cache: Input tensors kept across executions (`mwakit.io.cache.InputCache`): what an
+            earlier execution read of the same unchanged files is not read again, and what
+            this one reads is kept within the cache's budget.
 
     Raises:
         TensorError: An input holds NaN/Inf, or the merge overflowed.
@@ -397,7 +405,8 @@ def execute(
             out_metadata(plan),
             syncer,
         )
-    with merge_thread_policy(), PreadReader(observer=observer) as reader, writer:
+    reader = PreadReader(observer=observer, cache=cache)
+    with merge_thread_policy(), reader, writer:
         ld = _Loader(plan, reader, device)
         _prepasses(plan, ld, stats, dtype)
         run_tasks(plan, list(enumerate(plan.tasks)), ld, writer, stats, on_task=on_task)
@@ -431,9 +440,13 @@ def run_tasks(
     dtype: torch.dtype = getattr(torch, plan.recipe.dtype)
     out_dtypes = {o.key: o.dtype for o in plan.outputs}
     reader = ld.reader
+    cache = reader.cache
+    # Each task's inputs by file, grouped once: the group is read ahead, then released.
+    groups = [_by_file(task_refs(task)) for _, task in tasks]
     for j, (i, task) in enumerate(tasks):
         if j + 1 < len(tasks):
-            _prefetch(reader, task_refs(tasks[j + 1][1]))
+            for path, infos in groups[j + 1].items():
+                reader.prefetch(path, infos)
         if isinstance(task, FullTask):
             results = _run_full(task, plan, ld, dtype, stats)
         else:
@@ -442,11 +455,16 @@ def run_tasks(
         stats.max_live_inputs = max(stats.max_live_inputs, len(refs))
         for key, t in results.items():
             t = t.to(device="cpu", dtype=torch_dtype(out_dtypes[key])).contiguous()
+            if cache is not None and cache.owns(t):
+                # A copied input (or a method returning its input) would hand the cache's
+                # bytes to the caller, who may write into them.
+                t = t.clone()
             writer.write(key, t)
             stats.bytes_written += t.numel() * t.element_size()
         stats.bytes_read += sum(r.info.nbytes for r in refs)
         del results
-        _release(reader, refs)
+        for path, infos in groups[j].items():
+            reader.release(path, infos)
         stats.tasks += 1
         if on_task is not None:
             on_task(i, task)
@@ -481,11 +499,6 @@ def _by_file(refs: Sequence[TensorRef]) -> dict[Path, list[TensorInfo]]:
     for r in refs:
         by_file.setdefault(r.path, []).append(r.info)
     return by_file
-
-
-def _prefetch(reader: PreadReader, refs: Sequence[TensorRef]) -> None:
-    for path, infos in _by_file(refs).items():
-        reader.prefetch(path, infos)
 
 
 def _release(reader: PreadReader, refs: Sequence[TensorRef]) -> None:

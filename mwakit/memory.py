@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import torch
 
     from mwakit.execute import ExecStats
+    from mwakit.io.cache import InputCache
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,17 @@ class MergedAdapter:
     stats: ExecStats | None = None
 
 
-def merge_in_memory(plan: Plan | Recipe | str | Path) -> MergedAdapter:
+def merge_in_memory(
+    plan: Plan | Recipe | str | Path, *, cache: InputCache | None = None
+) -> MergedAdapter:
     """Execute a merge into memory: nothing is written to disk.
 
     Args:
         plan: A plan (from `mwakit.plan`), or a recipe / recipe file, planned and checked
             first exactly as `mwakit run` does.
+        cache: Input tensors kept across merges (`mwakit.io.cache.InputCache`): merging the
+            same checkpoints again reads nothing from disk. The merged tensors never share
+            memory with it.
 
     Returns:
         The merged tensors and adapter config, equal to what `mwakit run` writes.
@@ -62,7 +68,7 @@ def merge_in_memory(plan: Plan | Recipe | str | Path) -> MergedAdapter:
 
         plan = make_plan(plan)
     sink = MemorySink()
-    stats = execute(plan, None, sink=sink)
+    stats = execute(plan, None, sink=sink, cache=cache)
     # The plan's adapter config is shared with the plan object: a caller editing the result
     # must not change what a later `run` of the same plan writes.
     config = copy.deepcopy(plan.adapter_config) if plan.kind == "adapter" else {}

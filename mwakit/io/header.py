@@ -7,13 +7,20 @@ reads a few kilobytes per checkpoint whatever the checkpoint's size.
 The checks are the ones the official loader makes (offsets fit shape × dtype size, tensors tile
 the data section with no hole or overlap, metadata values are strings), so a file that passes
 here is one ``safe_open`` accepts, and a bad file fails at plan time, before any merge work.
+
+Inside `remembered_headers` (tune plans every candidate over the same checkpoints) a header is
+parsed once and handed out again while ``stat`` says the file is unchanged.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,8 +158,38 @@ def _entry(path: Path, name: str, e: object, data_start: int) -> TensorInfo:
     return TensorInfo(name, dtype, tuple(shape), data_start + b, data_start + e_)
 
 
+HeaderMemo = dict[str, tuple[tuple[int, ...], "FileHeader"]]
+"""Path → (the file's stat identity, its parsed header): `remembered_headers`' store."""
+
+_MEMO: ContextVar[HeaderMemo | None] = ContextVar("mwakit_header_memo", default=None)
+
+
+@contextmanager
+def remembered_headers(memo: HeaderMemo) -> Iterator[None]:
+    """Within the block, `read_header` parses each file once while it is unchanged.
+
+    A file is unchanged while its device, inode, size, mtime and ctime are: a rewrite, a
+    replace or a touch parses it again. Planning a candidate of 20 real adapters spent half
+    its time parsing the same headers (35 of 70 ms).
+
+    Args:
+        memo: The store, kept by the caller across blocks (a scorer's, for its candidates).
+    """
+    token = _MEMO.set(memo)
+    try:
+        yield
+    finally:
+        _MEMO.reset(token)
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def read_header(path: Path) -> FileHeader:
     """Read and check a safetensors header; never reads tensor bytes.
+
+    Inside `remembered_headers`, an unchanged file's header is the one parsed before.
 
     Args:
         path: The ``.safetensors`` file.
@@ -165,6 +202,23 @@ def read_header(path: Path) -> FileHeader:
             JSON, an entry is malformed, or the data section does not match the entries
             (truncated file, holes, overlaps, trailing bytes).
     """
+    memo = _MEMO.get()
+    if memo is None:
+        return _parse(path)
+    try:
+        ident = _identity(path.stat())
+    except OSError:
+        return _parse(path)  # which says what is wrong with the path
+    hit = memo.get(str(path))
+    if hit is not None and hit[0] == ident:
+        return hit[1]
+    header = _parse(path)
+    # Stat taken before the parse: a file changing in between is parsed again next time.
+    memo[str(path)] = (ident, header)
+    return header
+
+
+def _parse(path: Path) -> FileHeader:
     try:
         size = path.stat().st_size
         with path.open("rb") as f:

@@ -15,6 +15,9 @@ hint (``posix_fadvise WILLNEED``).
 
 An input that changes under the reader (size or mtime differ from when it was first opened, or
 a read comes back short) is a `SourceError` naming the file.
+
+With an `mwakit.io.cache.InputCache`, a tensor read once is kept (in memory of its own, not the
+arena's) and later readers of the same file hand it out again without reading.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from types import TracebackType
 import torch
 
 from mwakit.errors import SourceError
+from mwakit.io.cache import FileId, Held, InputCache, TensorKey, tensor_key
 from mwakit.io.header import DTYPE_NAMES, TensorInfo
 
 _ARENA_MIN = 1 << 20  # smaller reads come from malloc, which recycles small blocks itself
@@ -84,6 +88,11 @@ class _Arena:
         self._bufs.append((buf, idle))
         return buf[:nbytes]
 
+    @property
+    def holds(self) -> bool:
+        """Whether any buffer is kept."""
+        return bool(self._bufs)
+
     def trim(self) -> None:
         """Drop the least recently used idle buffers beyond the free budget."""
         free = [b for b, base in self._bufs if self._idle(b, base)]
@@ -104,6 +113,8 @@ class _Open:
     size: int
     mtime_ns: int
     ino: int
+    ident: FileId | None = None  # only with a cache
+    held: dict[TensorKey, Held] | None = None  # the cache's entries of this file version
 
 
 class PreadReader:
@@ -121,10 +132,19 @@ class PreadReader:
             buffer) (e.g. `mwakit.io.hashing.StreamHasher.observe`, which keeps the buffer
             until it is hashed); called from the read-ahead thread too, so it must be
             thread-safe. An error it raises fails the read.
+        cache: Keeps what is read for later readers, and hands out what earlier ones kept
+            (shared: callers must not write into the tensors). The observer still sees every
+            tensor handed out, read or not.
     """
 
-    def __init__(self, readahead: int = _READAHEAD, observer: Observer | None = None) -> None:
+    def __init__(
+        self,
+        readahead: int = _READAHEAD,
+        observer: Observer | None = None,
+        cache: InputCache | None = None,
+    ) -> None:
         self._observer = observer
+        self._cache = cache
         self._files: dict[Path, _Open] = {}
         self._arena = _Arena()
         self._lock = threading.Lock()  # files and arena, shared with the read-ahead thread
@@ -132,6 +152,11 @@ class PreadReader:
         self._pool: ThreadPoolExecutor | None = None
         self._ahead: dict[tuple[Path, int, int], Future[torch.Tensor]] = {}
         self._ahead_bytes = 0
+
+    @property
+    def cache(self) -> InputCache | None:
+        """The input cache this reader keeps tensors in, if any."""
+        return self._cache
 
     def __enter__(self) -> PreadReader:
         return self
@@ -145,6 +170,9 @@ class PreadReader:
         self.close()
 
     def _open(self, path: Path) -> _Open:
+        f = self._files.get(path)  # a dict read is atomic: no lock on the path taken per tensor
+        if f is not None:
+            return f
         with self._lock:
             f = self._files.get(path)
             if f is not None:
@@ -162,6 +190,9 @@ class PreadReader:
                 os.close(fd)
                 raise SourceError("not a regular file", where=str(path), fix="point at the file")
             f = _Open(fd, st.st_size, st.st_mtime_ns, st.st_ino)
+            if self._cache is not None:
+                f.ident = FileId.of(path, st)
+                f.held = self._cache.entries(f.ident)
             self._files[path] = f
             return f
 
@@ -213,8 +244,17 @@ class PreadReader:
                 f"tensor {info.name!r} ends at byte {info.end}, past the end of the file "
                 f"({f.size} bytes)",
             )
-        with self._lock:
-            raw = self._arena.take(info.nbytes)
+        keep = False
+        cache = self._cache
+        if cache is not None:
+            cache.note_read()
+            keep = f.ident is not None and cache.fits(info.nbytes)
+        if keep:
+            # Memory of its own: a kept arena buffer would be pinned, and up to twice too big.
+            raw = torch.empty(info.nbytes, dtype=torch.uint8)
+        else:
+            with self._lock:
+                raw = self._arena.take(info.nbytes)
         # bf16 and fp8 have no numpy dtype: read into the bytes, reinterpret inside torch.
         mv = raw.numpy().data
         try:
@@ -225,13 +265,29 @@ class PreadReader:
             # The observer may keep `raw` (to hash it later): the arena reuses a buffer only
             # once nothing references it.
             self._observer(path, info.start, raw)
-        return raw.view(dtype).reshape(info.shape)
+        typed = raw.view(dtype).reshape(info.shape)
+        if keep:
+            assert cache is not None and f.ident is not None
+            cache.put(f.ident, info, raw, typed)
+        return typed
+
+    def _cached(self, info: TensorInfo, path: Path) -> torch.Tensor | None:
+        """The cache's copy of the tensor (the same tensor every time), or None."""
+        held = self._open(path).held
+        hit = held.get(tensor_key(info)) if held else None
+        if hit is None:
+            return None
+        assert self._cache is not None
+        self._cache.hit()
+        if self._observer is not None:
+            self._observer(path, info.start, hit[0])
+        return hit[1]
 
     def get(self, info: TensorInfo, path: Path) -> torch.Tensor:
         """A tensor of ``info``'s data in ``path``, in memory of its own.
 
-        Read now, or taken from what ``prefetch`` read ahead (each read-ahead tensor is handed
-        out once; a second get reads again).
+        Read now, taken from the cache, or taken from what ``prefetch`` read ahead (each
+        read-ahead tensor is handed out once; a second get reads again).
 
         Args:
             info: The tensor's header entry, from ``read_header(path)``.
@@ -239,7 +295,8 @@ class PreadReader:
 
         Returns:
             A CPU tensor of ``info.dtype`` and ``info.shape`` (always aligned for its dtype,
-            whatever the file offset). The caller may keep it as long as it likes.
+            whatever the file offset). The caller may keep it as long as it likes; with a
+            cache it must not write into it.
 
         Raises:
             SourceError: The file cannot be opened or read, is shorter than its header said,
@@ -249,7 +306,8 @@ class PreadReader:
         if fut is not None:
             self._ahead_bytes -= info.nbytes
             return fut.result()
-        return self._read(info, path)
+        hit = self._cached(info, path) if self._cache is not None and info.numel else None
+        return hit if hit is not None else self._read(info, path)
 
     def prefetch(self, path: Path, infos: Sequence[TensorInfo]) -> None:
         """Start reading these tensors now, while the caller computes something else.
@@ -262,6 +320,9 @@ class PreadReader:
             path: The file holding the tensors.
             infos: Their header entries.
         """
+        if self._cache is not None:
+            held = self._held(path)
+            infos = [i for i in infos if tensor_key(i) not in held]
         if not infos:
             return
         want = sum(i.nbytes for i in infos)
@@ -284,6 +345,13 @@ class PreadReader:
         except (OSError, SourceError):
             pass  # a hint only: the read itself reports a missing or unreadable file
 
+    def _held(self, path: Path) -> dict[TensorKey, Held]:
+        try:
+            held = self._open(path).held
+        except SourceError:
+            return {}  # reported by the read itself
+        return held or {}
+
     def release(self, path: Path, infos: Sequence[TensorInfo]) -> None:
         """Say these tensors are done with: their buffers may be reused once no tensor views them.
 
@@ -295,13 +363,15 @@ class PreadReader:
             path: The file holding the tensors.
             infos: Their header entries.
         """
-        for i in infos:
-            fut = self._ahead.pop((path, i.start, i.end), None)
-            if fut is not None:
-                self._ahead_bytes -= i.nbytes
-                fut.cancel()
-        with self._lock:
-            self._arena.trim()
+        if self._ahead:
+            for i in infos:
+                fut = self._ahead.pop((path, i.start, i.end), None)
+                if fut is not None:
+                    self._ahead_bytes -= i.nbytes
+                    fut.cancel()
+        if self._arena.holds:  # nothing to trim (every read came from the cache or malloc)
+            with self._lock:
+                self._arena.trim()
 
     def close(self) -> None:
         """Stop reading ahead and close every file; calling it again does nothing.

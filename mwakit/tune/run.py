@@ -397,6 +397,7 @@ def tune(
     plot: str | Path | bool | None = None,
     scorer: ScorerSpec | None = None,
     seed: int = 0,
+    cache_memory: int | None = None,
 ) -> TuneResult:
     """Search how to merge a recipe's checkpoints, scoring every candidate on held-out data.
 
@@ -425,6 +426,9 @@ def tune(
         scorer: Another scorer (tests, custom evaluation): a factory and its kwargs, given
             ``data`` and ``metric`` on top.
         seed: CMA-ES's seed.
+        cache_memory: Bytes of checkpoint tensors each scorer keeps in memory across
+            candidates (default: a quarter of the RAM, split among local ``workers``; 0: read
+            them for every candidate).
 
     Returns:
         The baselines, each search's best, the chosen candidate and every trial.
@@ -467,7 +471,12 @@ def tune(
     if scorer is None:
         assert base is not None
         kw: dict[str, Any] = {"base": str(base), "tokenizer": tokenizer and str(tokenizer)}
-        spec = ScorerSpec(DEFAULT_FACTORY, {**kw, "device": device})
+        if cache_memory is None and workers > 1 and ray is None:
+            from mwakit.io.cache import default_budget
+
+            # Local workers share this machine's RAM: the default quarter, split among them.
+            cache_memory = max(1, default_budget() // workers)
+        spec = ScorerSpec(DEFAULT_FACTORY, {**kw, "device": device, "cache_memory": cache_memory})
     else:
         spec = scorer
     spec = ScorerSpec(spec.factory, {**spec.kwargs, "data": files, "metric": metric})

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mwakit.errors import UsageError
+from mwakit.io.header import HeaderMemo, remembered_headers
 from mwakit.tune.trials import Score
 
 DEFAULT_FACTORY = "mwakit.tune.scoring:ModelScorer"
@@ -67,6 +68,9 @@ class ModelScorer:
         metric: The metric to score by.
         tokenizer: The tokenizer folder (default: the base's).
         device: Where to evaluate.
+        cache_memory: Bytes of checkpoint tensors kept in memory across candidates (default:
+            `mwakit.io.cache.default_budget`, a quarter of the RAM; 0: none), so candidates
+            after the first read nothing from disk; what does not fit is read each time.
     """
 
     def __init__(
@@ -77,10 +81,14 @@ class ModelScorer:
         metric: str = "loss",
         tokenizer: str | None = None,
         device: str = "cpu",
+        cache_memory: int | None = None,
     ) -> None:
         from mwakit.evaluate import Evaluator, load_rows
+        from mwakit.io.cache import InputCache
 
         self.metric = metric
+        self.cache = None if cache_memory == 0 else InputCache(cache_memory)
+        self.headers: HeaderMemo = {}  # every candidate plans over the same checkpoint files
         self.rows = {split: load_rows(Path(p)) for split, p in data.items()}
         self.evaluator = Evaluator(base, tokenizer=tokenizer, metrics=(metric,), device=device)
 
@@ -95,8 +103,9 @@ class ModelScorer:
         from mwakit.validate import checked_plan
 
         t0 = time.perf_counter()
-        plan = checked_plan(parse_recipe(dict(recipe)))
-        merged = merge_in_memory(plan)
+        with remembered_headers(self.headers):
+            plan = checked_plan(parse_recipe(dict(recipe)))
+        merged = merge_in_memory(plan, cache=self.cache)
         t1 = time.perf_counter()
         res = self.evaluator.score(self.rows[split], merged)
         per_row = tuple(float(x) for x in res.per_row.get(self.metric, ()))

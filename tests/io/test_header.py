@@ -267,3 +267,40 @@ def test_read_header_never_touches_data(tmp_path: Path, monkeypatch: pytest.Monk
     read_header(path)
     assert reads == [8, h_len], "exactly the length prefix and the JSON header"
     assert os.path.getsize(path) > 8 + h_len
+
+
+def test_remembered_headers_parse_once_while_the_file_is_unchanged(tmp_path: Path) -> None:
+    from mwakit.io import header as H
+
+    path = _sample(tmp_path)
+    parsed: list[Path] = []
+    orig = H._parse
+
+    def counting(p: Path) -> H.FileHeader:
+        parsed.append(p)
+        return orig(p)
+
+    memo: H.HeaderMemo = {}
+    H._parse = counting  # type: ignore[assignment]
+    try:
+        first = read_header(path)  # outside the block: always parsed, nothing kept
+        with H.remembered_headers(memo):
+            a = read_header(path)
+            b = read_header(path)
+        assert len(parsed) == 2 and a is b and a == first
+        assert read_header(path) is not a, "outside the block nothing is remembered"
+        # Touched (same bytes): parsed again; replaced by another layout: the new header.
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+        with H.remembered_headers(memo):
+            c = read_header(path)
+            save_file({"only": torch.zeros(3)}, path)
+            d = read_header(path)
+            path.unlink()
+            with pytest.raises(SourceError, match="cannot read"):
+                read_header(path)
+    finally:
+        H._parse = orig  # type: ignore[assignment]
+    assert c is not a and c == a
+    assert list(d.tensors) == ["only"]
+    assert len(parsed) == 6

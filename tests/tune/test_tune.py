@@ -132,7 +132,7 @@ def test_cli_tune_json_and_table(
     assert doc["best"]["test"] is not None and doc["trials"]
     code, out = _invoke(
         "tune", rec, "--data", str(val), "--base", str(tune_base), "--search", "last",
-        "--budget", "3", "--out", str(tmp_path / "b.yaml"),
+        "--budget", "3", "--out", str(tmp_path / "b.yaml"), "--cache-memory", "0",
     )  # fmt: skip
     assert code == 0, out
     assert "baseline: uniform" in out and "chose" in out and f"wrote {tmp_path / 'b.yaml'}" in out
@@ -145,6 +145,7 @@ def test_cli_tune_json_and_table(
         (["--search", "nope"], "unknown search 'nope'", 2),
         (["--budget", "0"], "--budget must be at least 1", 2),
         (["--metric", "bleu"], "bleu", 1),
+        (["--cache-memory", "lots"], "--cache-memory: size 'lots' needs a number and a unit", 2),
     ],
 )
 def test_cli_tune_errors_are_one_line(
