@@ -26,12 +26,13 @@ from mwakit.io.reader import Observer, PreadReader
 from mwakit.io.shards import ShardedWriter
 from mwakit.io.writer import StreamingWriter
 from mwakit.lowrank import (
+    QrMemo,
     concat_factors,
     dense_delta,
     dense_refactor,
     factors_average,
     full_factors,
-    refactor,
+    refactor_concat,
 )
 from mwakit.methods.blocks import Factored
 from mwakit.methods.sparsify import derive_seed
@@ -286,11 +287,16 @@ def _run_lora(
     else:
         coeffs = [w * s for w, s in zip(task.weights, task.scalings, strict=True)]
         # Scaled (and factorised) in float32 at least, then rounded to `dtype` once.
-        a, b = concat_factors(As, Bs, coeffs, dtype=acc)
         if task.mode == "svd":
-            ref = refactor(a, b, task.rank, compute_dtype=acc)
+            cache = ld.reader.cache
+            memo = None if cache is None else cache.derived.setdefault("qr", QrMemo())
+            ref = refactor_concat(
+                As, Bs, coeffs, task.rank, compute_dtype=acc, memo=memo, key=task.module
+            )
             a, b = ref.A, ref.B
             stats.rel_errors[task.module] = ref.rel_error
+        else:
+            a, b = concat_factors(As, Bs, coeffs, dtype=acc)
     a, b = a.to(dtype), b.to(dtype)  # the results of a step are rounded to `dtype`
     out = {
         task.out_a.key: ld.finish(a, task.out_a.dtype, task.a, task.out_a.key),

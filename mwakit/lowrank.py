@@ -18,10 +18,10 @@ a dense ΔW (small modules and the fallback of `mwakit.rsvd`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -296,6 +296,91 @@ def refactor(
     if not bool(torch.isfinite(core).all()):
         return _non_finite(
             rank, (rank, *a_rest), (B.shape[0], rank, *b_rest), compute_dtype, A.device
+        )
+    with serial():
+        u, s, vh = torch.linalg.svd(core, full_matrices=False)
+    ref = _split(qb @ u, s, vh @ qa.T, rank, a_rest, b_rest)
+    return Refactored(ref.A, ref.B, ref.rel_error, rank, "qr")
+
+
+class QrMemo:
+    """The QR factors of each module's stacked LoRA factors, kept across merges of the same
+    inputs (a tune merges the same checkpoints with other weights, candidate after candidate).
+
+    An entry serves a module only while its inputs are the very same tensor objects, unchanged
+    (`mwakit.io.cache.InputCache` hands out the same tensors every time): it holds them, so
+    they cannot be freed and their identity reused. One entry per module, replaced on a miss.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[tuple[torch.Tensor, ...], tuple[int, ...], Any]] = {}
+        self.hits = 0
+
+    def get(self, key: str, inputs: Sequence[torch.Tensor], make: Callable[[], Any]) -> Any:
+        """``make()`` for these inputs, or what it gave the last time for the same tensors."""
+        versions = tuple(t._version for t in inputs)
+        held = self._entries.get(key)
+        if (
+            held is not None
+            and len(held[0]) == len(inputs)
+            and all(a is b for a, b in zip(held[0], inputs, strict=True))
+            and held[1] == versions
+        ):
+            self.hits += 1
+            return held[2]
+        value = make()
+        self._entries[key] = (tuple(inputs), versions, value)
+        return value
+
+
+def refactor_concat(
+    As: Sequence[torch.Tensor],
+    Bs: Sequence[torch.Tensor],
+    coeffs: Sequence[float],
+    rank: int,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+    memo: QrMemo | None = None,
+    key: str = "",
+) -> Refactored:
+    """Best rank-``rank`` approximation of Σ_i c_i B_i A_i from the stacked factors.
+
+    As `refactor` of `concat_factors`, except that the QR is of the unweighted B° = [B_1, …,
+    B_K]: B* = B° D with D = diag(c_i) on each block of columns, so B* = Q_b (R_b D) is a QR of
+    B* too. Q_b, R_b and the QR of A*ᵀ do not depend on the weights, so a ``memo`` keeps them
+    across merges of the same inputs; only the small core (R_b D) R_aᵀ and its SVD are new.
+    (Unweighted columns are also the better-conditioned QR when weights differ by orders.)
+
+    Args:
+        As: The A factors, (r_i, in[, kh, kw]).
+        Bs: The B factors, (out, r_i[, 1, 1]).
+        coeffs: c_i = w_i s_i.
+        rank: The output rank (≥ 1).
+        compute_dtype: float32 or float64.
+        memo: Keeps the QR factors for the next merge of the same tensors.
+        key: The module's name in ``memo``.
+    """
+    _check_rank(rank)
+
+    def qrs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        a, b = concat_factors(As, Bs, [1.0] * len(As), dtype=compute_dtype)
+        with serial():  # Householder QR rounds differently per thread count
+            qb, rb = torch.linalg.qr(b.reshape(b.shape[0], -1))
+            qa, ra = torch.linalg.qr(a.reshape(a.shape[0], -1).T)
+        return qb, rb, qa, ra
+
+    qb, rb, qa, ra = qrs() if memo is None else memo.get(key, [*As, *Bs], qrs)
+    a_rest, b_rest = tuple(As[0].shape[1:]), tuple(Bs[0].shape[2:])
+    d = torch.cat(
+        [
+            torch.full((a.shape[0],), float(c), dtype=compute_dtype, device=rb.device)
+            for a, c in zip(As, coeffs, strict=True)
+        ]
+    )
+    core = (rb * d) @ ra.T  # (R_b D) R_aᵀ
+    if not bool(torch.isfinite(core).all()):
+        return _non_finite(
+            rank, (rank, *a_rest), (Bs[0].shape[0], rank, *b_rest), compute_dtype, rb.device
         )
     with serial():
         u, s, vh = torch.linalg.svd(core, full_matrices=False)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from mwakit.adapters import full_rank
 from mwakit.lowrank import (
+    QrMemo,
     Refactored,
     concat_factors,
     dense_delta,
@@ -18,6 +19,7 @@ from mwakit.lowrank import (
     factors_average,
     full_factors,
     refactor,
+    refactor_concat,
 )
 
 F64 = torch.float64
@@ -305,3 +307,58 @@ def test_full_factors_keep_the_dtype_and_flag_non_finite() -> None:
     assert math.isnan(full_factors(delta).rel_error)
     with pytest.raises(ValueError, match="2-D"):
         full_factors(torch.ones(3))
+
+
+def _stack(
+    seed: int, ranks: list[int], out: int = 40, inp: int = 30
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return (
+        [torch.randn(r, inp, generator=g) for r in ranks],
+        [torch.randn(out, r, generator=g) for r in ranks],
+    )
+
+
+@pytest.mark.parametrize("coeffs", [[1.0, 0.5, 2.0], [1e-6, 1.0, -0.3], [0.0, 1.0, 1.0]])
+def test_refactor_concat_is_the_best_rank_r_of_the_weighted_sum(coeffs: list[float]) -> None:
+    As, Bs = _stack(11, [4, 2, 3])
+    ref = refactor_concat(As, Bs, coeffs, 3, compute_dtype=torch.float64)
+    m = sum(c * b.double() @ a.double() for a, b, c in zip(As, Bs, coeffs, strict=True))
+    s = torch.linalg.svdvals(m)
+    best = float(torch.sqrt((s[3:] ** 2).sum() / (s**2).sum()))
+    assert ref.rel_error == pytest.approx(best, rel=1e-9, abs=1e-12)
+    err = torch.linalg.norm(m - ref.B @ ref.A) / torch.linalg.norm(m)
+    assert float(err) == pytest.approx(best, rel=1e-9, abs=1e-12)
+    # The same approximation as the QR of the weighted factors (`refactor`).
+    a, b = concat_factors(As, Bs, coeffs, dtype=torch.float64)
+    other = refactor(a, b, 3, compute_dtype=torch.float64)
+    assert torch.allclose(ref.B @ ref.A, other.B @ other.A, atol=1e-10)
+
+
+def test_the_qr_memo_serves_the_same_tensors_only() -> None:
+    As, Bs = _stack(12, [4, 4])
+    memo = QrMemo()
+    first = refactor_concat(As, Bs, [1.0, 2.0], 4, memo=memo, key="m")
+    assert memo.hits == 0
+    # Other weights, the same tensors: the QR is reused, the bytes are a fresh call's.
+    again = refactor_concat(As, Bs, [0.3, 1.5], 4, memo=memo, key="m")
+    fresh = refactor_concat(As, Bs, [0.3, 1.5], 4)
+    assert memo.hits == 1
+    assert torch.equal(again.A, fresh.A) and torch.equal(again.B, fresh.B)
+    assert not torch.equal(again.B, first.B)
+    # Equal values in another tensor, or the same tensor changed in place: computed anew.
+    copies = [a.clone() for a in As]
+    refactor_concat(copies, Bs, [1.0, 1.0], 4, memo=memo, key="m")
+    assert memo.hits == 1
+    Bs[0].mul_(2.0)
+    changed = refactor_concat(copies, Bs, [1.0, 1.0], 4, memo=memo, key="m")
+    assert memo.hits == 1
+    want = refactor_concat([a.clone() for a in copies], [b.clone() for b in Bs], [1.0, 1.0], 4)
+    assert torch.equal(changed.B, want.B)
+
+
+def test_refactor_concat_flags_non_finite_inputs() -> None:
+    As, Bs = _stack(13, [2, 2])
+    As[1][0, 0] = math.inf
+    ref = refactor_concat(As, Bs, [1.0, 1.0], 2)
+    assert math.isnan(ref.rel_error) and bool(torch.isnan(ref.A).all())

@@ -103,3 +103,30 @@ def test_full_models_equal_what_run_writes(tiny_base: Path, tmp_path: Path) -> N
     assert mem.kind == "full" and mem.adapter_config == {}
     res = mwakit.run(recipe)
     _assert_same(mem.tensors, load_file(res.path / "model.safetensors"))
+
+
+def test_a_cache_reuses_each_modules_qr_across_weights(run_dir: Path, tmp_path: Path) -> None:
+    from mwakit.io.cache import InputCache
+
+    def recipe(penalty: float) -> Any:
+        return parse_recipe(
+            {
+                "select": {"run": str(run_dir), "last": 3},
+                "method": "mwa",
+                "params": {"penalty": penalty},
+                "lora_space": "delta",
+                "delta_rank": 3,
+                "output": {"path": str(tmp_path / "out")},
+                "device": "cpu",
+            }
+        )
+
+    cache = InputCache()
+    merge_in_memory(mwakit.plan(recipe(1.0)), cache=cache)
+    memo = cache.derived["qr"]
+    assert memo.hits == 0
+    # Other weights: every module's QR comes from the memo, and the bytes are `run`'s.
+    mem = merge_in_memory(mwakit.plan(recipe(4.0)), cache=cache)
+    assert memo.hits > 0
+    res = mwakit.run(recipe(4.0))
+    _assert_same(mem.tensors, load_file(res.path / "adapter_model.safetensors"))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -96,6 +96,9 @@ class InputCache:
         self._lock = threading.Lock()
         self._files: dict[str, tuple[FileId, dict[TensorKey, Held]]] = {}  # by real path
         self._ptrs: set[int] = set()  # data pointers of the held buffers (`owns`)
+        #: What later stages derive from the held tensors and keep with them, by name (the
+        #: executor keeps each module's QR factors here: `mwakit.lowrank.QrMemo`).
+        self.derived: dict[str, Any] = {}
 
     def __len__(self) -> int:
         return sum(len(held) for _, held in self._files.values())
