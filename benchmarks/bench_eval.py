@@ -19,7 +19,7 @@ with tune's input cache and header memo (the default here; ``--no-cache`` for th
 space 62 ms = 2.4 % of a 2.9 s evaluation (250 ms = 9.9 % without), delta space 495 ms =
 17 % (690 ms without: the per-module SVD re-factorisation, not the reading, is what
 remains); with each module's QR kept by the cache across candidates (`lowrank.QrMemo`),
-delta space 240–253 ms = 11–12 % (one small core SVD per module is left).
+delta space 213 ms = 8–10 % (one small core SVD per module is left).
 benchmarks/bench_tune_cost.py measures the same on the real SmolLM2 runs.
 
 Usage::

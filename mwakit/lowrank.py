@@ -384,7 +384,8 @@ def refactor_concat(
         )
     with serial():
         u, s, vh = torch.linalg.svd(core, full_matrices=False)
-    ref = _split(qb @ u, s, vh @ qa.T, rank, a_rest, b_rest)
+    k = min(rank, s.numel())  # only the kept directions are brought back to full size
+    ref = _split(qb @ u[:, :k], s, vh[:k] @ qa.T, rank, a_rest, b_rest)
     return Refactored(ref.A, ref.B, ref.rel_error, rank, "qr")
 
 
