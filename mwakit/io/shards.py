@@ -101,6 +101,11 @@ class ShardedWriter:
         if exc_type is None:
             write_index(self.folder, self.names, self._shards)
 
+    def buffer(self, name: str) -> torch.Tensor:
+        """Memory for the planned tensor ``name`` that its shard writes without a copy
+        (`StreamingWriter.buffer`)."""
+        return self._route[name].buffer(name)
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write one tensor into its shard; a shard's last tensor finishes (closes) the shard,
         so its fsync can start while the next shards are merged."""
