@@ -15,6 +15,7 @@ from types import TracebackType
 
 import torch
 
+from mwakit.io.arena import Arena
 from mwakit.io.durable import BackgroundSync
 from mwakit.io.header import DTYPE_SIZES
 from mwakit.io.oserror import output_error
@@ -79,8 +80,9 @@ class ShardedWriter:
         self.folder = folder
         self._shards = shards
         self.names = shard_names(len(shards))
+        arena = Arena()  # one for every shard: the next shard reuses the last one's buffers
         self._writers = [
-            StreamingWriter(folder / name, shard, metadata, syncer)
+            StreamingWriter(folder / name, shard, metadata, syncer, arena=arena)
             for name, shard in zip(self.names, shards, strict=True)
         ]
         self._route = {

@@ -161,6 +161,8 @@ class StreamingWriter:
         syncer: Write (and flush) the file in the background, and fsync it when it is complete
             (`mwakit.io.durable.BackgroundSync`); it then owns the descriptor.
         direct: Use direct I/O: None (default) where the file system supports it, False never.
+        arena: Recycle buffers from this arena (shared by the shards of one output, so the
+            next shard reuses what the last one wrote from); by default one of its own.
 
     Raises:
         OutputError: An entry is invalid, or the file cannot be created.
@@ -174,6 +176,7 @@ class StreamingWriter:
         syncer: BackgroundSync | None = None,
         *,
         direct: bool | None = None,
+        arena: Arena | None = None,
     ) -> None:
         self.path = path
         self._syncer = syncer
@@ -184,7 +187,8 @@ class StreamingWriter:
         self._written: set[str] = set()
         self._fd: int | None = None
         self._direct = False
-        self._arena = Arena()
+        self._own_arena = arena is None
+        self._arena = Arena() if arena is None else arena
         self._edges: dict[int, tuple[torch.Tensor, int]] = {}  # block → (its bytes, filled)
         self._in_flight: deque[tuple[Future[None], int]] = deque()
         self._in_flight_bytes = 0
@@ -226,6 +230,8 @@ class StreamingWriter:
                 os.close(fd)
             self._in_flight.clear()
             self._edges.clear()
+            if self._own_arena:
+                self._arena.clear()  # writes in flight hold their own buffers
 
     def buffer(self, name: str) -> torch.Tensor:
         """Memory for the planned tensor ``name`` that `write` writes without a copy.
