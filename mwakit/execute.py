@@ -4,7 +4,8 @@ Inputs are read (pread) into reusable buffers; while one group computes, the ker
 read the next group ahead (fadvise WILLNEED), and a finished group's buffers are recycled, so
 resident memory is a few tensor groups whatever the adapter size. The output
 file's header is known from the plan, so each result is written at its final offset as soon as
-it is ready.
+it is ready, from the writer's own recycled memory (`StreamingWriter.buffer`): results are cast
+into it, and linear sums are made in it block by block (`weighted_sum_into`).
 """
 
 from __future__ import annotations
