@@ -19,6 +19,15 @@ on the same page-cached inputs and each in its own process, times:
 printing wall time, ratios and peak RSS. Targets: (issue 11 §4) every mwakit row ≤ 1.0× its
 plain reference; (issue 3) TIES/DARE ≤ 3× mwakit's own linear (mergekit: 281 s vs 9.9 s, 28×).
 
+Measured (2-core shared box, 5 × TinyLlama-1.1B bf16, `--k 5 --methods --skip-whole
+--fsync-ref --repeat 3`, best of 3, fingerprints included): before the block-fused linear
+kernel and the O_DIRECT writer, mwakit linear 18.5 s (26.8 CPU-s) against 15.6 s for the
+fsynced reference (19.8 s not fsynced): 1.19×; after, 10.2 s (15.6 CPU-s, 1.4 GiB peak)
+against 14.0 s fsynced (18.4 s not): 0.73× (0.55×; another run 12.4 s vs 17.0 / 15.7 s,
+0.73× / 0.79×). What is left is mostly the sha256 of the 11 GB of inputs (~8 CPU-s at
+1.45 GB/s) on its own thread. TIES alone: 64.0 s (was 67.4 s), same bytes; at `--layers 4
+--k 3` TIES 0.32× and DARE-TIES 0.41× their plain references, linear 0.80×.
+
 Usage::
 
     python benchmarks/bench_full.py --k 5                 # 5 × TinyLlama-1.1B-shaped, bf16

@@ -36,11 +36,6 @@ for k, t0 in sds[0].items():
         acc += w * sd[k].float()
     merged[k] = acc.to(t0.dtype)
 save_file(merged, out, metadata={"format": "pt"})
-if spec.get("fsync"):  # durable like mwakit's output (it fsyncs before its final rename)
-    import os
-    fd = os.open(out, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
 """
 
 

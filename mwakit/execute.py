@@ -4,7 +4,8 @@ Inputs are read (pread) into reusable buffers; while one group computes, the ker
 read the next group ahead (fadvise WILLNEED), and a finished group's buffers are recycled, so
 resident memory is a few tensor groups whatever the adapter size. The output
 file's header is known from the plan, so each result is written at its final offset as soon as
-it is ready.
+it is ready, from the writer's own recycled memory (`StreamingWriter.buffer`): results are cast
+into it, and linear sums are made in it block by block (`weighted_sum_into`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from mwakit.lowrank import (
     refactor_concat,
 )
 from mwakit.methods.blocks import Factored
+from mwakit.methods.linear import weighted_sum, weighted_sum_into
 from mwakit.methods.sparsify import derive_seed
 from mwakit.planner import FullTask, LoraTask, Plan, Task, TensorRef
 from mwakit.threads import merge_thread_policy
@@ -118,7 +120,13 @@ class _Loader:
         return [self.reader.get(r.info, r.path).to(self.device) for r in refs]
 
     def finish(
-        self, out: torch.Tensor, code: str, refs: Sequence[TensorRef], what: str
+        self,
+        out: torch.Tensor,
+        code: str,
+        refs: Sequence[TensorRef],
+        what: str,
+        *,
+        into: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``out`` cast to the written dtype ``code``, checked to be finite after the cast.
 
@@ -128,11 +136,19 @@ class _Loader:
         looked for. Checking the cast result costs what checking the merge result did, and
         reads fewer bytes when the written dtype is narrower.
 
+        Args:
+            out: The merge result.
+            code: The written dtype (safetensors code).
+            refs: The inputs (to name a non-finite one).
+            what: The tensor's name, for messages.
+            into: Cast into this CPU tensor of the written dtype and shape (the writer's
+                `buffer`: written without a copy, no fresh memory) instead of a new one.
+
         Raises:
             TensorError: An input holds NaN/Inf, the merge overflowed, or the result does not
                 fit the written dtype; naming the tensor and the fix.
         """
-        cast = out.to(torch_dtype(code))
+        cast = out.to(torch_dtype(code)) if into is None else into.copy_(out)
         if all_finite(cast):
             return cast
         if not all_finite(out):
@@ -204,18 +220,41 @@ def _aux(ld: _Loader, refs: Sequence[TensorRef] | None, stats: ExecStats) -> dic
     return out
 
 
+Alloc = Callable[[str], torch.Tensor]
+"""Memory for a planned output tensor, by name: the writer's `buffer`."""
+
+
 def _run_full(
-    task: FullTask, plan: Plan, ld: _Loader, dtype: torch.dtype, stats: ExecStats
+    task: FullTask,
+    plan: Plan,
+    ld: _Loader,
+    dtype: torch.dtype,
+    stats: ExecStats,
+    alloc: Alloc | None = None,
 ) -> dict[str, torch.Tensor]:
     if task.copy:
         return {task.out.key: ld.reader.get(task.inputs[0].info, task.inputs[0].path)}
+    key = task.out.key
     tensors = ld.get(task.inputs)
+    into = alloc(key) if alloc is not None and ld.device.type == "cpu" else None
+    fused = plan.method.merge is weighted_sum and task.aux is None and key not in stats.thresholds
+    if into is not None and fused:
+        # A weighted sum straight into the writer's buffer, block by block: the same bytes as
+        # the merge + cast below, without their tensor-sized temporaries (`weighted_sum_into`).
+        try:
+            weighted_sum_into(tensors, task.weights, into, dtype=dtype)
+        except RuntimeError:
+            pass  # (a weight too large for the arithmetic) the path below says so
+        else:
+            if all_finite(into):
+                return {key: into}
+        # Not finite: the path below finds the culprit and raises.
     base = ld.get([task.base])[0] if task.base is not None else None
     extra = _aux(ld, task.aux, stats)
-    if task.out.key in stats.thresholds:
-        extra["thresholds"] = stats.thresholds[task.out.key]
-    out = _merge(plan, tensors, task.weights, task.params, task.out.key, dtype, base=base, **extra)
-    return {task.out.key: ld.finish(out, task.out.dtype, task.inputs, task.out.key)}
+    if key in stats.thresholds:
+        extra["thresholds"] = stats.thresholds[key]
+    out = _merge(plan, tensors, task.weights, task.params, key, dtype, base=base, **extra)
+    return {key: ld.finish(out, task.out.dtype, task.inputs, key, into=into)}
 
 
 def _run_lora(
@@ -449,12 +488,14 @@ def run_tasks(
     cache = reader.cache
     # Each task's inputs by file, grouped once: the group is read ahead, then released.
     groups = [_by_file(task_refs(task)) for _, task in tasks]
+    # Results are made in the writer's own (recycled, aligned) memory where it offers some.
+    alloc: Alloc | None = getattr(writer, "buffer", None)
     for j, (i, task) in enumerate(tasks):
         if j + 1 < len(tasks):
             for path, infos in groups[j + 1].items():
                 reader.prefetch(path, infos)
         if isinstance(task, FullTask):
-            results = _run_full(task, plan, ld, dtype, stats)
+            results = _run_full(task, plan, ld, dtype, stats, alloc)
         else:
             results = _run_lora(task, plan, ld, dtype, stats)
         refs = task_refs(task)

@@ -156,3 +156,79 @@ def test_tied_embeddings_stay_tied(tmp_path: Path, method: str) -> None:
     model = LlamaForCausalLM.from_pretrained(res.path)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     torch.testing.assert_close(model.lm_head.weight.detach(), want, rtol=1e-6, atol=1e-6)
+
+
+def _bf16_models(root: Path, n: int) -> list[Path]:
+    folders = []
+    for i in range(n):
+        f = root / f"b{i}"
+        _model(f, 10 + i, shard="20KB" if i == 0 else None)
+        sd = {k: v.to(torch.bfloat16) for k, v in _state(f).items()}
+        for p in f.glob("*.safetensors"):
+            p.unlink()
+        (f / "model.safetensors.index.json").unlink(missing_ok=True)
+        from safetensors.torch import save_file
+
+        sd["model.layers.0.mlp.up_proj.weight"][0, :4] = torch.tensor([0.0, -0.0, -0.0, 1e4])
+        save_file(sd, f / "model.safetensors", metadata={"format": "pt"})
+        folders.append(f)
+    return folders
+
+
+@pytest.mark.parametrize(
+    ("dtype", "out_dtype"),
+    [("float32", None), ("float32", "float16"), ("bfloat16", "float16"), ("float64", "float32")],
+)
+def test_a_linear_merge_written_from_the_writers_buffer_has_the_bytes_of_merge_then_cast(
+    tmp_path: Path, dtype: str, out_dtype: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fused path (block sums cast into the writer's buffer) against the unfused one
+    # (MemorySink: the method's merge, then the checked cast), byte for byte.
+    from mwakit import execute as ex
+    from mwakit.execute import MemorySink, execute
+
+    fused: list[str] = []
+    real = ex.weighted_sum_into
+    monkeypatch.setattr(
+        ex, "weighted_sum_into", lambda *a, **k: (fused.append(""), real(*a, **k))[1]
+    )
+
+    folders = _bf16_models(tmp_path, 3)
+    kw: dict[str, Any] = {"dtype": dtype, **({"out_dtype": out_dtype} if out_dtype else {})}
+    recipe = _recipe(
+        tmp_path,
+        folders,
+        method="linear",
+        checkpoints=[
+            {"path": str(f), "weight": w} for f, w in zip(folders, [1, 2, 5], strict=True)
+        ],
+        output={"path": str(tmp_path / "out"), "shard_size": "5KB"},
+        **kw,
+    )
+    res = mwakit.run(recipe)
+    assert len(fused) == sum(1 for t in res.plan.tasks if not t.copy)  # type: ignore[union-attr]
+    with MemorySink() as sink:
+        execute(mwakit.plan(recipe), None, sink=sink)
+    merged = _state(res.path)
+    assert set(merged) == set(sink.tensors)
+    for k, t in merged.items():
+        want = sink.tensors[k]
+        assert t.dtype == want.dtype, k
+        assert torch.equal(t.view(torch.uint8), want.contiguous().view(torch.uint8)), k
+
+
+def test_a_linear_merge_still_names_a_nan_input_and_an_overflowing_cast(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    folders = _bf16_models(tmp_path, 2)
+    sd = load_file(folders[1] / "model.safetensors")
+    sd["model.layers.1.self_attn.q_proj.weight"][3, 3] = float("nan")
+    save_file(sd, folders[1] / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(mwakit.errors.TensorError, match="NaN or Inf") as exc:
+        mwakit.run(_recipe(tmp_path, folders, method="linear"))
+    assert "b1 model.layers.1.self_attn.q_proj.weight" in (exc.value.where or "")
+    assert not (tmp_path / "out").exists()
+    sd["model.layers.1.self_attn.q_proj.weight"][3, 3] = 1e6  # fits bf16, not float16
+    save_file(sd, folders[1] / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(mwakit.errors.TensorError, match="do not fit float16"):
+        mwakit.run(_recipe(tmp_path, folders, method="linear", out_dtype="float16"))

@@ -8,6 +8,10 @@ as soon as it is complete, so by the rename there is (almost) nothing left to fl
 fsync pass then costs little. Durability before the rename is unchanged: ``join`` waits for every
 flush, and an error of any of them fails the output.
 
+Writers that bypass the page cache (``O_DIRECT``, `mwakit.io.writer`) also hand their writes to
+the helper thread (`BackgroundSync.submit`): a direct write waits for the device, not the CPU, so
+it runs there while the merge computes, in order with the file's final fsync.
+
 A writer hands its descriptor to the syncer for good: the syncer closes it after its last flush,
 so a descriptor is never closed (and its number reused) under a pending flush.
 """
@@ -64,6 +68,16 @@ class BackgroundSync:
             with self._lock:
                 if self._error is None:
                     self._error = (err, path)
+
+    def submit(self, fn: Callable[[int], None], fd: int, path: Path) -> Future[None]:
+        """Run ``fn(fd)`` on the helper thread, after every job handed over before it.
+
+        A writer's writes, its flushes and its close run in the order they were handed over;
+        an `OSError` of ``fn`` is reported by ``join`` (the future itself never fails).
+        """
+        fut = self._pool.submit(self._run, fn, fd, path)
+        self._futures.append(fut)
+        return fut
 
     def kick(self, fd: int, path: Path) -> None:
         """Ask for ``fd``'s dirty pages to be written back soon (coalesced; never blocks)."""

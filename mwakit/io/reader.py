@@ -5,10 +5,10 @@ mapped: a mapped file that shrinks under the reader kills the process with SIGBU
 is just an error. Every byte goes through one method, `PreadReader.read_into`, and every tensor
 read is shown to the reader's observer, so a caller can hash exactly the bytes a merge streams.
 
-Large reads land in a small arena of reusable buffers: fresh memory costs a page fault per
-page on first touch, more than the copy from the page cache itself, so buffers of finished
-groups are recycled — a buffer is reused only when no tensor views it any more (its storage's
-use count says so), never while a caller still holds a tensor of it. ``prefetch`` reads the
+Large reads land in a small arena of reusable buffers (`mwakit.io.arena`): fresh memory costs
+a page fault per page on first touch, more than the copy from the page cache itself, so buffers
+of finished groups are recycled — a buffer is reused only when no tensor views it any more,
+never while a caller still holds a tensor of it. ``prefetch`` reads the
 next group on a helper thread while the current group computes (``preadv`` releases the GIL),
 so the copy costs no wall time; a group too big for the read-ahead budget only gets the kernel
 hint (``posix_fadvise WILLNEED``).
@@ -37,74 +37,15 @@ from types import TracebackType
 import torch
 
 from mwakit.errors import SourceError
+from mwakit.io.arena import Arena
 from mwakit.io.cache import FileId, Held, InputCache, TensorKey, tensor_key
 from mwakit.io.header import DTYPE_NAMES, TensorInfo
 
-_ARENA_MIN = 1 << 20  # smaller reads come from malloc, which recycles small blocks itself
-_ARENA_KEEP_FREE = 256 << 20  # idle buffers kept for reuse at most (least recently used go)
 _READAHEAD = 256 << 20  # read one group ahead into memory when it is at most this big
 _CHANGED_FIX = "the file changed while mwakit was reading it; wait until it is complete, run again"
 
 Observer = Callable[[Path, int, torch.Tensor], None]
 """Called with (file, offset, the uint8 buffer read) after every tensor read (`PreadReader`)."""
-
-
-def _use_count(t: torch.Tensor) -> int | None:
-    fn = getattr(torch._C, "_storage_Use_Count", None)
-    if fn is None:
-        return None
-    return int(fn(t.untyped_storage()._cdata))
-
-
-class _Arena:
-    """Reusable byte buffers; one is handed out again only once nothing views it."""
-
-    def __init__(self, keep_free: int = _ARENA_KEEP_FREE) -> None:
-        self._bufs: list[tuple[torch.Tensor, int]] = []  # (buffer, use count when idle), LRU
-        self._keep_free = keep_free
-        self.enabled = _use_count(torch.empty(0, dtype=torch.uint8)) is not None
-
-    def _idle(self, buf: torch.Tensor, base: int) -> bool:
-        return _use_count(buf) == base
-
-    def take(self, nbytes: int) -> torch.Tensor:
-        """A uint8 tensor of ``nbytes`` that no one else uses (contents undefined)."""
-        if not self.enabled or nbytes < _ARENA_MIN:
-            return torch.empty(nbytes, dtype=torch.uint8)
-        best = -1
-        for i, (buf, base) in enumerate(self._bufs):
-            cap = buf.numel()
-            # At most twice the size, so a small read never pins a huge buffer.
-            fits = nbytes <= cap <= 2 * nbytes
-            if fits and (best < 0 or cap < self._bufs[best][0].numel()) and self._idle(buf, base):
-                best = i
-        if best >= 0:
-            entry = self._bufs.pop(best)
-            self._bufs.append(entry)
-            return entry[0][:nbytes]
-        buf = torch.empty(-(-nbytes // _ARENA_MIN) * _ARENA_MIN, dtype=torch.uint8)
-        idle = _use_count(buf)
-        assert idle is not None  # the arena is enabled only where use counts can be read
-        self._bufs.append((buf, idle))
-        return buf[:nbytes]
-
-    @property
-    def holds(self) -> bool:
-        """Whether any buffer is kept."""
-        return bool(self._bufs)
-
-    def trim(self) -> None:
-        """Drop the least recently used idle buffers beyond the free budget."""
-        free = [b for b, base in self._bufs if self._idle(b, base)]
-        total = sum(b.numel() for b in free)
-        for b in free:  # oldest first
-            if total <= self._keep_free:
-                break
-            self._bufs = [(x, y) for x, y in self._bufs if x is not b]
-            total -= b.numel()
-
-    def clear(self) -> None:
-        self._bufs.clear()
 
 
 @dataclass
@@ -146,7 +87,7 @@ class PreadReader:
         self._observer = observer
         self._cache = cache
         self._files: dict[Path, _Open] = {}
-        self._arena = _Arena()
+        self._arena = Arena()
         self._lock = threading.Lock()  # files and arena, shared with the read-ahead thread
         self._readahead = readahead
         self._pool: ThreadPoolExecutor | None = None

@@ -15,6 +15,7 @@ from types import TracebackType
 
 import torch
 
+from mwakit.io.arena import Arena
 from mwakit.io.durable import BackgroundSync
 from mwakit.io.header import DTYPE_SIZES
 from mwakit.io.oserror import output_error
@@ -79,8 +80,9 @@ class ShardedWriter:
         self.folder = folder
         self._shards = shards
         self.names = shard_names(len(shards))
+        arena = Arena()  # one for every shard: the next shard reuses the last one's buffers
         self._writers = [
-            StreamingWriter(folder / name, shard, metadata, syncer)
+            StreamingWriter(folder / name, shard, metadata, syncer, arena=arena)
             for name, shard in zip(self.names, shards, strict=True)
         ]
         self._route = {
@@ -100,6 +102,11 @@ class ShardedWriter:
             w.__exit__(exc_type, exc, tb)
         if exc_type is None:
             write_index(self.folder, self.names, self._shards)
+
+    def buffer(self, name: str) -> torch.Tensor:
+        """Memory for the planned tensor ``name`` that its shard writes without a copy
+        (`StreamingWriter.buffer`)."""
+        return self._route[name].buffer(name)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write one tensor into its shard; a shard's last tensor finishes (closes) the shard,

@@ -13,13 +13,16 @@ import json
 import math
 import os
 import struct
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from types import TracebackType
 
 import torch
 
 from mwakit.errors import OutputError
+from mwakit.io.arena import Arena
 from mwakit.io.durable import KICK_BYTES, BackgroundSync
 from mwakit.io.header import DTYPE_NAMES, DTYPE_SIZES
 from mwakit.io.oserror import output_error
@@ -109,6 +112,30 @@ def planned_size(entries: Sequence[Entry], metadata: dict[str, str] | None = Non
     return len(head) + max((e for _, e in offsets.values()), default=0)
 
 
+_ALIGN = 4096
+"""Direct I/O granularity: memory address, file offset and length are multiples of this (the
+largest logical block size in common use; a multiple of every smaller one)."""
+_IN_FLIGHT = 256 << 20
+"""Bytes handed to the syncer's thread and not written yet, at most (then `write` waits)."""
+
+
+def _up(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def _open_output(path: Path, direct: bool | None) -> tuple[int, bool]:
+    """Create ``path`` for writing, bypassing the page cache where asked for and possible."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+    o_direct = getattr(os, "O_DIRECT", 0)
+    if direct is not False and o_direct:
+        try:
+            return os.open(path, flags | o_direct, 0o644), True
+        except OSError as err:
+            if err.errno != errno.EINVAL:  # EINVAL: this file system has no direct I/O
+                raise
+    return os.open(path, flags, 0o644), False
+
+
 class StreamingWriter:
     """Writes one safetensors file whose layout is fixed at construction.
 
@@ -117,12 +144,25 @@ class StreamingWriter:
     on a clean exit it checks every tensor was written; on an exception it only closes the file
     (the caller writes into an atomic output folder, which discards it).
 
+    Where the file system allows, the file is written with direct I/O (``O_DIRECT``): the bytes
+    go from the tensor's memory to the device, not through the page cache. A buffered write
+    copies every byte into fresh page-cache pages (measured here: 0.9–2.7 CPU-s per GiB, the
+    most expensive copy of a merge) and leaves the writeback for the final fsync; a direct
+    write costs no CPU and nothing is left to flush. Direct I/O needs aligned memory, so a
+    tensor made in `buffer` (at an address congruent to its file offset) is written from where
+    it lies; another is copied into a recycled aligned buffer first. The few bytes where two
+    tensors share a 4 KiB block are gathered until the block is whole. With a ``syncer`` the
+    writes run on its thread, overlapping the merge; without one they run in ``write``.
+
     Args:
         path: The file to create (truncated if it exists).
         entries: (name, dtype code, shape) of every tensor the file will hold.
         metadata: ``__metadata__`` strings; ``format: pt`` is included unless given.
-        syncer: Flush the file to disk in the background as it is written, and fsync it when
-            it is complete (`mwakit.io.durable.BackgroundSync`); it then owns the descriptor.
+        syncer: Write (and flush) the file in the background, and fsync it when it is complete
+            (`mwakit.io.durable.BackgroundSync`); it then owns the descriptor.
+        direct: Use direct I/O: None (default) where the file system supports it, False never.
+        arena: Recycle buffers from this arena (shared by the shards of one output, so the
+            next shard reuses what the last one wrote from); by default one of its own.
 
     Raises:
         OutputError: An entry is invalid, or the file cannot be created.
@@ -134,6 +174,9 @@ class StreamingWriter:
         entries: Sequence[Entry],
         metadata: dict[str, str] | None = None,
         syncer: BackgroundSync | None = None,
+        *,
+        direct: bool | None = None,
+        arena: Arena | None = None,
     ) -> None:
         self.path = path
         self._syncer = syncer
@@ -143,13 +186,19 @@ class StreamingWriter:
         self._data_start = len(head)
         self._written: set[str] = set()
         self._fd: int | None = None
-        total = self._data_start + max((e for _, e in self._offsets.values()), default=0)
+        self._direct = False
+        self._own_arena = arena is None
+        self._arena = Arena() if arena is None else arena
+        self._edges: dict[int, tuple[torch.Tensor, int]] = {}  # block → (its bytes, filled)
+        self._in_flight: deque[tuple[Future[None], int]] = deque()
+        self._in_flight_bytes = 0
+        self._size = self._data_start + max((e for _, e in self._offsets.values()), default=0)
         try:
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.pwrite(self._fd, head, 0)
+            self._fd, self._direct = _open_output(path, direct)
             # Sizing the file now means the data section reads as zeros until written; reserving
             # its blocks means a full disk shows up here, not halfway through a long merge.
-            _reserve(self._fd, total)
+            _reserve(self._fd, self._size)
+            self._put(0, torch.frombuffer(bytearray(head), dtype=torch.uint8))
         except OSError as err:
             self._abort()
             raise output_error(err, "cannot write", str(path)) from err
@@ -171,10 +220,121 @@ class StreamingWriter:
     def _abort(self, *, complete: bool = False) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
+            if self._direct and complete:
+                # The last block was written whole (direct writes are whole blocks): cut the
+                # padding off, after every write of the file (the jobs run in order).
+                self._job(lambda fd: os.ftruncate(fd, self._size), fd)
             if self._syncer is not None:
                 self._syncer.close(fd, self.path, sync=complete)
             else:
                 os.close(fd)
+            self._in_flight.clear()
+            self._edges.clear()
+            if self._own_arena:
+                self._arena.clear()  # writes in flight hold their own buffers
+
+    def buffer(self, name: str) -> torch.Tensor:
+        """Memory for the planned tensor ``name`` that `write` writes without a copy.
+
+        Its contents are undefined; fill it, then pass it to `write`. The memory is recycled
+        once nothing views it any more (after its write, when the caller has dropped it).
+
+        Raises:
+            OutputError: The name is not planned.
+        """
+        if name not in self._specs:
+            raise OutputError(f"tensor {name!r} is not in the planned layout", where=str(self.path))
+        code, shape = self._specs[name]
+        dtype = getattr(torch, DTYPE_NAMES[code])
+        start, end = self._offsets[name]
+        n = end - start
+        raw = self._arena.take(n + _ALIGN)
+        # Start at an address congruent to the file offset: the whole blocks then lie aligned
+        # in memory, as direct I/O wants, and the dtype's own alignment follows (offsets are).
+        skip = (self._data_start + start - raw.data_ptr()) % _ALIGN
+        return raw[skip : skip + n].view(dtype).reshape(shape)
+
+    def _job(self, fn: Callable[[int], None], fd: int | None = None) -> None:
+        fd = self._fd if fd is None else fd
+        assert fd is not None
+        if self._syncer is None:
+            fn(fd)
+            return
+        self._syncer.submit(fn, fd, self.path)
+
+    def _pwrite(self, pos: int, data: torch.Tensor) -> None:
+        """Write the uint8 tensor ``data`` at ``pos``, all of it (on the syncer's thread when
+        there is one: ``data`` is held until then)."""
+        n = data.numel()
+
+        def write(fd: int) -> None:
+            mv: memoryview = data.numpy().data
+            at = pos
+            while mv:
+                try:
+                    # pwrite may write less than asked (Linux caps one call near 2 GiB).
+                    k = os.pwrite(fd, mv, at)
+                except OSError as err:
+                    if err.errno != errno.EINVAL or not _drop_direct(fd):
+                        raise
+                    continue  # the file system refused direct I/O after all: buffered then
+                if k <= 0:
+                    raise OSError(0, "no progress")
+                mv, at = mv[k:], at + k
+
+        if self._syncer is None:
+            write(self._fd)  # type: ignore[arg-type]
+            return
+        fut = self._syncer.submit(write, self._fd, self.path)  # type: ignore[arg-type]
+        self._in_flight.append((fut, n))
+        self._in_flight_bytes += n
+        while self._in_flight_bytes > _IN_FLIGHT:
+            done, k = self._in_flight.popleft()
+            done.result()  # errors are the syncer's to report, at join
+            self._in_flight_bytes -= k
+
+    def _put(self, pos: int, data: torch.Tensor) -> None:
+        """Write the uint8 tensor ``data`` at file offset ``pos`` (buffered or direct)."""
+        n = data.numel()
+        if not self._direct:
+            self._pwrite(pos, data)
+            self._unsynced += n
+            if self._syncer is not None and self._unsynced >= KICK_BYTES:
+                self._unsynced = 0
+                assert self._fd is not None
+                self._syncer.kick(self._fd, self.path)
+            return
+        end = pos + n
+        lo = min(_up(pos), end)  # [pos, lo): the part of a block shared with what precedes
+        hi = max(end // _ALIGN * _ALIGN, lo)  # [hi, end): the part shared with what follows
+        if lo > pos:
+            self._edge(pos, data[: lo - pos])
+        if hi > lo:
+            body = data[lo - pos : hi - pos]
+            if body.data_ptr() % _ALIGN:
+                raw = self._arena.take(hi - lo + _ALIGN)
+                skip = -raw.data_ptr() % _ALIGN
+                body = raw[skip : skip + hi - lo].copy_(body)
+            self._pwrite(lo, body)
+        if end > hi:
+            self._edge(hi, data[hi - pos :])
+
+    def _edge(self, pos: int, piece: torch.Tensor) -> None:
+        """Gather ``piece`` into its block; write the block once all its bytes are there."""
+        blk = pos // _ALIGN * _ALIGN
+        if blk in self._edges:
+            buf, filled = self._edges[blk]
+        else:
+            raw = torch.zeros(2 * _ALIGN, dtype=torch.uint8)
+            skip = -raw.data_ptr() % _ALIGN
+            buf, filled = raw[skip : skip + _ALIGN], 0
+        buf[pos - blk : pos - blk + piece.numel()].copy_(piece)
+        filled += piece.numel()
+        if filled < min(_ALIGN, self._size - blk):
+            self._edges[blk] = (buf, filled)
+            return
+        self._edges.pop(blk, None)
+        self._pwrite(blk, buf)  # the file's last block goes whole; close cuts it to size
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write one tensor at its planned offset.
@@ -182,7 +342,8 @@ class StreamingWriter:
         Args:
             name: A planned tensor name, not yet written.
             tensor: Its value, of the planned dtype and shape, on any device and with any
-                strides (it is made contiguous on the CPU first).
+                strides (it is made contiguous on the CPU first). One from `buffer` is written
+                without a copy; it must not be changed until the writer is closed.
 
         Raises:
             OutputError: The writer is closed, the name is not planned or was written already,
@@ -206,24 +367,13 @@ class StreamingWriter:
             self._written.add(name)
             return
         t = tensor.detach().to("cpu").contiguous()
-        # Reinterpret as bytes inside torch (bf16 and fp8 have no numpy dtype); the uint8
-        # numpy array then shares the tensor's memory, so no copy is made.
-        mv: memoryview = t.reshape(-1).view(torch.uint8).numpy().data
-        pos = self._data_start + start
+        # Reinterpret as bytes inside torch (bf16 and fp8 have no numpy dtype): no copy.
         try:
-            while mv:
-                # pwrite may write less than asked (Linux caps one call near 2 GiB).
-                n = os.pwrite(self._fd, mv, pos)
-                if n <= 0:
-                    raise OSError(0, "no progress")
-                mv, pos = mv[n:], pos + n
-                self._unsynced += n
+            self._put(self._data_start + start, t.reshape(-1).view(torch.uint8))
         except OSError as err:
             raise output_error(err, f"cannot write tensor {name!r}", str(self.path)) from err
         self._written.add(name)
-        if self._syncer is not None and self._unsynced >= KICK_BYTES:
-            self._unsynced = 0
-            self._syncer.kick(self._fd, self.path)
+        self._arena.trim()
 
     @property
     def complete(self) -> bool:
@@ -247,3 +397,15 @@ class StreamingWriter:
                 f"{', '.join(missing[:5])}{more}",
                 where=str(self.path),
             )
+
+
+def _drop_direct(fd: int) -> bool:
+    """Turn direct I/O off on ``fd``; False when it was not on (the error is another one)."""
+    import fcntl
+
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    o_direct = getattr(os, "O_DIRECT", 0)
+    if not flags & o_direct:
+        return False
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~o_direct)
+    return True

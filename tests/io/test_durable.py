@@ -27,7 +27,9 @@ def test_writer_hands_its_descriptor_over_and_every_file_is_synced(
     ts = {f"t{i}": torch.full((300,), float(i)) for i in range(4)}  # 1200 bytes each
     entries = [(k, "F32", (300,)) for k in ts]
     with BackgroundSync() as s:
-        w = StreamingWriter(tmp_path / "a.safetensors", entries, None, s)
+        # Buffered: the page cache is flushed as the file grows (a direct write has no
+        # dirty pages to flush).
+        w = StreamingWriter(tmp_path / "a.safetensors", entries, None, s, direct=False)
         for k, t in ts.items():
             w.write(k, t)
         w.close()
@@ -67,3 +69,33 @@ def test_a_discarded_file_is_closed_without_a_flush(
         with w:
             raise RuntimeError("merge failed")
     assert durable.KICK_BYTES > 0
+
+
+def test_direct_writes_run_on_the_syncer_thread_before_the_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    events: list[tuple[str, str]] = []
+    real_pwrite, real_fsync = os.pwrite, os.fsync
+
+    def pwrite(fd: int, data: object, pos: int) -> int:
+        events.append(("write", threading.current_thread().name))
+        return real_pwrite(fd, data, pos)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", "")), real_fsync(fd))[1])
+    ts = {f"t{i}": torch.randn(3000 + i) for i in range(4)}  # several 4 KiB blocks each
+    with BackgroundSync() as s:
+        entries = [(k, "F32", tuple(t.shape)) for k, t in ts.items()]
+        w = StreamingWriter(tmp_path / "a.safetensors", entries, None, s)
+        for k, t in ts.items():
+            w.write(k, t)
+        w.close()
+    writes = [e for e in events if e[0] == "write"]
+    assert writes and all(name.startswith("mwakit-sync") for _, name in writes)
+    assert events[-1][0] == "fsync"  # after every write of the file
+    from safetensors.torch import load_file
+
+    got = load_file(tmp_path / "a.safetensors")
+    assert all(torch.equal(got[k], t) for k, t in ts.items())

@@ -235,3 +235,83 @@ def test_round_trip_property(
         for k in names:
             w.write(k, ts[k])
     assert ours.read_bytes() == ref.read_bytes(), "byte-identical to the official writer"
+
+
+def _big_tensors() -> dict[str, torch.Tensor]:
+    # Tensors of many 4 KiB blocks at unaligned offsets (odd sizes between them), tiny ones
+    # that share a block with their neighbours, and a file whose size is no block multiple.
+    g = torch.Generator().manual_seed(3)
+    return {
+        "a.big": torch.randn(300_001, generator=g),
+        "b.bf16": torch.randn(123_457, generator=g).to(torch.bfloat16),
+        "c.tiny": torch.randn(3, generator=g),
+        "d.odd": torch.randint(-100, 100, (4097,), dtype=torch.int8, generator=g),
+        "e.half": torch.randn(77, 1031, generator=g).to(torch.float16),
+        "f.one": torch.tensor([7], dtype=torch.int64),
+    }
+
+
+@pytest.mark.parametrize("direct", [None, False])
+@pytest.mark.parametrize("synced", [False, True])
+@pytest.mark.parametrize("from_buffer", [False, True])
+def test_large_tensors_byte_identical_direct_or_buffered(
+    tmp_path: Path, direct: bool | None, synced: bool, from_buffer: bool
+) -> None:
+    from mwakit.io.durable import BackgroundSync
+
+    ts = _big_tensors()
+    names = list(ts)
+    random.Random(5).shuffle(names)
+    ours = tmp_path / "ours.safetensors"
+    with BackgroundSync() as s:
+        w = StreamingWriter(ours, _entries(ts), None, s if synced else None, direct=direct)
+        with w:
+            for k in names:
+                t = ts[k]
+                if from_buffer:
+                    t = w.buffer(k).copy_(t)
+                w.write(k, t)
+    ref = tmp_path / "ref.safetensors"
+    save_file(ts, ref, metadata={"format": "pt"})
+    assert ours.read_bytes() == ref.read_bytes()
+
+
+def test_a_buffer_is_written_from_where_it_lies(tmp_path: Path) -> None:
+    ts = _big_tensors()
+    with StreamingWriter(tmp_path / "o.safetensors", _entries(ts)) as w:
+        if not w._direct:
+            pytest.skip("this file system has no direct I/O")
+        for k, t in ts.items():
+            buf = w.buffer(k).copy_(t)
+            fresh = w._arena.fresh_bytes
+            w.write(k, buf)
+            assert w._arena.fresh_bytes == fresh, f"{k}: copied into a staging buffer"
+    assert load_file(tmp_path / "o.safetensors").keys() == ts.keys()
+
+
+def test_a_file_system_refusing_direct_writes_gets_buffered_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import fcntl
+    import os
+
+    real = os.pwrite
+    refused: list[int] = []
+
+    def pwrite(fd: int, data: object, pos: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0):
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, pos)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    ts = _big_tensors()
+    path = tmp_path / "o.safetensors"
+    with StreamingWriter(path, _entries(ts)) as w:
+        for k, t in ts.items():
+            w.write(k, t)
+    if not getattr(os, "O_DIRECT", 0):
+        pytest.skip("no direct I/O here")
+    assert len(refused) == 1  # refused once, then buffered for good
+    _assert_loads_exactly(path, ts)
