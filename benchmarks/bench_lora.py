@@ -14,6 +14,14 @@ reference and mwakit in turn (ref, mwakit, ref, mwakit, …: a load change on a 
 falls on both), and prints wall time, the ratios mwakit/reference and mwakit/read floor, and
 peak RSS of each. Targets (issue 11 §4): wall ≤ 1.0× the reference; (issue 2) peak RSS ≤ ⅓
 of it and flat as K grows.
+
+Measured on the idle 2-core box (Dec 2026, r 16, best of 3; earlier figures of 0.45–0.93×
+were taken with the box loaded, which slowed the reference more than mwakit): mwakit 1.95–3.07 s
+against 1.41–1.76 s, 1.29–1.95× — the wall target is not met; peak RSS 0.25–0.37× of the
+reference's. Both start with `import torch` (≈ 1 s). After it, the reference's `load_file` of
+page-cached files and its sum take ≈ 0.4 s for K = 5 fp32 (839 MB), while the sha256 of those
+inputs that mwakit's card records takes ≈ 0.6 CPU-s by itself (1.45 GB/s with SHA-NI). A re-run
+takes its digests from the cache (this benchmark turns the cache off).
 A second part times delta-space re-factorisation of 10 rank-16 adapters to rank 16 with
 QR + small SVD, against a dense SVD of one module extrapolated to all modules.
 
