@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import torch
 
 ALL_DTYPES = [
@@ -32,3 +36,22 @@ def one_of_each(shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
     return {
         f"w.{str(d).split('.')[1]}": random_tensor(d, shape, i) for i, d in enumerate(ALL_DTYPES)
     }
+
+
+@contextmanager
+def counting_reads() -> Iterator[list[tuple[Path, int]]]:
+    """Every (file, offset) a `PreadReader` reads from disk while the block runs."""
+    from mwakit.io.reader import PreadReader
+
+    reads: list[tuple[Path, int]] = []
+    orig = PreadReader.read_into
+
+    def counting(self: PreadReader, p: Path, offset: int, out: memoryview) -> None:
+        reads.append((p, offset))
+        orig(self, p, offset, out)
+
+    PreadReader.read_into = counting  # type: ignore[method-assign]
+    try:
+        yield reads
+    finally:
+        PreadReader.read_into = orig  # type: ignore[method-assign]

@@ -13,7 +13,7 @@ from mwakit.io.cache import FileId, InputCache, default_budget
 from mwakit.io.header import read_header
 from mwakit.io.reader import PreadReader
 
-from .samples import as_bytes, one_of_each, random_tensor
+from .samples import as_bytes, counting_reads, one_of_each, random_tensor
 
 
 def _sample(tmp: Path, seed: int = 1, name: str = "x.safetensors") -> Path:
@@ -47,18 +47,8 @@ def test_second_reader_reads_nothing_and_gets_the_same_bytes(tmp_path: Path) -> 
     held = cache.nbytes
     assert held == sum(i.nbytes for i in read_header(path).tensors.values())
 
-    reads: list[int] = []
-    orig = PreadReader.read_into
-
-    def counting(self: PreadReader, p: Path, offset: int, out: memoryview) -> None:
-        reads.append(offset)
-        orig(self, p, offset, out)
-
-    PreadReader.read_into = counting  # type: ignore[method-assign]
-    try:
+    with counting_reads() as reads:
         second = _read_all(path, cache)
-    finally:
-        PreadReader.read_into = orig  # type: ignore[method-assign]
     assert reads == [], "every tensor came from the cache"
     assert (cache.hits, cache.misses, cache.nbytes) == (n, n, held)
     _same(second, first)

@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
-from mwakit.io.reader import PreadReader
 from mwakit.memory import merge_in_memory
 from mwakit.recipe import parse_recipe
 from mwakit.tune import tune
 from mwakit.tune.scoring import ModelScorer
+from tests.io.samples import counting_reads
 from tests.tune.conftest import write_recipe
 
 
@@ -54,18 +54,8 @@ def test_cached_scorer_reads_nothing_after_the_first_candidate_and_scores_the_sa
     held = cached.cache.nbytes
     assert held > 0 and cached.cache.misses == len(cached.cache)
 
-    reads: list[Path] = []
-    orig = PreadReader.read_into
-
-    def counting(self: PreadReader, p: Path, offset: int, out: memoryview) -> None:
-        reads.append(p)
-        orig(self, p, offset, out)
-
-    PreadReader.read_into = counting  # type: ignore[method-assign]
-    try:
+    with counting_reads() as reads:
         got = [first] + [cached.score(r, "val") for r in recipes[1:]]
-    finally:
-        PreadReader.read_into = orig  # type: ignore[method-assign]
     assert reads == [], "candidates 2..N read nothing from disk"
     assert cached.cache.nbytes == held and cached.cache.hits > 0
     want = [plain.score(r, "val") for r in recipes]
