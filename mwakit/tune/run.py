@@ -9,7 +9,6 @@ block that the model card shows when it is run.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import tempfile
@@ -21,6 +20,7 @@ from typing import Any
 import yaml
 
 from mwakit import __version__
+from mwakit.card import sha256_file
 from mwakit.errors import MetricError, OutputError, UsageError
 from mwakit.recipe import Recipe, load_recipe
 from mwakit.trainer_state import LossWindow
@@ -172,15 +172,6 @@ def _pm(v: float, se: float) -> str:
 
 def _se(se: float) -> str:
     return "?" if math.isnan(se) else f"{se:.2g}"
-
-
-def sha256_of(path: Path) -> str:
-    """The sha256 of a data file (the trial log's context and the card's fingerprint)."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _count_rows(path: Path) -> int:
@@ -462,7 +453,7 @@ def tune(
         files["test"] = str(test_path.resolve())
     context = {
         "checkpoints": [s["path"] for s in space.specs],
-        "data": {k: sha256_of(Path(p)) for k, p in files.items()},
+        "data": {k: sha256_file(Path(p)) for k, p in files.items()},
         "base": None if base is None else str(base),
         "tokenizer": None if tokenizer is None else str(tokenizer),
         "metric": metric,
@@ -657,7 +648,7 @@ def _with_tuning(
     recipe = dict(best.recipe)
     data = {}
     for split, p in files.items():
-        data[split] = {"path": str(Path(p).resolve()), "sha256": sha256_of(Path(p)),
+        data[split] = {"path": str(Path(p).resolve()), "sha256": sha256_file(Path(p)),
                        "rows": _count_rows(Path(p))}  # fmt: skip
     results = {"chosen": best.to_json(), **{k: e.to_json() for k, e in baselines.items()}}
     recipe["tuning"] = {
