@@ -8,14 +8,13 @@ change), imported only when a plot is drawn. The model card embeds it as ``weigh
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mwakit.errors import OutputError
+from mwakit.io.atomic import replace_file
 
 if TYPE_CHECKING:
     from mwakit.planner import Plan
@@ -179,24 +178,14 @@ def save_plot(plan: Plan, path: str | Path) -> Path:
     check_plot_path(path)
     target = Path(path)
     fmt = plot_format(target)
-    tmp: str | None = None
     try:
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{target.name[:64]}.mwakit-tmp-", suffix=f".{fmt}", dir=target.parent
-        )
-        os.close(fd)
-        plot_weights(plan, tmp, fmt)
-        os.replace(tmp, target)
-        tmp = None
+        replace_file(target, lambda tmp: plot_weights(plan, tmp, fmt), suffix=f".{fmt}")
     except OSError as err:
         raise OutputError(
             f"cannot write the plot: {err.strerror or err}",
             where=str(target),
             fix="write it into a folder you can write to (--plot PATH)",
         ) from err
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
     return target
 
 

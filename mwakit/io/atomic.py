@@ -32,8 +32,9 @@ import re
 import secrets
 import shutil
 import socket
+import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from fnmatch import fnmatch
 from pathlib import Path
@@ -238,6 +239,31 @@ def _check_replaceable(target: Path) -> None:
             fix="move them out of the folder (mwakit never deletes what it did not write), "
             "or choose another output.path",
         )
+
+
+# -- single files ----------------------------------------------------------------------------
+
+
+def replace_file(target: Path, write: Callable[[Path], object], *, suffix: str = "") -> None:
+    """Write one file atomically: ``write(tmp)`` beside ``target``, then rename over it.
+
+    A failure (or an interrupt) removes the temporary file and leaves ``target`` as it was.
+    The temporary name starts with a dot and the target's name (cut to 64 characters, so a
+    long name still fits) and ends with ``suffix`` (writers that pick a format by extension).
+
+    Raises:
+        OSError: From creating, writing or renaming (the caller says what it was writing).
+    """
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{target.name[:64]}.mwakit-tmp-", suffix=suffix, dir=target.parent
+    )
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 # -- temporary folders -----------------------------------------------------------------------

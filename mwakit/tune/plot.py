@@ -5,13 +5,12 @@ matplotlib's object-oriented API on the Agg canvas, as `mwakit.plot`; written at
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mwakit.errors import OutputError
+from mwakit.io.atomic import replace_file
 
 if TYPE_CHECKING:
     from mwakit.tune.candidates import Space
@@ -73,21 +72,16 @@ def draw(path: Path, tuner: _Tuner, choice: Choice, space: Space) -> Path:
     bx.set_title(f"chosen: {d['chosen']}")
     bx.grid(alpha=0.3, axis="y")
     target = Path(path)
-    tmp: str | None = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:64]}.", suffix=".png",
-                                   dir=target.parent)  # fmt: skip
-        os.close(fd)
-        fig.savefig(tmp, format="png", metadata={"Software": None})
-        os.replace(tmp, target)
-        tmp = None
+        replace_file(
+            target,
+            lambda tmp: fig.savefig(tmp, format="png", metadata={"Software": None}),
+            suffix=".png",
+        )
     except OSError as err:
         raise OutputError(
             f"cannot write the tune plot: {err.strerror or err}",
             where=str(target),
             fix="write --out into a folder you can write to",
         ) from err
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
     return target

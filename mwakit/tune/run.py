@@ -10,8 +10,6 @@ block that the model card shows when it is run.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ import yaml
 from mwakit import __version__
 from mwakit.card import sha256_file
 from mwakit.errors import MetricError, OutputError, UsageError
+from mwakit.io.atomic import replace_file
 from mwakit.recipe import Recipe, load_recipe
 from mwakit.trainer_state import LossWindow
 from mwakit.tune import searches as S
@@ -338,14 +337,7 @@ class _Tuner:
 
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    replace_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _searches(names: Sequence[str] | str) -> list[str]:
