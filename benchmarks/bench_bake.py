@@ -32,7 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import READ_FLOOR, best_of
+from common import READ_FLOOR, best_of, tinyllama_config
 
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -93,19 +93,10 @@ def build(data: Path, layers: int) -> tuple[Path, Path]:
     from huggingface_hub import save_torch_state_dict
     from peft import LoraConfig
     from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     if not (base / "config.json").is_file():
-        cfg = LlamaConfig(
-            vocab_size=32000,
-            hidden_size=2048,
-            intermediate_size=5632,
-            num_hidden_layers=layers,
-            num_attention_heads=32,
-            num_key_value_heads=4,
-            tie_word_embeddings=False,
-            dtype="bfloat16",
-        )
+        cfg = tinyllama_config(layers, dtype="bfloat16")
         with torch.device("meta"):
             shapes = {k: v.shape for k, v in LlamaForCausalLM(cfg).state_dict().items()}
         g = torch.Generator().manual_seed(0)

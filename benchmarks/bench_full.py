@@ -53,6 +53,7 @@ from common import (
     best_of,
     interleaved,
     measure,
+    tinyllama_config,
 )
 
 
@@ -61,20 +62,11 @@ def build(folder: Path, *, layers: int, seed: int, shard: str, base: Path | None
     import torch
     from huggingface_hub import save_torch_state_dict
     from safetensors.torch import load_file
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     if (folder / "config.json").is_file():
         return
-    cfg = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=layers,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        tie_word_embeddings=False,
-        torch_dtype="bfloat16",
-    )
+    cfg = tinyllama_config(layers, torch_dtype="bfloat16")
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in LlamaForCausalLM(cfg).state_dict().items()}
     g = torch.Generator().manual_seed(seed)

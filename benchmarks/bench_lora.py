@@ -42,18 +42,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import MWAKIT_ENV, READ_FLOOR, REFERENCE, best_of, interleaved, measure
+from common import (
+    HIDDEN,
+    LLAMA3_8B_MODULES,
+    MWAKIT_ENV,
+    READ_FLOOR,
+    REFERENCE,
+    best_of,
+    interleaved,
+    measure,
+)
 
-HIDDEN, INTER, KV = 4096, 14336, 1024
-MODULES = {  # name: (in, out)
-    "self_attn.q_proj": (HIDDEN, HIDDEN),
-    "self_attn.k_proj": (HIDDEN, KV),
-    "self_attn.v_proj": (HIDDEN, KV),
-    "self_attn.o_proj": (HIDDEN, HIDDEN),
-    "mlp.gate_proj": (HIDDEN, INTER),
-    "mlp.up_proj": (HIDDEN, INTER),
-    "mlp.down_proj": (INTER, HIDDEN),
-}
+MODULES = LLAMA3_8B_MODULES
 
 
 def generate(folder: Path, *, r: int, layers: int, dtype: str, seed: int) -> None:

@@ -24,21 +24,15 @@ import time
 import warnings
 from typing import Any
 
+from common import tinyllama_config
+
 
 def build(layers: int, r: int, k: int) -> Any:
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=1024,
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=layers,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        tie_word_embeddings=False,
-    )
+    cfg = tinyllama_config(layers, vocab_size=1024)
     torch.manual_seed(0)
     base = LlamaForCausalLM(cfg)
     modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -37,16 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
-HIDDEN, INTER, KV = 4096, 14336, 1024
-MODULES = {  # name: (in, out)
-    "self_attn.q_proj": (HIDDEN, HIDDEN),
-    "self_attn.k_proj": (HIDDEN, KV),
-    "self_attn.v_proj": (HIDDEN, KV),
-    "self_attn.o_proj": (HIDDEN, HIDDEN),
-    "mlp.gate_proj": (HIDDEN, INTER),
-    "mlp.up_proj": (HIDDEN, INTER),
-    "mlp.down_proj": (INTER, HIDDEN),
-}
+from common import LLAMA3_8B_MODULES
+
+MODULES = LLAMA3_8B_MODULES
 LAYERS = 32
 K, R = 10, 16
 

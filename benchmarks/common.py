@@ -103,6 +103,36 @@ if spec.get("fsync"):  # durable like mwakit's output (it fsyncs before its fina
 #: card's fingerprints are part of what is timed).
 MWAKIT_ENV = {**os.environ, "MWAKIT_CACHE": "off"}
 
+#: Llama-3-8B's LoRA target modules, name: (in, out) — the LoRA benchmarks' shapes.
+HIDDEN, INTER, KV = 4096, 14336, 1024
+LLAMA3_8B_MODULES = {
+    "self_attn.q_proj": (HIDDEN, HIDDEN),
+    "self_attn.k_proj": (HIDDEN, KV),
+    "self_attn.v_proj": (HIDDEN, KV),
+    "self_attn.o_proj": (HIDDEN, HIDDEN),
+    "mlp.gate_proj": (HIDDEN, INTER),
+    "mlp.up_proj": (HIDDEN, INTER),
+    "mlp.down_proj": (INTER, HIDDEN),
+}
+
+
+def tinyllama_config(layers: int, **overrides: object) -> object:
+    """A `LlamaConfig` with TinyLlama-1.1B's shapes and ``layers`` layers (the full-model
+    benchmarks' models), with ``overrides``."""
+    from transformers import LlamaConfig
+
+    kw: dict[str, object] = {
+        "vocab_size": 32000,
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "tie_word_embeddings": False,
+        **overrides,
+    }
+    return LlamaConfig(**kw)
+
 
 def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
     """(wall seconds, peak RSS MiB) of a child process; exits with its stderr if it fails."""
