@@ -283,24 +283,7 @@ def refactor(
     Raises:
         ValueError: ``rank`` < 1, or A's rank does not match B's.
     """
-    _check_rank(rank)
-    if A.shape[0] != B.shape[1]:
-        raise ValueError(f"A has rank {A.shape[0]} but B has {B.shape[1]} columns")
-    a_rest, b_rest = tuple(A.shape[1:]), tuple(B.shape[2:])
-    a2 = A.reshape(A.shape[0], -1).to(compute_dtype)
-    b2 = B.reshape(B.shape[0], -1).to(compute_dtype)
-    with serial():  # Householder QR rounds differently per thread count; R is small anyway
-        qb, rb = torch.linalg.qr(b2)  # (out, p), (p, R) with p = min(out, R)
-        qa, ra = torch.linalg.qr(a2.T)  # (in, q), (q, R) with q = min(in, R)
-    core = rb @ ra.T  # (p, q): M = Q_b core Q_aᵀ
-    if not bool(torch.isfinite(core).all()):
-        return _non_finite(
-            rank, (rank, *a_rest), (B.shape[0], rank, *b_rest), compute_dtype, A.device
-        )
-    with serial():
-        u, s, vh = torch.linalg.svd(core, full_matrices=False)
-    ref = _split(qb @ u, s, vh @ qa.T, rank, a_rest, b_rest)
-    return Refactored(ref.A, ref.B, ref.rel_error, rank, "qr")
+    return refactor_concat([A], [B], [1.0], rank, compute_dtype=compute_dtype)
 
 
 class QrMemo:
@@ -345,8 +328,8 @@ def refactor_concat(
 ) -> Refactored:
     """Best rank-``rank`` approximation of Σ_i c_i B_i A_i from the stacked factors.
 
-    As `refactor` of `concat_factors`, except that the QR is of the unweighted B° = [B_1, …,
-    B_K]: B* = B° D with D = diag(c_i) on each block of columns, so B* = Q_b (R_b D) is a QR of
+    The truncated SVD of `concat_factors`' B*·A* by QR + small SVD (see `refactor`), with the
+    QR taken of the unweighted B° = [B_1, …, B_K]: B* = B° D with D = diag(c_i) on each block of columns, so B* = Q_b (R_b D) is a QR of
     B* too. Q_b, R_b and the QR of A*ᵀ do not depend on the weights, so a ``memo`` keeps them
     across merges of the same inputs; only the small core (R_b D) R_aᵀ and its SVD are new.
     (Unweighted columns are also the better-conditioned QR when weights differ by orders.)
