@@ -329,9 +329,10 @@ def refactor_concat(
     """Best rank-``rank`` approximation of Σ_i c_i B_i A_i from the stacked factors.
 
     The truncated SVD of `concat_factors`' B*·A* by QR + small SVD (see `refactor`), with the
-    QR taken of the unweighted B° = [B_1, …, B_K]: B* = B° D with D = diag(c_i) on each block of columns, so B* = Q_b (R_b D) is a QR of
-    B* too. Q_b, R_b and the QR of A*ᵀ do not depend on the weights, so a ``memo`` keeps them
-    across merges of the same inputs; only the small core (R_b D) R_aᵀ and its SVD are new.
+    QR taken of the unweighted B° = [B_1, …, B_K]: B* = B° D with D = diag(c_i) on each block
+    of columns, so B* = Q_b (R_b D) is a QR of B* too. Q_b, R_b and the QR of A*ᵀ do not depend
+    on the weights, so a ``memo`` keeps them across merges of the same inputs; only the small
+    core (R_b D) R_aᵀ and its SVD are new.
     (Unweighted columns are also the better-conditioned QR when weights differ by orders.)
 
     Args:

@@ -124,6 +124,35 @@ def tiny_llama(**overrides: Any) -> Any:
     return LlamaForCausalLM(cfg)
 
 
+def shaped_adapter(
+    folder: Path, seed: int, shapes: dict[str, tuple[int, int]], *, layers: int = 1
+) -> Path:
+    """A rank-8 PEFT adapter folder (α 16) with the attention modules ``shapes`` (name: (in,
+    out)) in each of ``layers`` layers: modules of real, uneven sizes without a base model."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(seed)
+    ts = {}
+    for layer in range(layers):
+        for m, (fin, fout) in shapes.items():
+            key = f"base_model.model.model.layers.{layer}.self_attn.{m}"
+            ts[f"{key}.lora_A.weight"] = torch.randn(8, fin, generator=g) * 0.1
+            ts[f"{key}.lora_B.weight"] = torch.randn(fout, 8, generator=g) * 0.1
+    save_file(ts, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    cfg = {
+        "peft_type": "LORA",
+        "r": 8,
+        "lora_alpha": 16,
+        "task_type": "CAUSAL_LM",
+        "target_modules": sorted(shapes),
+        "base_model_name_or_path": "tiny/base",
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    return folder
+
+
 MakeAdapter = Callable[..., Path]
 
 

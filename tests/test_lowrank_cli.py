@@ -7,37 +7,20 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from click.testing import CliRunner
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mwakit.cli import main
 from mwakit.lowrank import dense_delta
 from mwakit.methods import ties
+from tests.conftest import shaped_adapter
 
 SHAPES = {"q_proj": (320, 288), "v_proj": (320, 64)}  # (in, out): sketched, dense SVD
 
 
 def _adapter(folder: Path, seed: int) -> Path:
-    folder.mkdir(parents=True)
-    g = torch.Generator().manual_seed(seed)
-    ts = {}
-    for m, (fin, fout) in SHAPES.items():
-        key = f"base_model.model.model.layers.0.self_attn.{m}"
-        ts[f"{key}.lora_A.weight"] = torch.randn(8, fin, generator=g) * 0.1
-        ts[f"{key}.lora_B.weight"] = torch.randn(fout, 8, generator=g) * 0.1
-    save_file(ts, folder / "adapter_model.safetensors", metadata={"format": "pt"})
-    cfg = {
-        "peft_type": "LORA",
-        "r": 8,
-        "lora_alpha": 16,
-        "task_type": "CAUSAL_LM",
-        "target_modules": sorted(SHAPES),
-        "base_model_name_or_path": "tiny/base",
-    }
-    (folder / "adapter_config.json").write_text(json.dumps(cfg))
-    return folder
+    return shaped_adapter(folder, seed, SHAPES)
 
 
 def test_run_line_and_card_report_solvers_and_worst_error(tmp_path: Path) -> None:

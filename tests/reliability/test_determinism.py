@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
+
+from tests.conftest import shaped_adapter
 
 CHILD = """
 import hashlib, json, sys
@@ -52,25 +53,7 @@ MODULES = {"q_proj": (320, 288), "v_proj": (320, 64)}  # name: (in, out)
 
 
 def _adapter(folder: Path, seed: int) -> Path:
-    folder.mkdir(parents=True)
-    g = torch.Generator().manual_seed(seed)
-    ts = {}
-    for layer in range(2):
-        for m, (fin, fout) in MODULES.items():
-            key = f"base_model.model.model.layers.{layer}.self_attn.{m}"
-            ts[f"{key}.lora_A.weight"] = torch.randn(8, fin, generator=g) * 0.1
-            ts[f"{key}.lora_B.weight"] = torch.randn(fout, 8, generator=g) * 0.1
-    save_file(ts, folder / "adapter_model.safetensors", metadata={"format": "pt"})
-    cfg = {
-        "peft_type": "LORA",
-        "r": 8,
-        "lora_alpha": 16,
-        "task_type": "CAUSAL_LM",
-        "target_modules": sorted(MODULES),
-        "base_model_name_or_path": "tiny/base",
-    }
-    (folder / "adapter_config.json").write_text(json.dumps(cfg))
-    return folder
+    return shaped_adapter(folder, seed, MODULES, layers=2)
 
 
 def _model(folder: Path, seed: int) -> Path:
