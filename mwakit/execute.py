@@ -328,7 +328,7 @@ def _run_lora(
         # Scaled (and factorised) in float32 at least, then rounded to `dtype` once.
         if task.mode == "svd":
             cache = ld.reader.cache
-            memo = None if cache is None else cache.derived.setdefault("qr", QrMemo())
+            memo = None if cache is None else cache.derived.setdefault("qr", QrMemo(cache.charge))
             ref = refactor_concat(
                 As, Bs, coeffs, task.rank, compute_dtype=acc, memo=memo, key=task.module
             )

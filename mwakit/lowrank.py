@@ -21,7 +21,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
@@ -293,13 +293,25 @@ class QrMemo:
     An entry serves a module only while its inputs are the very same tensor objects, unchanged
     (`mwakit.io.cache.InputCache` hands out the same tensors every time): it holds them, so
     they cannot be freed and their identity reused. One entry per module, replaced on a miss.
+
+    Args:
+        charge: Asked for each entry's bytes before it is kept (negative: an entry given
+            back); False keeps nothing (`mwakit.io.cache.InputCache.charge`: its budget).
     """
 
-    def __init__(self) -> None:
-        self._entries: dict[str, tuple[tuple[torch.Tensor, ...], tuple[int, ...], Any]] = {}
+    def __init__(self, charge: Callable[[int], bool] | None = None) -> None:
+        self._entries: dict[
+            str, tuple[tuple[torch.Tensor, ...], tuple[int, ...], tuple[torch.Tensor, ...], int]
+        ] = {}
+        self._charge = charge
         self.hits = 0
 
-    def get(self, key: str, inputs: Sequence[torch.Tensor], make: Callable[[], Any]) -> Any:
+    def get(
+        self,
+        key: str,
+        inputs: Sequence[torch.Tensor],
+        make: Callable[[], tuple[torch.Tensor, ...]],
+    ) -> tuple[torch.Tensor, ...]:
         """``make()`` for these inputs, or what it gave the last time for the same tensors."""
         versions = tuple(t._version for t in inputs)
         held = self._entries.get(key)
@@ -311,8 +323,14 @@ class QrMemo:
         ):
             self.hits += 1
             return held[2]
+        if held is not None:
+            del self._entries[key]
+            if self._charge is not None:
+                self._charge(-held[3])
         value = make()
-        self._entries[key] = (tuple(inputs), versions, value)
+        size = sum(t.numel() * t.element_size() for t in value)
+        if self._charge is None or self._charge(size):
+            self._entries[key] = (tuple(inputs), versions, value, size)
         return value
 
 

@@ -362,3 +362,35 @@ def test_refactor_concat_flags_non_finite_inputs() -> None:
     As[1][0, 0] = math.inf
     ref = refactor_concat(As, Bs, [1.0, 1.0], 2)
     assert math.isnan(ref.rel_error) and bool(torch.isnan(ref.A).all())
+
+
+def test_the_qr_memo_keeps_only_what_its_budget_allows() -> None:
+    As, Bs = _stack(14, [4, 4])
+    charged: list[int] = []
+
+    def refuse(n: int) -> bool:
+        charged.append(n)
+        return False
+
+    memo = QrMemo(refuse)
+    first = refactor_concat(As, Bs, [1.0, 2.0], 4, memo=memo, key="m")
+    again = refactor_concat(As, Bs, [1.0, 2.0], 4, memo=memo, key="m")
+    assert memo.hits == 0 and len(charged) == 2  # asked each time, kept nothing
+    # Q_b, R_b, Q_a, R_a of a 40×8 B° and a 30×8 A*ᵀ in float32.
+    assert charged[0] == 4 * (40 * 8 + 8 * 8 + 30 * 8 + 8 * 8)
+    assert torch.equal(first.B, again.B)
+    budget = [charged[0]]
+
+    def allow(n: int) -> bool:
+        if n > budget[0]:
+            return False
+        budget[0] -= n
+        return True
+
+    kept = QrMemo(allow)
+    refactor_concat(As, Bs, [1.0, 2.0], 4, memo=kept, key="m")
+    refactor_concat(As, Bs, [0.5, 2.0], 4, memo=kept, key="m")
+    assert kept.hits == 1 and budget == [0]
+    # A miss gives the old entry's bytes back before the new one is charged.
+    refactor_concat([a.clone() for a in As], Bs, [1.0, 1.0], 4, memo=kept, key="m")
+    assert budget == [0] and kept.hits == 1

@@ -97,7 +97,8 @@ class InputCache:
         self._files: dict[str, tuple[FileId, dict[TensorKey, Held]]] = {}  # by real path
         self._ptrs: set[int] = set()  # data pointers of the held buffers (`owns`)
         #: What later stages derive from the held tensors and keep with them, by name (the
-        #: executor keeps each module's QR factors here: `mwakit.lowrank.QrMemo`).
+        #: executor keeps each module's QR factors here: `mwakit.lowrank.QrMemo`), counted
+        #: against the same budget through `charge`.
         self.derived: dict[str, Any] = {}
 
     def __len__(self) -> int:
@@ -139,6 +140,18 @@ class InputCache:
         """Whether ``nbytes`` more would stay within the budget."""
         return self.nbytes + nbytes <= self.budget
 
+    def charge(self, nbytes: int) -> bool:
+        """Count ``nbytes`` of `derived` memory against the budget (negative: give it back).
+
+        Returns:
+            Whether it was counted (False: it would not fit; keep nothing then).
+        """
+        with self._lock:
+            if nbytes > 0 and not self.fits(nbytes):
+                return False
+            self.nbytes += nbytes
+            return True
+
     def put(self, file: FileId, info: TensorInfo, raw: torch.Tensor, typed: torch.Tensor) -> bool:
         """Keep ``raw`` (uint8, memory of its own that no one writes) as ``info``'s bytes in
         ``file``, and ``typed`` (its typed, shaped view) to hand out.
@@ -171,4 +184,5 @@ class InputCache:
         with self._lock:
             self._files.clear()
             self._ptrs.clear()
+            self.derived.clear()
             self.nbytes = 0

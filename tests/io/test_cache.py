@@ -132,3 +132,13 @@ def test_bad_budget_and_default() -> None:
     with pytest.raises(ValueError, match="budget"):
         InputCache(-1)
     assert InputCache().budget == default_budget() > 0
+
+
+def test_derived_memory_is_charged_to_the_budget() -> None:
+    cache = InputCache(100)
+    assert cache.charge(60) and cache.nbytes == 60
+    assert not cache.charge(41) and cache.nbytes == 60
+    assert cache.charge(-60) and cache.nbytes == 0
+    cache.derived["x"] = object()
+    cache.clear()
+    assert cache.derived == {}
