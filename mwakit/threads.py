@@ -17,6 +17,20 @@ large ΔW with ``delta_rank`` gains from more threads in the randomized sketch's
 QR and SVD steps run on one thread whatever the setting, so the bytes do not change);
 ``MWAKIT_THREADS=auto`` keeps torch's own choice. The previous setting is restored afterwards,
 so a program that calls mwakit keeps its own.
+
+Blocked kernels (`mwakit.methods.blocks`: TIES, DARE, trims and their exact thresholds, on a
+CPU) are compute-bound on cache-resident blocks instead: they split their blocks over
+`block_workers` Python threads, each running its own single-threaded torch ops on its own
+buffers. Those threads take the next block when they are free and wait on a lock (they sleep,
+never spin) when there is none, so a busy box slows them without the barrier collapse above,
+and every element is computed by the same ops whichever thread takes its block: the bytes do
+not depend on the count. ``MWAKIT_BLOCK_WORKERS=N`` sets it (default: the cores this process may
+run on, at most `MAX_BLOCK_WORKERS`).
+
+Those threads still hand the GIL over at every op (1.3–1.5× from two on the 2-core box), so
+the dense LoRA tasks of a large task-vector merge go to worker processes instead
+(`mwakit.executors.pool`, 1.9× from two): ``MWAKIT_PROCESSES=N`` sets how many (1: none;
+default: as many as block workers).
 """
 
 from __future__ import annotations
@@ -29,6 +43,10 @@ from mwakit.errors import UsageError
 
 ENV = "MWAKIT_THREADS"
 DEFAULT = 1
+BLOCK_ENV = "MWAKIT_BLOCK_WORKERS"
+MAX_BLOCK_WORKERS = 4
+"""More block workers than this contend for the memory bus more than they add."""
+PROCESS_ENV = "MWAKIT_PROCESSES"
 
 
 def merge_threads() -> int | None:
@@ -57,6 +75,8 @@ def merge_thread_policy() -> Iterator[int]:
     import torch
 
     want = merge_threads()
+    block_workers()  # bad counts are refused before the merge starts
+    merge_processes()
     before = torch.get_num_threads()
     if want is None or want == before:
         yield before
@@ -66,3 +86,42 @@ def merge_thread_policy() -> Iterator[int]:
         yield want
     finally:
         torch.set_num_threads(before)
+
+
+def _cores() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_BLOCK_WORKERS, cores))
+
+
+def _count(env: str, none: str) -> int:
+    raw = os.environ.get(env, "").strip()
+    if not raw:
+        return _cores()
+    if raw.isdigit() and int(raw) >= 1:
+        return int(raw)
+    raise UsageError(
+        f"{env}={raw!r} is not a worker count",
+        where=env,
+        fix=f"set it to a whole number ≥ 1 (1: {none}), or unset it",
+    )
+
+
+def block_workers() -> int:
+    """Python threads a blocked CPU kernel splits its blocks over (``MWAKIT_BLOCK_WORKERS``).
+
+    Raises:
+        UsageError: ``MWAKIT_BLOCK_WORKERS`` is not a whole number ≥ 1.
+    """
+    return _count(BLOCK_ENV, "no block threads")
+
+
+def merge_processes() -> int:
+    """Worker processes for the dense LoRA tasks of a large merge (``MWAKIT_PROCESSES``).
+
+    Raises:
+        UsageError: ``MWAKIT_PROCESSES`` is not a whole number ≥ 1.
+    """
+    return _count(PROCESS_ENV, "no worker processes")

@@ -62,3 +62,17 @@ def test_merge_runs_with_one_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     mwakit.run(_recipe(tmp_path, folders, method="linear"))
     assert seen == [1]
+
+
+@pytest.mark.parametrize("name", ["MWAKIT_BLOCK_WORKERS", "MWAKIT_PROCESSES"])
+def test_worker_counts_from_the_environment(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    from mwakit.threads import block_workers, merge_processes
+
+    count = {"MWAKIT_BLOCK_WORKERS": block_workers, "MWAKIT_PROCESSES": merge_processes}[name]
+    monkeypatch.setenv(name, "3")
+    assert count() == 3
+    monkeypatch.delenv(name)
+    assert 1 <= count() <= 4  # the usable cores, at most 4
+    monkeypatch.setenv(name, "0")
+    with pytest.raises(UsageError, match=name):
+        count()

@@ -205,3 +205,60 @@ def test_ties_mass_that_underflows_stays_finite() -> None:
     x = [torch.tensor([-1.4013e-45, 1.0])]
     out = m.merge(x, [0.5], p, base=None, dtype=torch.float32, key="k")
     assert torch.equal(out, torch.tensor([0.0, 1.0]))  # a disjoint mean: 0.5·1 / 0.5
+
+
+# --- block workers --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factored", [False, True])
+def test_block_workers_do_not_change_a_bit(monkeypatch: pytest.MonkeyPatch, factored: bool) -> None:
+    monkeypatch.setattr(blocks, "THREAD_BLOCK", 0)  # small blocks split too, many of them
+    g = torch.Generator().manual_seed(5)
+    if factored:
+        xs: list[Any] = [
+            blocks.Factored(torch.randn(4, 512, generator=g), torch.randn(640, 4, generator=g), 2.0)
+            for _ in range(3)
+        ]
+        base = None
+    else:
+        base = torch.randn(640, 512, generator=g)
+        xs = [base + torch.randn(640, 512, generator=g) for _ in range(3)]
+    n = 640 * 512
+    runs = []
+    for workers in ("1", "3"):
+        monkeypatch.setenv("MWAKIT_BLOCK_WORKERS", workers)
+        ks = [blocks.kth_largest_abs(x, base, [n // 5, n // 2], block=4096) for x in xs]
+        trims = [blocks.Trim(keep_from=k[0], drop_rate=0.5, seed=i) for i, k in enumerate(ks)]
+        ties = blocks.merge(xs, [1.0, 0.5, -1.0], base, trims, consensus=True, block=4096)
+        dare = blocks.merge(xs, [1.0, 0.5, -1.0], base, trims, consensus=False, block=4096)
+        runs.append((ks, ties, dare))
+    (k1, t1, d1), (k3, t3, d3) = runs
+    assert k1 == k3 and torch.equal(t1, t3) and torch.equal(d1, d3)
+
+
+def test_every_block_runs_once_and_a_worker_error_stops_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MWAKIT_BLOCK_WORKERS", "2")
+    monkeypatch.setattr(blocks, "THREAD_BLOCK", 0)
+    seen: list[tuple[int, int, int]] = []
+
+    def worker() -> Any:
+        return lambda *span: seen.append(span)
+
+    blocks._each_block(1000, 64, CPU, worker)
+    assert sorted(seen) == [(i, 64 * i, min(1000, 64 * i + 64)) for i in range(16)]
+
+    done: list[int] = []
+
+    def failing() -> Any:
+        def fn(bi: int, s: int, e: int) -> None:
+            if bi == 3:
+                raise ValueError("block 3 is bad")
+            done.append(bi)
+
+        return fn
+
+    with pytest.raises(ValueError, match="block 3 is bad"):
+        blocks._each_block(64 * 400, 64, CPU, failing)
+    assert len(done) < 399  # the others stopped early instead of finishing every block
