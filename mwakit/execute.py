@@ -11,7 +11,9 @@ into it, and linear sums are made in it block by block (`weighted_sum_into`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ import torch
 
 from mwakit import __version__
 from mwakit.errors import PlanError, TensorError
+from mwakit.executors.pool import DensePool, copied, wanted
 from mwakit.io.cache import InputCache
 from mwakit.io.durable import BackgroundSync
 from mwakit.io.header import DTYPE_NAMES, TensorInfo
@@ -59,6 +62,7 @@ class ExecStats:
         thresholds: Per-checkpoint magnitude thresholds for whole-model trimming, by task name.
         digests: sha256 of input files an executor hashed itself (the Ray executor hashes
             the weights files on the cluster), by path.
+        refactor_seconds: Time spent re-factorising dense ΔW (summed over worker processes).
     """
 
     tasks: int = 0
@@ -72,6 +76,7 @@ class ExecStats:
     fisher_norms: list[float] = field(default_factory=list)
     thresholds: dict[str, list[float]] = field(default_factory=dict)
     digests: dict[Path, str] = field(default_factory=dict)
+    refactor_seconds: float = 0.0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -183,20 +188,14 @@ class _Loader:
         )
 
 
-def _merge(
-    plan: Plan,
-    tensors: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    params: Any,
-    key: str,
-    dtype: torch.dtype,
-    **extra: Any,
-) -> torch.Tensor:
+@contextmanager
+def _explained(method: str, key: str) -> Iterator[None]:
+    """Turn a method's refusal of its inputs into a one-line error that says where."""
     try:
-        out = plan.method.merge(tensors, weights, params, dtype=dtype, key=key, **extra)
+        yield
     except ValueError as err:
         # Methods raise ValueError on inputs they cannot take; say where, not a traceback.
-        raise PlanError(str(err), where=key, fix=f"check the {plan.method.name} params") from err
+        raise PlanError(str(err), where=key, fix=f"check the {method} params") from err
     except RuntimeError as err:
         # torch refuses a scalar its dtype cannot hold (a weight times a DARE rescale beyond
         # 3.4e38); the planner checks the weights themselves, this catches their products.
@@ -207,8 +206,139 @@ def _merge(
             where=key,
             fix="weights are relative: scale them down",
         ) from err
+
+
+def _merge(
+    plan: Plan,
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    params: Any,
+    key: str,
+    dtype: torch.dtype,
+    **extra: Any,
+) -> torch.Tensor:
+    with _explained(plan.method.name, key):
+        out = plan.method.merge(tensors, weights, params, dtype=dtype, key=key, **extra)
     # Methods compute in float32 at least; `dtype` is what their result is rounded to.
     return out if out.dtype == dtype else out.to(dtype)
+
+
+@dataclass(frozen=True)
+class DenseJob:
+    """One dense LoRA task's computation: everything it needs, nothing of the plan.
+
+    Attributes:
+        method: The method's registered name.
+        params: Its validated params for this module.
+        a: Each checkpoint's A. b: Each checkpoint's B.
+        scalings: s_i. weights: w_i.
+        module: The module name (messages, the sketch's seed).
+        dtype: The recipe's compute dtype.
+        factored: Hand the method `Factored` ΔW_i (formed block by block) instead of dense ones.
+        thresholds: Whole-model trim thresholds (``trim_scope: model``), or None.
+        full: ``delta_rank: full`` (exact full-rank factors) instead of a rank-``rank`` SVD.
+        rank: The output rank.
+    """
+
+    method: str
+    params: Any
+    a: list[torch.Tensor]
+    b: list[torch.Tensor]
+    scalings: tuple[float, ...]
+    weights: tuple[float, ...]
+    module: str
+    dtype: torch.dtype
+    factored: bool
+    thresholds: list[float] | None
+    full: bool
+    rank: int
+
+
+@dataclass(frozen=True)
+class DenseResult:
+    """A dense LoRA task's factors (rounded to the compute dtype) and how they were found."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    rel_error: float
+    solver: str | None
+    refactor_seconds: float
+
+
+def dense_lora(job: DenseJob) -> DenseResult:
+    """Merge each ΔW_i of one module and re-factorise the result (here or in a worker process).
+
+    Task-vector methods act on ΔW_i = s_i B_i A_i (base 0), never on A or B alone; the merged
+    ΔW is sparse, no longer low rank: it is re-factorised by a truncated SVD, or (``delta_rank:
+    full``) written exactly as full-rank factors.
+
+    Raises:
+        ValueError: The method refuses its inputs (the caller says where: `_explained`).
+    """
+    from mwakit.methods import get_method
+
+    method = get_method(job.method)
+    acc = torch.float64 if job.dtype == torch.float64 else torch.float32
+    deltas: list[Any]
+    if job.factored:
+        # Formed block by block inside the method, in the compute dtype: never whole.
+        deltas = [
+            Factored(A.to(acc), B.to(acc), s)
+            for A, B, s in zip(job.a, job.b, job.scalings, strict=True)
+        ]
+    else:
+        deltas = [
+            dense_delta(A.to(job.dtype), B.to(job.dtype), s)
+            for A, B, s in zip(job.a, job.b, job.scalings, strict=True)
+        ]
+    extra: dict[str, Any] = {} if job.thresholds is None else {"thresholds": job.thresholds}
+    merged = method.merge(deltas, job.weights, job.params, dtype=job.dtype, key=job.module, **extra)
+    merged = merged if merged.dtype == job.dtype else merged.to(job.dtype)
+    del deltas
+    t0 = time.perf_counter()
+    if job.full:
+        ref = full_factors(merged)
+        solver = None
+    else:
+        # No bf16/fp16 SVD exists: factorise in float32 (float64) whatever `dtype` is.
+        # The sketch is seeded by the module name: same bytes in every run and process.
+        seed = derive_seed(0, f"refactor:{job.module}", 0)
+        ref = dense_refactor(merged, job.rank, compute_dtype=acc, seed=seed)
+        solver = ref.solver
+    spent = time.perf_counter() - t0
+    return DenseResult(ref.A.to(job.dtype), ref.B.to(job.dtype), ref.rel_error, solver, spent)
+
+
+def _dense_job(
+    task: LoraTask,
+    plan: Plan,
+    a: list[torch.Tensor],
+    b: list[torch.Tensor],
+    dtype: torch.dtype,
+    stats: ExecStats,
+) -> DenseJob:
+    thresholds = stats.thresholds.get(task.module)
+    return DenseJob(
+        method=plan.method.name,
+        params=task.params,
+        a=a,
+        b=b,
+        scalings=task.scalings,
+        weights=task.weights,
+        module=task.module,
+        dtype=dtype,
+        factored=plan.method.factored and thresholds is None,
+        thresholds=thresholds,
+        full=task.mode == "full",
+        rank=task.rank,
+    )
+
+
+def _dense_done(task: LoraTask, res: DenseResult, stats: ExecStats) -> None:
+    stats.rel_errors[task.module] = res.rel_error
+    if res.solver is not None:
+        stats.solvers[task.module] = res.solver
+    stats.refactor_seconds += res.refactor_seconds
 
 
 def _aux(ld: _Loader, refs: Sequence[TensorRef] | None, stats: ExecStats) -> dict[str, Any]:
@@ -292,37 +422,10 @@ def _run_lora(
         )
         coeffs = fold
     elif task.dense:
-        # Task-vector methods act on ΔW_i = s_i B_i A_i (base 0), never on A or B alone; the
-        # merged ΔW is sparse, no longer low rank: it is re-factorised by a truncated SVD, or
-        # (delta_rank: full) written exactly as full-rank factors.
-        deltas: list[Any]
-        if plan.method.factored and task.module not in stats.thresholds:
-            # Formed block by block inside the method, in the compute dtype: never whole.
-            deltas = [
-                Factored(A.to(acc), B.to(acc), s)
-                for A, B, s in zip(As, Bs, task.scalings, strict=True)
-            ]
-        else:
-            deltas = [
-                dense_delta(A.to(dtype), B.to(dtype), s)
-                for A, B, s in zip(As, Bs, task.scalings, strict=True)
-            ]
-        extra: dict[str, Any] = {}
-        if task.module in stats.thresholds:
-            extra["thresholds"] = stats.thresholds[task.module]
-        merged = _merge(plan, deltas, task.weights, task.params, task.module, dtype, **extra)
-        del deltas
-        if task.mode == "full":
-            ref = full_factors(merged)
-        else:
-            # No bf16/fp16 SVD exists: factorise in float32 (float64) whatever `dtype` is.
-            # The sketch is seeded by the module name: same bytes in every run and process.
-            seed = derive_seed(0, f"refactor:{task.module}", 0)
-            ref = dense_refactor(merged, task.rank, compute_dtype=acc, seed=seed)
-            stats.solvers[task.module] = ref.solver
-        a, b = ref.A, ref.B
-        stats.rel_errors[task.module] = ref.rel_error
-        coeffs = [w * s for w, s in zip(task.weights, task.scalings, strict=True)]
+        with _explained(plan.method.name, task.module):
+            res = dense_lora(_dense_job(task, plan, As, Bs, dtype, stats))
+        _dense_done(task, res, stats)
+        return _lora_outputs(task, res.a, res.b, ld, dtype)
     else:
         coeffs = [w * s for w, s in zip(task.weights, task.scalings, strict=True)]
         # Scaled (and factorised) in float32 at least, then rounded to `dtype` once.
@@ -336,10 +439,31 @@ def _run_lora(
             stats.rel_errors[task.module] = ref.rel_error
         else:
             a, b = concat_factors(As, Bs, coeffs, dtype=acc)
-    a, b = a.to(dtype), b.to(dtype)  # the results of a step are rounded to `dtype`
+    return _lora_outputs(task, a.to(dtype), b.to(dtype), ld, dtype, coeffs)
+
+
+def _lora_outputs(
+    task: LoraTask,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    ld: _Loader,
+    dtype: torch.dtype,
+    coeffs: Sequence[float] | None = None,
+) -> dict[str, torch.Tensor]:
+    """A task's written tensors from its factors (rounded to ``dtype``): checked, cast, bias.
+
+    ``coeffs`` are the bias's merge coefficients (default w_i·s_i).
+    """
+    if coeffs is None:
+        coeffs = [w * s for w, s in zip(task.weights, task.scalings, strict=True)]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    # Factors made from ΔW (or re-factorised from all of them) come from every A and B: a
+    # non-finite one of either kind is what to name.
+    joint = task.mode in ("svd", "dense", "full")
+    refs_a, refs_b = (task.a + task.b, task.a + task.b) if joint else (task.a, task.b)
     out = {
-        task.out_a.key: ld.finish(a, task.out_a.dtype, task.a, task.out_a.key),
-        task.out_b.key: ld.finish(b, task.out_b.dtype, task.b, task.out_b.key),
+        task.out_a.key: ld.finish(a, task.out_a.dtype, refs_a, task.out_a.key),
+        task.out_b.key: ld.finish(b, task.out_b.dtype, refs_b, task.out_b.key),
     }
     if task.bias is not None and task.out_bias is not None:
         # lora_B's bias is scaled with B: it merges with the same coefficients as B.
@@ -411,7 +535,8 @@ def execute(
     """Stream every task of the plan into the output folder's safetensors file(s).
 
     Computes with `mwakit.threads.merge_threads` torch threads (1 unless ``MWAKIT_THREADS``
-    says otherwise).
+    says otherwise); a plan with much dense LoRA work (TIES, DARE, … on adapters) spreads its
+    dense tasks over worker processes (`mwakit.executors.pool`), same bytes.
 
     Args:
         plan: The plan to run.
@@ -451,10 +576,14 @@ def execute(
             syncer,
         )
     reader = PreadReader(observer=observer, cache=cache)
-    with merge_thread_policy(), reader, writer:
+    workers = wanted(plan, device.type) if sink is None else 0
+    with merge_thread_policy() as threads, reader, writer, ExitStack() as stack:
+        # Started first: the workers import torch while this process reads the first inputs.
+        pool = stack.enter_context(DensePool(workers, threads)) if workers else None
         ld = _Loader(plan, reader, device)
         _prepasses(plan, ld, stats, dtype)
-        run_tasks(plan, list(enumerate(plan.tasks)), ld, writer, stats, on_task=on_task)
+        tasks = list(enumerate(plan.tasks))
+        run_tasks(plan, tasks, ld, writer, stats, on_task=on_task, pool=pool)
     stats.seconds = time.perf_counter() - t0
     return stats
 
@@ -477,10 +606,13 @@ def run_tasks(
     stats: ExecStats,
     *,
     on_task: Callable[[int, Task], None] | None = None,
+    pool: DensePool | None = None,
 ) -> None:
     """Merge ``tasks`` (index in the plan, task) in order into ``writer``, reading one ahead.
 
     The loop every executor runs: the local one over the whole plan, the Ray one per shard.
+    With a ``pool``, dense LoRA tasks are computed by its worker processes, a few in flight at
+    once, and written in plan order all the same.
     """
     dtype: torch.dtype = getattr(torch, plan.recipe.dtype)
     out_dtypes = {o.key: o.dtype for o in plan.outputs}
@@ -490,14 +622,11 @@ def run_tasks(
     groups = [_by_file(task_refs(task)) for _, task in tasks]
     # Results are made in the writer's own (recycled, aligned) memory where it offers some.
     alloc: Alloc | None = getattr(writer, "buffer", None)
-    for j, (i, task) in enumerate(tasks):
-        if j + 1 < len(tasks):
-            for path, infos in groups[j + 1].items():
-                reader.prefetch(path, infos)
-        if isinstance(task, FullTask):
-            results = _run_full(task, plan, ld, dtype, stats, alloc)
-        else:
-            results = _run_lora(task, plan, ld, dtype, stats)
+    # Tasks sent to the pool, oldest first: (position in ``tasks``, its result to come).
+    pending: deque[tuple[int, Any]] = deque()
+
+    def emit(j: int, results: dict[str, torch.Tensor]) -> None:
+        i, task = tasks[j]
         refs = task_refs(task)
         stats.max_live_inputs = max(stats.max_live_inputs, len(refs))
         for key, t in results.items():
@@ -515,6 +644,32 @@ def run_tasks(
         stats.tasks += 1
         if on_task is not None:
             on_task(i, task)
+
+    def drain(keep: int) -> None:
+        while len(pending) > keep:
+            j, handle = pending.popleft()
+            task = tasks[j][1]
+            assert isinstance(task, LoraTask)
+            with _explained(plan.method.name, task.module):
+                res = handle.get()
+            _dense_done(task, res, stats)
+            emit(j, _lora_outputs(task, res.a, res.b, ld, dtype))
+
+    for j, (_, task) in enumerate(tasks):
+        if j + 1 < len(tasks):
+            for path, infos in groups[j + 1].items():
+                reader.prefetch(path, infos)
+        if pool is not None and isinstance(task, LoraTask) and task.dense:
+            a, b = copied(ld.get(task.a)), copied(ld.get(task.b))
+            pending.append((j, pool.submit(_dense_job(task, plan, a, b, dtype, stats))))
+            drain(2 * pool.count)  # each worker busy, one more queued for each
+            continue
+        drain(0)
+        if isinstance(task, FullTask):
+            emit(j, _run_full(task, plan, ld, dtype, stats, alloc))
+        else:
+            emit(j, _run_lora(task, plan, ld, dtype, stats))
+    drain(0)
 
 
 def _prepasses(plan: Plan, ld: _Loader, stats: ExecStats, dtype: torch.dtype) -> None:
