@@ -13,8 +13,8 @@ Every worker computes a task with the very code (`mwakit.execute.dense_lora`) an
 settings (`mwakit.threads.merge_threads` intra-op threads, no block threads) of the merging
 process, so the bytes do not depend on where a task ran, nor on how many workers there are.
 Workers are started with ``spawn`` (the merging process has reader and hashing threads running,
-which ``fork`` must not copy); they ignore Ctrl-C, and are stopped by the merging process on
-its way out, whether the merge succeeded or not.
+which ``fork`` must not copy); they ignore Ctrl-C, are stopped by the merging process on its
+way out, whether the merge succeeded or not, and (on Linux) die with it if it is killed.
 """
 
 from __future__ import annotations
@@ -63,10 +63,26 @@ def wanted(plan: Plan, device: str) -> int:
     return count
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """On Linux, have the kernel kill this worker when the merging process dies (SIGKILL, a
+    crash): an orphan would otherwise finish its task, burning a core for nothing."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the pool's pipes end it after its task
+        pass
+
+
 def _start(threads: int) -> None:
     """A worker's set-up: the merge's thread policy, no block threads, Ctrl-C left to the parent."""
     import torch
 
+    _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ["MWAKIT_BLOCK_WORKERS"] = "1"  # the processes are the parallelism
     torch.set_num_threads(threads)

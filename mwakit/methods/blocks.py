@@ -680,7 +680,7 @@ def merge(
         live = [(t, w, _Sparsifier(tr, work)) for t, w, tr in inputs]
         b_buf, d_buf, s_buf = buf(), buf(), buf()
         acc = [buf() for _ in range(4 if consensus else 1)]
-        fin = [buf() for _ in range(4)] if consensus else []
+        fin = [buf() for _ in range(2)] if consensus else []
 
         def body(bi: int, s: int, e: int) -> None:
             m = e - s
@@ -740,12 +740,9 @@ def _consensus(
 ) -> torch.Tensor:
     """The disjoint mean of one block from P, N, S, A (overwritten); returns θ_0 + scale·δ_m."""
     pos, neg, sgn, cnt = parts
-    gamma, h, hm, den = fin
+    gamma, den = fin[0], fin[1]
     torch.add(pos, neg, out=gamma).sign_()
     torch.sum(gamma, 0, out=gamma_sum)
-    # h = 1 where γ = +1, 0 where γ = −1 (½ at γ = 0); hm = 1 − h.
-    torch.add(gamma, 1.0, out=h).mul_(0.5)
-    torch.mul(h, -1.0, out=hm).add_(1.0)
     # Where γ = 0 but some checkpoint has a non-zero δ̂ (an exact cancellation) the side is the
     # tensor's majority sign, known only after the last block: keep both candidates there.
     zero_mass = torch.abs(gamma, out=den).sub_(1.0).neg_().mul_(cnt)
@@ -760,12 +757,13 @@ def _consensus(
         if bb is not None:
             p, q = p.add_(bb[idx]), q.add_(bb[idx])
         ambiguous.append((idx + start, p, q))
-    # Agreeing weight on each side: c⁺ = (A + S)/2, c⁻ = (A − S)/2 (into S's buffer).
-    torch.add(cnt, sgn, out=den).mul_(0.5)
-    sgn.sub_(cnt).mul_(-0.5)
-    pos.mul_(h).add_(neg.mul_(hm))  # γ's side of the mass (exact: h ∈ {0, 1})
-    den.mul_(h).add_(sgn.mul_(hm)).clamp_min_(torch.finfo(den.dtype).tiny)
-    res = pos.div_(den)
+    # γ's side of the mass is the larger in magnitude of P ≥ 0 and N ≤ 0 (that is what decides
+    # γ): γ·max(P, −N), exactly P or N. Its agreeing weight c = (A + γS)/2: γS only flips a
+    # sign, so this is c⁺ = (A + S)/2 or c⁻ = (A − S)/2 to the bit. Both are 0 where γ = 0.
+    torch.maximum(pos, neg.neg_(), out=pos).mul_(gamma)
+    torch.mul(sgn, gamma, out=den).add_(cnt).mul_(0.5).clamp_min_(torch.finfo(den.dtype).tiny)
+    # max(+0, −0) may be either zero: + 0.0 makes every zero +0, as the sums are.
+    res = pos.div_(den).add_(0.0)
     if scale != 1.0:
         res.mul_(scale)
     return res if bb is None else res.add_(bb)

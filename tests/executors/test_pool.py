@@ -114,3 +114,78 @@ def test_sent_copies_are_compact() -> None:
     (view,) = pool.copied([whole[1:, ::2]])
     assert view.is_contiguous() and view.untyped_storage().nbytes() == 4 * 4
     assert torch.equal(view, whole[1:, ::2])
+
+
+CHILD = """
+import sys
+from mwakit.executors import pool
+pool.POOL_MIN = 0
+init = pool.DensePool.__init__
+def started(self, count, threads):
+    init(self, count, threads)
+    print(" ".join(str(p.pid) for p in self._pool._pool), flush=True)
+pool.DensePool.__init__ = started
+import mwakit
+mwakit.run(sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="Linux only (prctl)")
+def test_workers_die_with_a_killed_merge(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    # Two modules of 16384×8192 ΔW per adapter: seconds of work each, on 0.5 MB of factors.
+    big = {"q_proj": (8192, 16384), "v_proj": (8192, 16384)}
+    folders = [shaped_adapter(tmp_path / f"c{i}", i, big) for i in range(4)]
+    rec = tmp_path / "r.yaml"
+    rec.write_text(
+        yaml.safe_dump(
+            {
+                "method": "ties",
+                "checkpoints": [str(f) for f in folders],
+                "lora_space": "delta",
+                "delta_rank": 4,
+                "output": {"path": str(tmp_path / "out")},
+            }
+        )
+    )
+    env = {**os.environ, "MWAKIT_PROCESSES": "2"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(rec)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert proc.stdout is not None
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) == 2
+
+    def stat(pid: int) -> list[str] | None:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            return None
+
+    def cpu_s(pid: int) -> float:
+        fields = stat(pid)
+        return 0.0 if fields is None else (int(fields[11]) + int(fields[12])) / 100  # ticks
+
+    def alive(pid: int) -> bool:
+        fields = stat(pid)
+        return fields is not None and fields[0] != "Z"  # a zombie is dead, only unreaped
+
+    # Kill the merge while both workers are inside a task (past their ~1.5 s of imports).
+    deadline = time.monotonic() + 60
+    while min(cpu_s(p) for p in pids) < 2.5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(alive(p) for p in pids)
+    proc.send_signal(signal.SIGKILL)  # no unwinding: only the kernel can stop the workers
+    proc.wait()
+    # Their task has seconds to go: without the parent-death signal they would finish it.
+    deadline = time.monotonic() + 0.5
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not any(alive(p) for p in pids)
