@@ -28,6 +28,11 @@ against 14.0 s fsynced (18.4 s not): 0.73× (0.55×; another run 12.4 s vs 17.0 
 1.45 GB/s) on its own thread. TIES alone: 64.0 s (was 67.4 s), same bytes; at `--layers 4
 --k 3` TIES 0.32× and DARE-TIES 0.41× their plain references, linear 0.80×.
 
+Re-measured on a 2-core box whose two cores run two vector-bound processes at full speed (Dec 7
+2026, `--k 5 --methods ties --skip-whole --fsync-ref`, one run each): linear 13.2 s against
+16.7 s fsynced (0.79×), TIES 41.8 s against 199 s (0.21×; block threads and the cheaper
+consensus, 64 s before), TIES ÷ mwakit linear 3.17×.
+
 Usage::
 
     python benchmarks/bench_full.py --k 5                 # 5 × TinyLlama-1.1B-shaped, bf16

@@ -22,6 +22,13 @@ reference's. Both start with `import torch` (≈ 1 s). After it, the reference's
 page-cached files and its sum take ≈ 0.4 s for K = 5 fp32 (839 MB), while the sha256 of those
 inputs that mwakit's card records takes ≈ 0.6 CPU-s by itself (1.45 GB/s with SHA-NI). A re-run
 takes its digests from the cache (this benchmark turns the cache off).
+
+Re-measured on this session's 2-core box (Dec 7 2026, r 16, best of 3; its two cores do run
+two vector-bound processes at full speed): mwakit 2.78–4.62 s against 2.09–2.68 s, 1.26–1.73×
+— not met; peak RSS 0.28–0.55× of the reference's. For K = 10 fp32: `import torch` ≈ 1.7 s
+(both), mwakit's own imports 0.4 s, its streamed merge 1.35 s without fingerprints and
+2.2–2.5 s with them: the sha256 of the 1.68 GB of inputs alone takes 1.9 s here (0.9 GB/s),
+on a thread beside the merge. The reference's whole work after its import is ≈ 0.9 s.
 A second part times delta-space re-factorisation of 10 rank-16 adapters to rank 16 with
 QR + small SVD, against a dense SVD of one module extrapolated to all modules.
 
