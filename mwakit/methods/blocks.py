@@ -214,7 +214,9 @@ def _each_block(
 
     spans = [(bi, s, min(n, s + size)) for bi, s in enumerate(range(0, n, size))]
     few = device.type != "cpu" or len(spans) < 4 or size < THREAD_BLOCK
-    count = 1 if few else min(block_workers(), len(spans) // 2)
+    # With intra-op threads (MWAKIT_THREADS > 1, or torch's default outside a merge) every op
+    # is parallel already: threads of threads would only contend.
+    count = 1 if few or torch.get_num_threads() > 1 else min(block_workers(), len(spans) // 2)
     if count <= 1:
         fn = worker()
         for span in spans:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import pytest
@@ -213,6 +214,7 @@ def test_ties_mass_that_underflows_stays_finite() -> None:
 @pytest.mark.parametrize("factored", [False, True])
 def test_block_workers_do_not_change_a_bit(monkeypatch: pytest.MonkeyPatch, factored: bool) -> None:
     monkeypatch.setattr(blocks, "THREAD_BLOCK", 0)  # small blocks split too, many of them
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # as inside a merge
     g = torch.Generator().manual_seed(5)
     if factored:
         xs: list[Any] = [
@@ -241,13 +243,17 @@ def test_every_block_runs_once_and_a_worker_error_stops_the_others(
 ) -> None:
     monkeypatch.setenv("MWAKIT_BLOCK_WORKERS", "2")
     monkeypatch.setattr(blocks, "THREAD_BLOCK", 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     seen: list[tuple[int, int, int]] = []
+    made: list[str] = []
 
     def worker() -> Any:
+        made.append(threading.current_thread().name)
         return lambda *span: seen.append(span)
 
     blocks._each_block(1000, 64, CPU, worker)
     assert sorted(seen) == [(i, 64 * i, min(1000, 64 * i + 64)) for i in range(16)]
+    assert len(made) == 2 and all(n.startswith("mwakit-block") for n in made)
 
     done: list[int] = []
 
