@@ -230,8 +230,10 @@ class DenseJob:
     Attributes:
         method: The method's registered name.
         params: Its validated params for this module.
-        a: Each checkpoint's A. b: Each checkpoint's B.
-        scalings: s_i. weights: w_i.
+        a: Each checkpoint's A.
+        b: Each checkpoint's B.
+        scalings: s_i, each checkpoint's LoRA scaling.
+        weights: w_i.
         module: The module name (messages, the sketch's seed).
         dtype: The recipe's compute dtype.
         factored: Hand the method `Factored` ΔW_i (formed block by block) instead of dense ones.
