@@ -21,9 +21,10 @@ and a radix select on those; if the bracket misses (rare), the radix select on t
 On a CPU that pass compares, counts and gathers with NumPy (bool arrays are cheap there, and
 ``compress`` gathers at memory speed), on a GPU with float ops.
 
-On a CPU a tensor of several blocks is split over `mwakit.threads.block_workers` threads, each
-with its own buffers, taking the next block when free (`_each_block`): every element is computed
-by the same ops whichever thread takes its block, so the bytes do not depend on the count.
+On a CPU the merge pass over a tensor of several blocks is split over
+`mwakit.threads.block_workers` threads, each with its own buffers, taking the next block when
+free (`_each_block`): every element is computed by the same ops whichever thread takes its
+block, so the bytes do not depend on the count.
 
 A LoRA task vector may come as its factors (`Factored`: ΔW = s·B·A): a block is then a run of
 whole rows, formed by one small matrix product straight into the block buffer, so the dense
@@ -200,7 +201,12 @@ Span = tuple[int, int, int]
 
 
 def _each_block(
-    n: int, size: int, device: torch.device, worker: Callable[[], Callable[[int, int, int], None]]
+    n: int,
+    size: int,
+    device: torch.device,
+    worker: Callable[[], Callable[[int, int, int], None]],
+    *,
+    threads: bool = True,
 ) -> None:
     """Call ``fn(bi, start, end)`` once for every block of a tensor of ``n`` elements.
 
@@ -208,12 +214,12 @@ def _each_block(
     blocks are split over `mwakit.threads.block_workers` threads that each take the next block
     when free; ``fn`` must write only its block's part of any shared result (torch ops release
     the GIL, so the threads compute at once). An error in one stops the others at their next
-    block and is raised here.
+    block and is raised here. ``threads=False`` runs every block here, in order.
     """
     from mwakit.threads import block_workers
 
     spans = [(bi, s, min(n, s + size)) for bi, s in enumerate(range(0, n, size))]
-    few = device.type != "cpu" or len(spans) < 4 or size < THREAD_BLOCK
+    few = not threads or device.type != "cpu" or len(spans) < 4 or size < THREAD_BLOCK
     # With intra-op threads (MWAKIT_THREADS > 1, or torch's default outside a merge) every op
     # is parallel already: threads of threads would only contend.
     count = 1 if few or torch.get_num_threads() > 1 else min(block_workers(), len(spans) // 2)
@@ -384,7 +390,9 @@ def _scan_cpu(
 
         return scan
 
-    _each_block(n, size, torch.device("cpu"), worker)
+    # One thread: between its few torch ops a block's NumPy steps are short and many, and two
+    # threads handing the GIL over at each ran no faster than one (measured, 2 cores).
+    _each_block(n, size, torch.device("cpu"), worker, threads=False)
     totals = [math.nan if any(nan) else float(sum(c)) for c in above]
     values = [torch.from_numpy(np.concatenate(v)) for v in inside]
     return totals, values, [True] * len(brackets)
