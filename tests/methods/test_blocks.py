@@ -231,6 +231,9 @@ def test_block_workers_do_not_change_a_bit(monkeypatch: pytest.MonkeyPatch, fact
         monkeypatch.setenv("MWAKIT_BLOCK_WORKERS", workers)
         ks = [blocks.kth_largest_abs(x, base, [n // 5, n // 2], block=4096) for x in xs]
         trims = [blocks.Trim(keep_from=k[0], drop_rate=0.5, seed=i) for i, k in enumerate(ks)]
+        # The per-checkpoint selections of a trim run on threads of their own.
+        magnitude = blocks.magnitude_trims(xs, [1.0, 0.0, -1.0], base, 0.3, None, torch.float32)
+        ks.append([t.keep_from for t in magnitude])
         ties = blocks.merge(xs, [1.0, 0.5, -1.0], base, trims, consensus=True, block=4096)
         dare = blocks.merge(xs, [1.0, 0.5, -1.0], base, trims, consensus=False, block=4096)
         runs.append((ks, ties, dare))
