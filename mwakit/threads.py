@@ -19,7 +19,8 @@ QR and SVD steps run on one thread whatever the setting, so the bytes do not cha
 so a program that calls mwakit keeps its own.
 
 The blocked merge kernel (`mwakit.methods.blocks`: TIES, DARE, trims, on a CPU) is
-compute-bound on cache-resident blocks instead: it splits its blocks over
+compute-bound on cache-resident blocks instead: it splits its blocks (and a trim its
+per-checkpoint threshold selections) over
 `block_workers` Python threads, each running its own single-threaded torch ops on its own
 buffers. Those threads take the next block when they are free and wait on a lock (they sleep,
 never spin) when there is none, so a busy box slows them without the barrier collapse above,
