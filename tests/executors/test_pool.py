@@ -39,8 +39,13 @@ def _recipe(folders: list[Path], out: Path, **kw: Any) -> mwakit.recipe.Recipe:
 
 
 @pytest.mark.parametrize(
-    ("method", "params"),
-    [("ties", {"density": 0.3}), ("dare_ties", {"drop_rate": 0.5, "seed": 7})],
+    ("method", "params", "rank"),
+    [
+        ("ties", {"density": 0.3}, 4),
+        ("dare_ties", {"drop_rate": 0.5, "seed": 7}, 4),
+        # Whole-model thresholds (a pre-pass here, dense ΔW there) and exact full-rank factors.
+        ("ties", {"density": 0.3, "trim_scope": "model"}, "full"),
+    ],
 )
 def test_workers_write_the_bytes_of_one_process(
     adapters: list[Path],
@@ -48,13 +53,14 @@ def test_workers_write_the_bytes_of_one_process(
     monkeypatch: pytest.MonkeyPatch,
     method: str,
     params: dict[str, Any],
+    rank: int | str,
 ) -> None:
     monkeypatch.setattr(pool, "POOL_MIN", 0)  # these tiny modules are worth a pool now
     runs = {}
     for n in ("1", "2"):
         monkeypatch.setenv("MWAKIT_PROCESSES", n)
         out = tmp_path / f"out-{n}"
-        rec = _recipe(adapters, out, method=method, params=params)
+        rec = _recipe(adapters, out, method=method, params=params, delta_rank=rank)
         assert pool.wanted(mwakit.plan(rec), "cpu") == (0 if n == "1" else 2)
         res = mwakit.run(rec)
         runs[n] = ((out / "adapter_model.safetensors").read_bytes(), res.stats)
@@ -62,6 +68,7 @@ def test_workers_write_the_bytes_of_one_process(
     assert one == two
     assert s1.rel_errors == s2.rel_errors and len(s2.rel_errors) == 6
     assert s1.solvers == s2.solvers and s2.refactor_seconds > 0
+    assert len(s2.solvers) == (0 if rank == "full" else 6)
 
 
 def test_a_non_finite_input_is_named_and_nothing_is_written(
