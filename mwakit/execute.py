@@ -493,12 +493,28 @@ class MemorySink:
 
     def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
+        self._specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
 
     def __enter__(self) -> MemorySink:
         return self
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+    def expect(self, plan: Plan) -> None:
+        """Learn the planned output tensors, so that `buffer` can make them (`execute` calls
+        it)."""
+        self._specs = {o.key: (torch_dtype(o.dtype), o.shape) for o in plan.outputs}
+
+    def buffer(self, name: str) -> torch.Tensor:
+        """Fresh CPU memory of a planned tensor's dtype and shape, to merge into (as the file
+        writers' `buffer`: fused linear sums are made in it, with no temporaries).
+
+        Raises:
+            KeyError: The name is not planned (or `expect` was not called).
+        """
+        dtype, shape = self._specs[name]
+        return torch.empty(shape, dtype=dtype)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Keep one merged tensor (already on the CPU, in its output dtype)."""
@@ -563,6 +579,7 @@ def execute(
     t0 = time.perf_counter()
     writer: StreamingWriter | ShardedWriter | MemorySink
     if sink is not None:
+        sink.expect(plan)
         writer = sink
     elif out_dir is None:
         raise ValueError("execute needs an output folder or a sink")

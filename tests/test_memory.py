@@ -76,8 +76,30 @@ def test_recipe_file_and_config_copy(run_dir: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists()
 
 
-def test_full_models_equal_what_run_writes(tiny_base: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "method",
+    [
+        {"method": "task_arithmetic"},
+        # A weighted sum is made straight in the sink's `buffer`, block by block (fused path).
+        {"method": "linear", "base_model": None, "out_dtype": "bfloat16"},
+    ],
+    ids=["task-arithmetic", "linear-fused"],
+)
+def test_full_models_equal_what_run_writes(
+    tiny_base: Path, tmp_path: Path, method: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from transformers import AutoModelForCausalLM
+
+    from mwakit import execute as ex
+
+    fused: list[str] = []
+    real = ex.weighted_sum_into
+
+    def spy(tensors: Any, weights: Any, out: torch.Tensor, **kw: Any) -> torch.Tensor:
+        fused.append(str(out.dtype))
+        return real(tensors, weights, out, **kw)
+
+    monkeypatch.setattr(ex, "weighted_sum_into", spy)
 
     folders = []
     for i in range(2):
@@ -88,20 +110,22 @@ def test_full_models_equal_what_run_writes(tiny_base: Path, tmp_path: Path) -> N
                 p.add_(torch.randn_like(p) * 0.01)
         m.save_pretrained(tmp_path / f"m{i}")
         folders.append(tmp_path / f"m{i}")
-    recipe = parse_recipe(
-        {
-            "method": "task_arithmetic",
-            "base_model": str(tiny_base),
-            "checkpoints": [
-                {"path": str(f), "weight": w} for f, w in zip(folders, [0.3, 0.7], strict=True)
-            ],
-            "output": {"path": str(tmp_path / "out")},
-            "device": "cpu",
-        }
-    )
+    data = {
+        "base_model": str(tiny_base),
+        "checkpoints": [
+            {"path": str(f), "weight": w} for f, w in zip(folders, [0.3, 0.7], strict=True)
+        ],
+        "output": {"path": str(tmp_path / "out")},
+        "device": "cpu",
+        **method,
+    }
+    recipe = parse_recipe({k: v for k, v in data.items() if v is not None})
     mem = merge_in_memory(recipe)
     assert mem.kind == "full" and mem.adapter_config == {}
+    in_memory = len(fused)
+    assert (in_memory > 0) == (method["method"] == "linear")
     res = mwakit.run(recipe)
+    assert len(fused) == 2 * in_memory  # the file writer takes the same path
     _assert_same(mem.tensors, load_file(res.path / "model.safetensors"))
 
 
