@@ -89,12 +89,16 @@ def merge_thread_policy() -> Iterator[int]:
         torch.set_num_threads(before)
 
 
-def _cores() -> int:
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on, in order (all of them where that is not known)."""
     try:
-        cores = len(os.sched_getaffinity(0))
+        return sorted(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(MAX_BLOCK_WORKERS, cores))
+        return list(range(os.cpu_count() or 1))
+
+
+def _cores() -> int:
+    return max(1, min(MAX_BLOCK_WORKERS, len(usable_cpus())))
 
 
 def _count(env: str, none: str) -> int:

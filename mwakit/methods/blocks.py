@@ -231,7 +231,7 @@ def _workers(most: int) -> int:
 
 
 def _in_threads(
-    items: Sequence[Span], worker: Callable[[], Callable[[int, int, int], None]], count: int
+    items: Sequence[tuple[int, ...]], worker: Callable[[], Callable[..., None]], count: int
 ) -> None:
     """``worker()``'s ``fn(*item)`` for every item, over ``count`` threads (here if 1)."""
     if count <= 1:
@@ -242,7 +242,9 @@ def _in_threads(
     todo = iter(items)
     lock = threading.Lock()
     stop = threading.Event()
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    from mwakit.threads import usable_cpus
+
+    cores = usable_cpus() if hasattr(os, "sched_setaffinity") else []
 
     def run(at: int) -> None:
         try:
@@ -558,8 +560,8 @@ def magnitude_trims(
     trims = [Trim() for _ in tensors]
     live = [i for i, w in enumerate(weights) if w != 0.0]
 
-    def worker() -> Callable[[int, int, int], None]:
-        def select(i: int, _s: int, _e: int) -> None:
+    def worker() -> Callable[[int], None]:
+        def select(i: int) -> None:
             trims[i] = Trim(keep_from=kth_largest_abs(tensors[i], base, [k], dtype)[0])
 
         return select
@@ -568,7 +570,7 @@ def magnitude_trims(
     # to split: see `_scan_cpu`): 1.3–1.5× from two on large tensors, the same thresholds.
     cpu = tensors[0].device.type == "cpu"
     count = _workers(len(live)) if cpu and n >= 4 * max(SAMPLE, THREAD_BLOCK) else 1
-    _in_threads([(i, 0, n) for i in live], worker, count)
+    _in_threads([(i,) for i in live], worker, count)
     return trims
 
 
