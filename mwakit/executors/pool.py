@@ -19,6 +19,7 @@ way out, whether the merge succeeded or not, and (on Linux) die with it if it is
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import signal
@@ -41,14 +42,13 @@ def dense_work(plan: Plan) -> int:
     """Σ over the plan's dense LoRA tasks of the ΔW elements times the checkpoints merged."""
     from mwakit.planner import LoraTask
 
-    total = 0
-    for task in plan.tasks:
-        if isinstance(task, LoraTask) and task.dense:
-            out_n, in_n = task.b[0].info.shape[0], 1
-            for d in task.a[0].info.shape[1:]:
-                in_n *= d
-            total += out_n * in_n * sum(1 for w in task.weights if w != 0.0)
-    return total
+    return sum(
+        task.b[0].info.shape[0]
+        * math.prod(task.a[0].info.shape[1:])  # ΔW is out × in (× kernel)
+        * sum(1 for w in task.weights if w != 0.0)
+        for task in plan.tasks
+        if isinstance(task, LoraTask) and task.dense
+    )
 
 
 def wanted(plan: Plan, device: str) -> int:
