@@ -46,7 +46,8 @@ ENV = "MWAKIT_THREADS"
 DEFAULT = 1
 BLOCK_ENV = "MWAKIT_BLOCK_WORKERS"
 MAX_BLOCK_WORKERS = 4
-"""More block workers than this contend for the memory bus more than they add."""
+"""The default's cap (also of the worker processes): a guess, measured only on 2 cores, that
+more threads would mostly contend for the memory bus and more processes hold more memory."""
 PROCESS_ENV = "MWAKIT_PROCESSES"
 
 
