@@ -33,7 +33,7 @@ from mwakit.sources import discover
 from mwakit.validate import checked_plan
 
 if TYPE_CHECKING:
-    from mwakit.execute import ExecStats
+    from mwakit.executors.stats import ExecStats
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 

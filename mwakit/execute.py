@@ -14,15 +14,15 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mwakit import __version__
 from mwakit.errors import PlanError, TensorError
 from mwakit.executors.pool import DensePool, copied, wanted
+from mwakit.executors.stats import ExecStats
 from mwakit.io.cache import InputCache
 from mwakit.io.durable import BackgroundSync
 from mwakit.io.header import DTYPE_NAMES, TensorInfo
@@ -34,6 +34,7 @@ from mwakit.lowrank import (
     concat_factors,
     dense_delta,
     dense_refactor,
+    factor_sum,
     factors_average,
     full_factors,
     refactor_concat,
@@ -41,42 +42,16 @@ from mwakit.lowrank import (
 from mwakit.methods.blocks import Factored
 from mwakit.methods.linear import weighted_sum, weighted_sum_into
 from mwakit.methods.sparsify import derive_seed
-from mwakit.planner import FullTask, LoraTask, Plan, Task, TensorRef
+from mwakit.planner import (
+    FullTask,
+    LoraTask,
+    Plan,
+    Task,
+    TensorRef,
+    out_metadata,
+    output_entries,
+)
 from mwakit.threads import merge_thread_policy
-
-
-@dataclass
-class ExecStats:
-    """What an execution did.
-
-    Attributes:
-        tasks: Tensor groups processed.
-        seconds: Wall time of the execution.
-        bytes_read: Input tensor bytes read.
-        bytes_written: Output tensor bytes written.
-        device: The compute device.
-        rel_errors: Relative Frobenius error of each re-factorised module (delta_rank: N).
-        solvers: How each dense ΔW was re-factorised (`mwakit.lowrank.Refactored.solver`).
-        max_live_inputs: The most input tensors held at once (the streaming bound).
-        fisher_norms: Global L2 norm of each checkpoint's Fisher (normalize_fisher).
-        thresholds: Per-checkpoint magnitude thresholds for whole-model trimming, by task name.
-        digests: sha256 of input files an executor hashed itself (the Ray executor hashes
-            the weights files on the cluster), by path.
-        refactor_seconds: Time spent re-factorising dense ΔW (summed over worker processes).
-    """
-
-    tasks: int = 0
-    seconds: float = 0.0
-    bytes_read: int = 0
-    bytes_written: int = 0
-    device: str = "cpu"
-    rel_errors: dict[str, float] = field(default_factory=dict)
-    solvers: dict[str, str] = field(default_factory=dict)
-    max_live_inputs: int = 0
-    fisher_norms: list[float] = field(default_factory=list)
-    thresholds: dict[str, list[float]] = field(default_factory=dict)
-    digests: dict[Path, str] = field(default_factory=dict)
-    refactor_seconds: float = 0.0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -458,7 +433,6 @@ def _lora_outputs(
     """
     if coeffs is None:
         coeffs = [w * s for w, s in zip(task.weights, task.scalings, strict=True)]
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
     # Factors made from ΔW (or re-factorised from all of them) come from every A and B: a
     # non-finite one of either kind is what to name.
     joint = task.mode in ("svd", "dense", "full")
@@ -469,11 +443,9 @@ def _lora_outputs(
     }
     if task.bias is not None and task.out_bias is not None:
         # lora_B's bias is scaled with B: it merges with the same coefficients as B.
-        bias = torch.zeros(task.out_bias.shape, dtype=acc, device=ld.device)
-        for t, c in zip(ld.get(task.bias), coeffs, strict=True):
-            bias.add_(t, alpha=c)
+        bias = factor_sum(ld.get(task.bias), coeffs, dtype, "bias")
         key = task.out_bias.key
-        out[key] = ld.finish(bias.to(dtype), task.out_bias.dtype, task.bias, key)
+        out[key] = ld.finish(bias, task.out_bias.dtype, task.bias, key)
     return out
 
 
@@ -605,16 +577,6 @@ def execute(
         run_tasks(plan, tasks, ld, writer, stats, on_task=on_task, pool=pool)
     stats.seconds = time.perf_counter() - t0
     return stats
-
-
-def output_entries(plan: Plan) -> list[tuple[str, str, tuple[int, ...]]]:
-    """(name, dtype code, shape) of every tensor the plan writes."""
-    return [(o.key, o.dtype, o.shape) for o in plan.outputs]
-
-
-def out_metadata(plan: Plan) -> dict[str, str]:
-    """The ``__metadata__`` of every file the plan writes."""
-    return {"format": "pt", "mwakit_version": __version__, "mwakit_method": plan.method.name}
 
 
 def run_tasks(

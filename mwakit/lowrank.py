@@ -32,6 +32,7 @@ __all__ = [
     "concat_factors",
     "dense_delta",
     "dense_refactor",
+    "factor_sum",
     "factors_average",
     "refactor",
     "serial",
@@ -58,9 +59,17 @@ def serial() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
-def _weighted_sum(
+def factor_sum(
     ts: Sequence[torch.Tensor], ws: Sequence[float], dtype: torch.dtype, what: str
 ) -> torch.Tensor:
+    """Σ_i w_i t_i: in float32 (float64 for float64), term by term, rounded to ``dtype`` once.
+
+    Each term is the input in the accumulator's dtype times w_i rounded to it, rounded, then
+    added and rounded: two IEEE roundings per term, never a fused multiply-add (torch's
+    ``add_(t, alpha=w)`` fuses where its vector kernels do and not in their tails). So the sum
+    is the same bits on every device and in `mwakit.executors.factors`, which computes it with
+    NumPy (no torch import) and must write the same bytes.
+    """
     if not ts:
         raise ValueError(f"no {what} tensors to average")
     if len(ts) != len(ws):
@@ -69,13 +78,20 @@ def _weighted_sum(
     # a bf16 accumulator would round after every checkpoint.
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     acc = torch.zeros(ts[0].shape, dtype=acc_dtype, device=ts[0].device)
+    term = torch.empty_like(acc)
     for t, w in zip(ts, ws, strict=True):
         if t.shape != acc.shape:
             raise ValueError(f"{what} shapes differ: {list(t.shape)} vs {list(acc.shape)}")
-        # add_ promotes a bf16/fp16 input straight into the accumulator, so no float32 copy of
-        # each input is ever held; weight 0 skips the pass over memory entirely.
-        if w != 0.0:
-            acc.add_(t, alpha=w)
+        # Weight 0 skips the pass over memory entirely.
+        if w == 0.0:
+            continue
+        if t.dtype == acc_dtype:
+            torch.mul(t, w, out=term)
+        else:
+            # Widened into the term buffer first: mul(bf16, w, out=float32) would compute
+            # (and round) in bf16 before the cast.
+            term.copy_(t).mul_(w)
+        acc.add_(term)
     return acc if acc.dtype == dtype else acc.to(dtype)
 
 
@@ -117,9 +133,9 @@ def factors_average(
         )
     if out_scaling == 0.0:
         raise ValueError("out_scaling must be non-zero")
-    a = _weighted_sum(As, weights, dtype, "A")
+    a = factor_sum(As, weights, dtype, "A")
     b_weights = [w * s / out_scaling for w, s in zip(weights, scalings, strict=True)]
-    b = _weighted_sum(Bs, b_weights, dtype, "B")
+    b = factor_sum(Bs, b_weights, dtype, "B")
     if a.shape[0] != b.shape[1]:
         raise ValueError(f"A has rank {a.shape[0]} but B has {b.shape[1]} columns")
     return a, b

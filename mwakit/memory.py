@@ -18,7 +18,7 @@ from mwakit.recipe import Recipe
 if TYPE_CHECKING:
     import torch
 
-    from mwakit.execute import ExecStats
+    from mwakit.executors.stats import ExecStats
     from mwakit.io.cache import InputCache
 
 

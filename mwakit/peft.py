@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from mwakit.errors import PlanError, UsageError
 
 if TYPE_CHECKING:
-    from mwakit.execute import ExecStats
+    from mwakit.executors.stats import ExecStats
     from mwakit.planner import Plan
 
 __all__ = ["AdapterMerge", "merge_adapters"]

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from mwakit import layer_params
+from mwakit import __version__, layer_params
 from mwakit.adapters import (
     AdapterConfig,
     full_rank,
@@ -1066,3 +1066,13 @@ def _lora_task(
         aux_a=_aux_refs(aux, a_key, a0.shape) if use_aux else None,
         aux_b=_aux_refs(aux, b_key, b0.shape) if use_aux else None,
     )
+
+
+def output_entries(plan: Plan) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, dtype code, shape) of every tensor the plan writes."""
+    return [(o.key, o.dtype, o.shape) for o in plan.outputs]
+
+
+def out_metadata(plan: Plan) -> dict[str, str]:
+    """The ``__metadata__`` of every file the plan writes."""
+    return {"format": "pt", "mwakit_version": __version__, "mwakit_method": plan.method.name}

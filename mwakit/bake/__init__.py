@@ -28,7 +28,7 @@ from mwakit.io.layout import side_files
 if TYPE_CHECKING:
     from mwakit.bake.adapter import BakeAdapter, LazyTensor
     from mwakit.bake.stream import BakeLayout, BakeStats
-    from mwakit.execute import ExecStats
+    from mwakit.executors.stats import ExecStats
     from mwakit.io.reader import PreadReader
     from mwakit.planner import Plan
     from mwakit.sources import Checkpoint

@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from mwakit.errors import SourceError
+from mwakit.io.files import CHANGED_FIX
 
 _CHUNK = 1 << 20
 #: Bytes handed over but not hashed yet, at most (beyond it `StreamHasher.observe` waits).
 MAX_PENDING = 256 << 20
-_CHANGED_FIX = "the file changed while mwakit was reading it; wait until it is complete, run again"
 
 
 @dataclass
@@ -167,7 +167,7 @@ class StreamHasher:
             raise SourceError(
                 "file changed while being read (size or mtime differ)",
                 where=str(run.path),
-                fix=_CHANGED_FIX,
+                fix=CHANGED_FIX,
             )
         return now
 
@@ -192,7 +192,7 @@ class StreamHasher:
                     raise SourceError(
                         f"file ended at byte {run.pos}, before byte {stop}",
                         where=str(run.path),
-                        fix=_CHANGED_FIX,
+                        fix=CHANGED_FIX,
                     )
                 run.h.update(view[:n])
                 run.pos += n

@@ -27,10 +27,8 @@ import os
 import re
 import stat
 import tempfile
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -39,26 +37,16 @@ import torch
 from mwakit.errors import SourceError
 from mwakit.io.arena import Arena
 from mwakit.io.cache import FileId, Held, InputCache, TensorKey, tensor_key
+from mwakit.io.files import InputFiles, OpenFile
 from mwakit.io.header import DTYPE_NAMES, TensorInfo
 
 _READAHEAD = 256 << 20  # read one group ahead into memory when it is at most this big
-_CHANGED_FIX = "the file changed while mwakit was reading it; wait until it is complete, run again"
 
 Observer = Callable[[Path, int, torch.Tensor], None]
 """Called with (file, offset, the uint8 buffer read) after every tensor read (`PreadReader`)."""
 
 
-@dataclass
-class _Open:
-    fd: int
-    size: int
-    mtime_ns: int
-    ino: int
-    ident: FileId | None = None  # only with a cache
-    held: dict[TensorKey, Held] | None = None  # the cache's entries of this file version
-
-
-class PreadReader:
+class PreadReader(InputFiles):
     """Reads tensors of safetensors files into memory it owns, one open descriptor per file.
 
     Use it as a context manager; ``close`` closes every file. Tensors it returns are the
@@ -84,11 +72,10 @@ class PreadReader:
         observer: Observer | None = None,
         cache: InputCache | None = None,
     ) -> None:
+        super().__init__()  # its lock guards the arena too, shared with the read-ahead thread
         self._observer = observer
         self._cache = cache
-        self._files: dict[Path, _Open] = {}
         self._arena = Arena()
-        self._lock = threading.Lock()  # files and arena, shared with the read-ahead thread
         self._readahead = readahead
         self._pool: ThreadPoolExecutor | None = None
         self._ahead: dict[tuple[Path, int, int], Future[torch.Tensor]] = {}
@@ -110,81 +97,17 @@ class PreadReader:
     ) -> None:
         self.close()
 
-    def _open(self, path: Path) -> _Open:
-        f = self._files.get(path)  # a dict read is atomic: no lock on the path taken per tensor
-        if f is not None:
-            return f
-        with self._lock:
-            f = self._files.get(path)
-            if f is not None:
-                return f
-            try:
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            except OSError as err:
-                raise SourceError(
-                    f"cannot open file: {err.strerror or err}",
-                    where=str(path),
-                    fix="check that the file exists and is readable",
-                ) from err
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                os.close(fd)
-                raise SourceError("not a regular file", where=str(path), fix="point at the file")
-            f = _Open(fd, st.st_size, st.st_mtime_ns, st.st_ino)
-            if self._cache is not None:
-                f.ident = FileId.of(path, st)
-                f.held = self._cache.entries(f.ident)
-            self._files[path] = f
-            return f
-
-    def _changed(self, path: Path, what: str) -> SourceError:
-        return SourceError(what, where=str(path), fix=_CHANGED_FIX)
-
-    def read_into(self, path: Path, offset: int, out: memoryview) -> None:
-        """Fill ``out`` with the bytes of ``path`` at ``offset``: the one place bytes are read.
-
-        Called from the read-ahead thread too: a wrapper (a hash of what is read, say) must be
-        thread-safe, or the reader made with ``readahead=0``.
-
-        Raises:
-            SourceError: The read fails, comes back short (the file shrank), or the file's size
-                or mtime changed since it was first opened.
-        """
-        f = self._open(path)
-        want = len(out)
-        pos, done = offset, 0
-        try:
-            while done < want:
-                n = os.preadv(f.fd, [out[done:]], pos)
-                if n == 0:
-                    raise self._changed(
-                        path,
-                        f"file ended at byte {pos}, {want - done} bytes short of the tensor at "
-                        f"{offset} (it shrank while being read)",
-                    )
-                done += n
-                pos += n
-            st = os.fstat(f.fd)
-        except OSError as err:
-            raise SourceError(
-                f"cannot read file: {err.strerror or err}",
-                where=str(path),
-                fix="check the disk and the file, then run again",
-            ) from err
-        if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
-            raise self._changed(path, "file changed while being read (size or mtime differ)")
+    def _opened(self, path: Path, st: os.stat_result, f: OpenFile) -> None:
+        if self._cache is not None:
+            f.ident = FileId.of(path, st)
+            f.held = self._cache.entries(f.ident)
 
     def _read(self, info: TensorInfo, path: Path) -> torch.Tensor:
         dtype = getattr(torch, DTYPE_NAMES[info.dtype])
         if info.numel == 0:
             return torch.empty(info.shape, dtype=dtype)
-        f = self._open(path)
-        if info.end > f.size:
-            raise self._changed(
-                path,
-                f"tensor {info.name!r} ends at byte {info.end}, past the end of the file "
-                f"({f.size} bytes)",
-            )
+        self.check_range(path, info.name, info.end)
+        f = self.open(path)
         keep = False
         cache = self._cache
         if cache is not None:
@@ -214,7 +137,7 @@ class PreadReader:
 
     def _cached(self, info: TensorInfo, path: Path) -> torch.Tensor | None:
         """The cache's copy of the tensor (the same tensor every time), or None."""
-        held = self._open(path).held
+        held = self.open(path).held
         hit = held.get(tensor_key(info)) if held else None
         if hit is None:
             return None
@@ -276,19 +199,11 @@ class PreadReader:
                     self._ahead[key] = self._pool.submit(self._read, i, path)
                     self._ahead_bytes += i.nbytes
             return
-        if not hasattr(os, "posix_fadvise"):
-            return
-        try:
-            f = self._open(path)
-            start = min(i.start for i in infos)
-            end = max(i.end for i in infos)
-            os.posix_fadvise(f.fd, start, end - start, os.POSIX_FADV_WILLNEED)
-        except (OSError, SourceError):
-            pass  # a hint only: the read itself reports a missing or unreadable file
+        self.advise(path, min(i.start for i in infos), max(i.end for i in infos))
 
     def _held(self, path: Path) -> dict[TensorKey, Held]:
         try:
-            held = self._open(path).held
+            held = self.open(path).held
         except SourceError:
             return {}  # reported by the read itself
         return held or {}
@@ -327,10 +242,8 @@ class PreadReader:
             # Wait for a read in flight: its descriptor must not be closed (and reused) under it.
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        super().close()
         with self._lock:
-            files, self._files = self._files, {}
-            for f in files.values():
-                os.close(f.fd)
             self._arena.clear()
 
 

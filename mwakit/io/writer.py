@@ -9,10 +9,7 @@ more than the tensor being written.
 from __future__ import annotations
 
 import errno
-import json
-import math
 import os
-import struct
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -24,63 +21,9 @@ import torch
 from mwakit.errors import OutputError
 from mwakit.io.arena import Arena
 from mwakit.io.durable import KICK_BYTES, BackgroundSync
-from mwakit.io.header import DTYPE_NAMES, DTYPE_SIZES
+from mwakit.io.filelayout import Entry, header_bytes
+from mwakit.io.header import DTYPE_NAMES
 from mwakit.io.oserror import output_error
-
-Entry = tuple[str, str, tuple[int, ...]]
-"""One planned tensor: (name, safetensors dtype code, shape)."""
-
-
-# The official writer sorts by its Dtype enum, descending, then by name. The enum lists dtypes
-# by size, so this is alignment descending; following its exact rank within a size (U64 before
-# I64 before F64) makes our files byte-identical to `safetensors.torch.save_file`'s.
-_OFFICIAL_ORDER = (
-    "BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16",
-    "I32", "U32", "F32", "F64", "I64", "U64",
-)  # fmt: skip
-_RANK = {code: i for i, code in enumerate(_OFFICIAL_ORDER)}
-
-
-def _order(entries: Sequence[Entry]) -> list[Entry]:
-    # With the header padded to 8 bytes, alignment-descending order starts every tensor
-    # aligned for its dtype, so readers get zero-copy views.
-    return sorted(entries, key=lambda e: (-_RANK[e[1]], e[0]))
-
-
-def _check_entries(entries: Sequence[Entry], metadata: dict[str, str] | None) -> None:
-    # A bad entry is a bug in the caller's plan, but it must still fail as one clear
-    # OutputError before the file is created, not as a KeyError halfway through.
-    seen: set[str] = set()
-    for name, code, shape in entries:
-        if name in seen:
-            raise OutputError(f"tensor {name!r} is planned twice", where="output")
-        seen.add(name)
-        if name == "__metadata__":
-            raise OutputError("a tensor cannot be named '__metadata__'", where="output")
-        if code not in DTYPE_SIZES:
-            raise OutputError(f"tensor {name!r} has unknown dtype code {code!r}", where="output")
-        if any(not isinstance(d, int) or d < 0 for d in shape):
-            raise OutputError(f"tensor {name!r} has invalid shape {list(shape)}", where="output")
-    if metadata and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        # safetensors loaders reject non-string metadata values outright.
-        raise OutputError("metadata keys and values must be strings", where="output")
-
-
-def _header_bytes(
-    entries: Sequence[Entry], metadata: dict[str, str] | None
-) -> tuple[bytes, dict[str, tuple[int, int]]]:
-    _check_entries(entries, metadata)
-    doc: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
-    offsets: dict[str, tuple[int, int]] = {}
-    pos = 0
-    for name, code, shape in _order(entries):
-        n = math.prod(shape) * DTYPE_SIZES[code]
-        offsets[name] = (pos, pos + n)
-        doc[name] = {"dtype": code, "shape": list(shape), "data_offsets": [pos, pos + n]}
-        pos += n
-    raw = json.dumps(doc, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # pad so the data section starts 8-byte aligned
-    return struct.pack("<Q", len(raw)) + raw, offsets
 
 
 def _reserve(fd: int, size: int) -> None:
@@ -93,23 +36,6 @@ def _reserve(fd: int, size: int) -> None:
             # works, a full disk then shows up at the write. A full disk here is reported.
             if err.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS):
                 raise
-
-
-def planned_size(entries: Sequence[Entry], metadata: dict[str, str] | None = None) -> int:
-    """The size in bytes of the file `StreamingWriter` will write for these entries.
-
-    Args:
-        entries: (name, dtype code, shape) of every tensor.
-        metadata: The metadata that will be passed to the writer (it changes the header size).
-
-    Returns:
-        Header plus data size, exactly the final file size.
-
-    Raises:
-        OutputError: An entry is invalid (duplicate name, unknown dtype, negative dimension).
-    """
-    head, offsets = _header_bytes(entries, metadata)
-    return len(head) + max((e for _, e in offsets.values()), default=0)
 
 
 _ALIGN = 4096
@@ -181,7 +107,7 @@ class StreamingWriter:
         self.path = path
         self._syncer = syncer
         self._unsynced = 0
-        head, self._offsets = _header_bytes(entries, metadata)
+        head, self._offsets = header_bytes(entries, metadata)
         self._specs = {name: (code, tuple(shape)) for name, code, shape in entries}
         self._data_start = len(head)
         self._written: set[str] = set()

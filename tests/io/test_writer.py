@@ -15,8 +15,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mwakit.errors import OutputError
+from mwakit.io.filelayout import planned_size
 from mwakit.io.header import DTYPE_SIZES, dtype_code, read_header
-from mwakit.io.writer import Entry, StreamingWriter, planned_size
+from mwakit.io.writer import Entry, StreamingWriter
 
 from .samples import ALL_DTYPES, as_bytes, one_of_each, random_tensor
 
