@@ -5,10 +5,12 @@ read of gigabytes (and, with the page cache cold, a second trip to the disk); `S
 instead watches the reader (`PreadReader(observer=...)`) and feeds each file's running digest
 with the tensor bytes as they arrive.
 
-Hashing runs on a thread of its own (hashlib releases the GIL), so it overlaps the merge
-instead of lengthening it: the reader hands over the buffer it read into, and the buffer is
-not reused until it is hashed (at most `MAX_PENDING` bytes wait; a reader that gets ahead of
-the hashing waits for it).
+Hashing runs on helper threads (hashlib releases the GIL), so it overlaps the merge instead
+of lengthening it: the reader hands over the buffer it read into, and the buffer is not reused
+until it is hashed (at most `MAX_PENDING` bytes wait; a reader that gets ahead of the hashing
+waits for it). Two threads by default: each file's reads are hashed in order by one thread at
+a time, different files at once, since one core's sha256 (~1.3 GB/s on the benchmark box) is
+slower than a factor average streams its inputs.
 
 A digest must be sha256 of the whole file, in file order, while a merge reads tensor ranges in
 plan order, skipping headers and tensors it does not need. So each file keeps the position up
@@ -33,6 +35,7 @@ from typing import Any
 
 from mwakit.errors import SourceError
 from mwakit.io.files import CHANGED_FIX
+from mwakit.threads import usable_cpus
 
 _CHUNK = 1 << 20
 #: Bytes handed over but not hashed yet, at most (beyond it `StreamHasher.observe` waits).
@@ -47,6 +50,7 @@ class _Running:
     stat: tuple[int, int, int] | None = None  # (size, mtime_ns, inode) when first touched
     digest: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    busy: bool = False  # a helper thread is hashing a read of it (reads go in order)
 
 
 class StreamHasher:
@@ -56,9 +60,15 @@ class StreamHasher:
         paths: The files to fingerprint. Reads of other files are ignored. A file is matched
             by the path the reader is given or by its real path.
         max_pending: Bytes handed over and not hashed yet beyond which ``observe`` waits.
+        threads: Helper threads hashing (each file's reads in order, different files at once);
+            default: 2, or 1 where only one CPU is usable. sha256 runs at ~1.3 GB/s on a core
+            of the benchmark box, slower than a factor average reads, so one thread alone
+            would set the pace of such a merge.
     """
 
-    def __init__(self, paths: Iterable[Path], *, max_pending: int = MAX_PENDING) -> None:
+    def __init__(
+        self, paths: Iterable[Path], *, max_pending: int = MAX_PENDING, threads: int | None = None
+    ) -> None:
         self._files: dict[Path, _Running] = {}
         self._alias: dict[Path, _Running | None] = {}
         self._alias_lock = threading.Lock()
@@ -70,7 +80,8 @@ class StreamHasher:
         self._queue: deque[tuple[_Running, int, Any, int]] = deque()
         self._pending = 0
         self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        self._count = threads if threads is not None else min(2, len(usable_cpus()))
         self._error: BaseException | None = None
         self._stop = False
 
@@ -113,19 +124,30 @@ class StreamHasher:
                 return
             self._queue.append((run, offset, data, n))
             self._pending += n
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._work, name="mwakit-hash", daemon=True)
-                self._thread.start()
+            if not self._threads:
+                for _ in range(max(1, self._count)):
+                    t = threading.Thread(target=self._work, name="mwakit-hash", daemon=True)
+                    t.start()
+                    self._threads.append(t)
             self._cond.notify_all()
+
+    def _next(self) -> tuple[_Running, int, Any, int] | None:
+        """The oldest read of a file no other thread is hashing (under the condition)."""
+        for i, item in enumerate(self._queue):
+            if not item[0].busy:
+                del self._queue[i]
+                item[0].busy = True
+                return item
+        return None
 
     def _work(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._stop:
+                while (item := self._next()) is None and (self._queue or not self._stop):
                     self._cond.wait()
-                if not self._queue:
+                if item is None:
                     return
-                run, offset, data, n = self._queue.popleft()
+            run, offset, data, n = item
             try:
                 if self._error is None:
                     view = memoryview(data.numpy()) if hasattr(data, "numpy") else data
@@ -133,8 +155,9 @@ class StreamHasher:
             except BaseException as err:  # reported by finish
                 self._error = err
             finally:
-                del data
+                del data, item
                 with self._cond:
+                    run.busy = False
                     self._pending -= n
                     self._cond.notify_all()
 
@@ -154,9 +177,9 @@ class StreamHasher:
             self._stop = True
             self._queue.clear()
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        for t in self._threads:
+            t.join()
+        self._threads = []
 
     def _stat(self, run: _Running, fd: int) -> tuple[int, int, int]:
         st = os.fstat(fd)
@@ -216,9 +239,9 @@ class StreamHasher:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        for t in self._threads:
+            t.join()
+        self._threads = []
         if self._error is not None:
             raise self._error
         out: dict[Path, str] = {}

@@ -106,7 +106,29 @@ def test_close_after_a_failed_merge_stops_the_thread(tmp_path: Path) -> None:
     with PreadReader(readahead=0, observer=h.observe) as r:
         r.get(_infos(path)[2], path)
     h.close()
-    assert h._thread is None
+    assert h._threads == []
+    assert not [t for t in threading.enumerate() if t.name == "mwakit-hash"]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_helper_threads_hash_each_file_in_order(tmp_path: Path, threads: int) -> None:
+    # Reads of several files interleaved, as a merge reads one module from every checkpoint:
+    # threads take different files at once, each file's reads in order (a read out of order
+    # would be a second read of the file, not a wrong digest, so count the file's reads).
+    paths = [_file(tmp_path, n, f"f{n}.safetensors") for n in (5, 7, 9)]
+    h = StreamHasher(paths, threads=threads, max_pending=1 << 12)
+    reads = []
+    real = h._hash_range
+    h._hash_range = lambda run, stop: (reads.append(stop), real(run, stop))[1]  # type: ignore[method-assign]
+    with PreadReader(readahead=0, observer=h.observe) as r:
+        for k in range(9):
+            for p in paths:
+                infos = _infos(p)
+                if k < len(infos):
+                    r.get(infos[k], p)
+    assert h.finish() == {p: _sha(p) for p in paths}
+    # Only the headers (one gap each, before the first tensor) and the ends were read again.
+    assert len([s for s in reads if s is not None]) == len(paths)
 
 
 def test_a_file_changed_between_reads_is_refused(tmp_path: Path) -> None:
