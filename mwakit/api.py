@@ -281,9 +281,7 @@ def run(
                     p, tmp, address=r.executor_address, on_task=on_task, hash_files=to_stream
                 )
             else:
-                from mwakit.execute import execute  # torch is imported only when a merge runs
-
-                stats = execute(p, tmp, on_task=on_task, observer=hasher.observe, syncer=syncer)
+                stats = _execute_local(p, tmp, on_task, hasher, syncer)
             streamed = {**hasher.finish(), **stats.digests}
         except BaseException:
             hasher.close()
@@ -317,6 +315,25 @@ def run(
     # and the error says how to retry with `mwakit push`.
     url = _push(target, dest) if dest is not None else None
     return RunResult(path=target, plan=p, stats=stats, commit_url=url)
+
+
+def _execute_local(
+    p: Plan,
+    tmp: Path,
+    on_task: Callable[[int, Task], None] | None,
+    hasher: StreamHasher,
+    syncer: BackgroundSync,
+) -> ExecStats:
+    from mwakit.executors import factors
+
+    if factors.fits(p):
+        # A factor average: NumPy computes it in less time than torch takes to import.
+        return factors.execute_factors(
+            p, tmp, on_task=on_task, observer=hasher.observe, syncer=syncer
+        )
+    from mwakit.execute import execute  # torch is imported only when a merge runs
+
+    return execute(p, tmp, on_task=on_task, observer=hasher.observe, syncer=syncer)
 
 
 def hub_target(

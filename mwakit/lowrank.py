@@ -64,8 +64,9 @@ def factor_sum(
 ) -> torch.Tensor:
     """Σ_i w_i t_i: in float32 (float64 for float64), term by term, rounded to ``dtype`` once.
 
-    Each term is the input in the accumulator's dtype times w_i rounded to it, rounded, then
-    added and rounded: two IEEE roundings per term, never a fused multiply-add (torch's
+    The sum starts from the first term with a non-zero weight and adds each next one. A term
+    is the input in the accumulator's dtype times w_i rounded to it, rounded; each addition
+    rounds: two IEEE roundings per term, never a fused multiply-add (torch's
     ``add_(t, alpha=w)`` fuses where its vector kernels do and not in their tails). So the sum
     is the same bits on every device and in `mwakit.executors.factors`, which computes it with
     NumPy (no torch import) and must write the same bytes.
@@ -74,24 +75,31 @@ def factor_sum(
         raise ValueError(f"no {what} tensors to average")
     if len(ts) != len(ws):
         raise ValueError(f"{len(ts)} {what} tensors but {len(ws)} weights")
+    shape = ts[0].shape
+    for t in ts:
+        if t.shape != shape:
+            raise ValueError(f"{what} shapes differ: {list(t.shape)} vs {list(shape)}")
     # The sum runs in float32 (float64 for float64) whatever ``dtype`` is, rounded to it once:
     # a bf16 accumulator would round after every checkpoint.
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    acc = torch.zeros(ts[0].shape, dtype=acc_dtype, device=ts[0].device)
-    term = torch.empty_like(acc)
+    acc: torch.Tensor | None = None
+    term: torch.Tensor | None = None
     for t, w in zip(ts, ws, strict=True):
-        if t.shape != acc.shape:
-            raise ValueError(f"{what} shapes differ: {list(t.shape)} vs {list(acc.shape)}")
-        # Weight 0 skips the pass over memory entirely.
         if w == 0.0:
+            continue  # no pass over memory at all
+        if acc is None:
+            # Widened first: mul(bf16, w) would compute (and round) in bf16.
+            acc = t.to(acc_dtype).mul_(w) if t.dtype != acc_dtype else torch.mul(t, w)
             continue
+        if term is None:
+            term = torch.empty_like(acc)
         if t.dtype == acc_dtype:
             torch.mul(t, w, out=term)
         else:
-            # Widened into the term buffer first: mul(bf16, w, out=float32) would compute
-            # (and round) in bf16 before the cast.
-            term.copy_(t).mul_(w)
+            term.copy_(t).mul_(w)  # mul(bf16, w, out=float32) would round in bf16 too
         acc.add_(term)
+    if acc is None:
+        acc = torch.zeros(shape, dtype=acc_dtype, device=ts[0].device)
     return acc if acc.dtype == dtype else acc.to(dtype)
 
 

@@ -1,6 +1,8 @@
 """Executors: where a plan's tensor groups run.
 
-``local`` (the default) is `mwakit.execute.execute`: this process streams every group in turn.
+``local`` (the default) is `mwakit.execute.execute`: this process streams every group in turn
+(a linear factor average of LoRA adapters runs in `mwakit.executors.factors` instead, with
+NumPy and without importing torch: the same bytes).
 ``ray`` (`mwakit.executors.ray`) runs the groups of each output shard as one Ray task on a
 cluster whose nodes share the input and output storage. Both write the same bytes.
 """

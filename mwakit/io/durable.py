@@ -18,6 +18,7 @@ so a descriptor is never closed (and its number reused) under a pending flush.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from collections.abc import Callable
@@ -122,3 +123,18 @@ class BackgroundSync:
         if self._error is not None:
             err, path = self._error
             raise output_error(err, "cannot write", str(path)) from err
+
+
+def reserve(fd: int, size: int) -> None:
+    """Size the file ``fd`` to ``size`` bytes and reserve its blocks where the file system
+    can: the data section reads as zeros until written, and a full disk shows up now, not
+    halfway through a long merge."""
+    os.ftruncate(fd, size)
+    if size and hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as err:
+            # Some file systems cannot reserve (EOPNOTSUPP, EINVAL): the sparse file still
+            # works, a full disk then shows up at the write. A full disk here is reported.
+            if err.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS):
+                raise

@@ -23,6 +23,10 @@ from typing import TYPE_CHECKING
 from mwakit.errors import SourceError
 
 if TYPE_CHECKING:
+    from types import TracebackType
+
+    from typing_extensions import Self
+
     from mwakit.io.cache import FileId, Held, TensorKey
 
 __all__ = ["CHANGED_FIX", "InputFiles", "OpenFile"]
@@ -52,6 +56,17 @@ class InputFiles:
     def __init__(self) -> None:
         self._files: dict[Path, OpenFile] = {}
         self._lock = threading.Lock()  # the open files (and a subclass's own state)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
     def _opened(self, path: Path, st: os.stat_result, f: OpenFile) -> None:
         """Called once per file, under the lock, right after it is opened (a hook)."""

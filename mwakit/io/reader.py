@@ -30,7 +30,6 @@ import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from types import TracebackType
 
 import torch
 
@@ -85,17 +84,6 @@ class PreadReader(InputFiles):
     def cache(self) -> InputCache | None:
         """The input cache this reader keeps tensors in, if any."""
         return self._cache
-
-    def __enter__(self) -> PreadReader:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _opened(self, path: Path, st: os.stat_result, f: OpenFile) -> None:
         if self._cache is not None:

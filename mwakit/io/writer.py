@@ -20,23 +20,10 @@ import torch
 
 from mwakit.errors import OutputError
 from mwakit.io.arena import Arena
-from mwakit.io.durable import KICK_BYTES, BackgroundSync
+from mwakit.io.durable import KICK_BYTES, BackgroundSync, reserve
 from mwakit.io.filelayout import Entry, header_bytes
 from mwakit.io.header import DTYPE_NAMES
 from mwakit.io.oserror import output_error
-
-
-def _reserve(fd: int, size: int) -> None:
-    os.ftruncate(fd, size)
-    if size and hasattr(os, "posix_fallocate"):
-        try:
-            os.posix_fallocate(fd, 0, size)
-        except OSError as err:
-            # Some file systems cannot reserve (EOPNOTSUPP, EINVAL): the sparse file still
-            # works, a full disk then shows up at the write. A full disk here is reported.
-            if err.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS):
-                raise
-
 
 _ALIGN = 4096
 """Direct I/O granularity: memory address, file offset and length are multiples of this (the
@@ -123,7 +110,7 @@ class StreamingWriter:
             self._fd, self._direct = _open_output(path, direct)
             # Sizing the file now means the data section reads as zeros until written; reserving
             # its blocks means a full disk shows up here, not halfway through a long merge.
-            _reserve(self._fd, self._size)
+            reserve(self._fd, self._size)
             self._put(0, torch.frombuffer(bytearray(head), dtype=torch.uint8))
         except OSError as err:
             self._abort()

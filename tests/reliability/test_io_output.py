@@ -366,12 +366,15 @@ def test_os_errors_while_writing_map_to_one_line(
     tmp_path: Path, run: Path, monkeypatch: pytest.MonkeyPatch, code: int, needle: str
 ) -> None:
     # Root ignores permissions and quotas here, so the OS error is raised at the write itself.
+    from mwakit.executors import factors
     from mwakit.io import writer
 
     def refuse(fd: int, size: int) -> None:
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(writer, "_reserve", refuse)
+    # Both writers: the torch one's and the NumPy factor average's.
+    monkeypatch.setattr(writer, "reserve", refuse)
+    monkeypatch.setattr(factors, "reserve", refuse)
     out = tmp_path / "out"
     res = invoke("run", recipe(tmp_path, out, select={"run": str(run)}))
     assert_clean_failure(res, needle=needle, out=out, before=snapshot(run), inputs=[run])
