@@ -36,8 +36,16 @@ import numpy as np
 
 from mwakit.errors import OutputError
 from mwakit.executors.stats import ExecStats
-from mwakit.io.durable import KICK_BYTES, BackgroundSync, reserve
-from mwakit.io.filelayout import header_bytes
+from mwakit.io.durable import (
+    ALIGN,
+    KICK_BYTES,
+    BackgroundSync,
+    drop_direct,
+    open_output,
+    pwrite_all,
+    reserve,
+)
+from mwakit.io.filelayout import Entry, header_bytes
 from mwakit.io.files import InputFiles
 from mwakit.io.oserror import output_error
 from mwakit.planner import LoraTask, Plan, Task, TensorRef, out_metadata, output_entries
@@ -114,8 +122,9 @@ def execute_factors(
     if not fits(plan):
         raise ValueError("execute_factors: this plan needs the torch executor (mwakit.execute)")
     path = out_dir / "adapter_model.safetensors"
+    layout = output_entries(plan), out_metadata(plan)
     try:
-        with InputFiles() as files, _Output(path, plan, syncer) as out:
+        with InputFiles() as files, _Output(path, *layout, syncer) as out:
             return _run(plan, files, out, on_task, observer)
     except _NotFinite:
         # The torch executor re-reads (the hasher ignores bytes it has already seen), rewrites
@@ -300,26 +309,50 @@ def _finite(x: np.ndarray, code: str) -> bool:
     return bool(np.isfinite(x).all())
 
 
-class _Output:
-    """The output adapter file: header first, each tensor at its planned offset (buffered
-    writes, on the syncer's thread when there is one)."""
+_STAGE = 8 << 20
+"""Bytes gathered per direct write (a multiple of the direct I/O granularity)."""
+_STAGES = 4
+"""Staging buffers at most (in flight on the syncer's thread, or filling)."""
 
-    def __init__(self, path: Path, plan: Plan, syncer: BackgroundSync | None) -> None:
+
+class _Output:
+    """The output adapter file: header first, each tensor at its planned offset.
+
+    Tensors come in plan order, which for adapters saved by PEFT is the file's own order. While
+    they do, their bytes are gathered into aligned staging buffers that are written whole, with
+    direct I/O (``O_DIRECT``) where the file system allows, on the syncer's thread when there
+    is one: no page-cache copy (a buffered write of 670 MB cost 0.17–1.4 CPU-s here, a direct
+    one 0.02) and nothing left to flush. A tensor out of order writes what is gathered and
+    turns direct I/O off: it and the rest are written buffered, each where it belongs.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        entries: Sequence[Entry],
+        metadata: dict[str, str],
+        syncer: BackgroundSync | None,
+    ) -> None:
         self.path = path
         self._syncer = syncer
-        head, self._offsets = header_bytes(output_entries(plan), out_metadata(plan))
+        head, self._offsets = header_bytes(entries, metadata)
         self._data_start = len(head)
+        self._size = self._data_start + max((e for _, e in self._offsets.values()), default=0)
         self._written: set[str] = set()
         self._unsynced = 0
         self._in_flight: deque[tuple[Future[None], int]] = deque()
         self._in_flight_bytes = 0
-        size = self._data_start + max((e for _, e in self._offsets.values()), default=0)
+        self._in_order = True  # every write so far came in file order: they are gathered
+        self._pos = 0  # where the next byte goes while they do
+        self._stage: np.ndarray | None = None  # gathering [self._stage_at, self._pos)
+        self._stage_at = 0
+        self._spare: deque[tuple[np.ndarray, Future[None] | None]] = deque()  # oldest first
+        self._stages = 0
+        self._fd: int | None = None
         try:
-            self._fd: int | None = os.open(
-                path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644
-            )
-            reserve(self._fd, size)
-            self._pwrite(0, memoryview(head))
+            self._fd, self._direct = open_output(path, None)
+            reserve(self._fd, self._size)
+            self._gather(np.frombuffer(head, dtype=np.uint8))
         except OSError as err:
             self._close(sync=False)
             raise output_error(err, "cannot write", str(path)) from err
@@ -329,12 +362,27 @@ class _Output:
 
     def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
         missing = sorted(set(self._offsets) - self._written)
-        self._close(sync=exc_type is None and not missing)
+        complete = exc_type is None and not missing
+        if complete:
+            try:
+                self._flush()
+            except OSError as err:
+                self._close(sync=False)
+                raise output_error(err, "cannot write", str(self.path)) from err
+        self._close(sync=complete)
         if exc_type is None and missing:
             raise OutputError(
                 f"{len(missing)} planned tensor(s) never written, e.g. {', '.join(missing[:5])}",
                 where=str(self.path),
             )
+
+    def _job(self, fn: Callable[[int], None]) -> Future[None] | None:
+        """Run ``fn(fd)`` on the syncer's thread (in order with the writes), or now."""
+        assert self._fd is not None
+        if self._syncer is None:
+            fn(self._fd)
+            return None
+        return self._syncer.submit(fn, self._fd, self.path)
 
     def _close(self, *, sync: bool) -> None:
         if self._fd is None:
@@ -343,43 +391,111 @@ class _Output:
         if self._syncer is not None:
             self._syncer.close(fd, self.path, sync=sync)
         else:
-            if sync:
-                os.fsync(fd)
-            os.close(fd)
+            try:
+                if sync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
 
-    def _pwrite(self, pos: int, data: memoryview) -> None:
+    def _pwrite(self, pos: int, data: memoryview) -> Future[None] | None:
+        """Write ``data`` at ``pos`` (the memoryview holds its array until it is written)."""
+
         def write(fd: int) -> None:
-            mv, at = data, pos
-            while mv:
-                k = os.pwrite(fd, mv, at)  # may write less than asked
-                if k <= 0:
-                    raise OSError(0, "no progress")
-                mv, at = mv[k:], at + k
+            pwrite_all(fd, data, pos)
 
-        assert self._fd is not None
-        if self._syncer is None:
-            write(self._fd)
-            return
+        fut = self._job(write)
+        if fut is None:
+            return None
         n = data.nbytes
-        self._in_flight.append((self._syncer.submit(write, self._fd, self.path), n))
+        self._in_flight.append((fut, n))
         self._in_flight_bytes += n
         while self._in_flight_bytes > _IN_FLIGHT:
-            fut, k = self._in_flight.popleft()
-            fut.result()  # errors are the syncer's to report, at join
+            done, k = self._in_flight.popleft()
+            done.result()  # errors are the syncer's to report, at join
             self._in_flight_bytes -= k
-        self._unsynced += n
-        if self._unsynced >= KICK_BYTES:
-            self._unsynced = 0
-            self._syncer.kick(self._fd, self.path)
+        if not self._direct:
+            self._unsynced += n
+            if self._syncer is not None and self._unsynced >= KICK_BYTES:
+                self._unsynced = 0
+                assert self._fd is not None
+                self._syncer.kick(self._fd, self.path)
+        return fut
+
+    def _take_stage(self) -> np.ndarray:
+        if self._spare and (self._stages >= _STAGES or _done(self._spare[0][1])):
+            buf, fut = self._spare.popleft()
+            if fut is not None:
+                fut.result()  # its write is over: the buffer is free
+            return buf
+        self._stages += 1
+        raw = np.empty(_STAGE + ALIGN, dtype=np.uint8)
+        skip = -raw.ctypes.data % ALIGN  # direct I/O wants aligned memory
+        return raw[skip : skip + _STAGE]
+
+    def _gather(self, data: np.ndarray) -> None:
+        """Append ``data`` at ``self._pos``: staged, each full stage written whole."""
+        done = 0
+        while done < data.nbytes:
+            if self._stage is None:
+                self._stage = self._take_stage()
+            fill = self._pos - self._stage_at
+            k = min(data.nbytes - done, _STAGE - fill)
+            self._stage[fill : fill + k] = data[done : done + k]
+            done += k
+            self._pos += k
+            if self._pos - self._stage_at == _STAGE:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Write what is gathered: whole blocks while direct (the file's last block is cut to
+        size afterwards), exactly the gathered bytes otherwise."""
+        stage, n = self._stage, self._pos - self._stage_at
+        if stage is None or n == 0:
+            return
+        length = -(-n // ALIGN) * ALIGN if self._direct else n
+        fut = self._pwrite(self._stage_at, stage[:length].data)
+        self._spare.append((stage, fut))
+        self._stage, self._stage_at = None, self._pos
+        if length > n:
+            size = self._size
+            self._job(lambda fd: os.ftruncate(fd, size))
+
+    def _scatter(self) -> None:
+        """Write what is gathered and go on writing each tensor where it belongs, buffered (a
+        tensor came out of file order)."""
+        stage, n = self._stage, self._pos - self._stage_at
+        self._in_order = False
+        if self._direct:
+            self._direct = False
+            self._job(_buffered)
+        if stage is not None and n:
+            self._pwrite(self._stage_at, stage[:n].data)
+        self._stage = None
 
     def write(self, name: str, data: np.ndarray) -> None:
         """Write one planned tensor's bytes (C-contiguous, of its planned dtype)."""
         start, end = self._offsets[name]
         if data.nbytes != end - start:
             raise AssertionError(f"{name}: {data.nbytes} bytes, planned {end - start}")
+        at = self._data_start + start
+        raw = data.reshape(-1).view(np.uint8)
         try:
-            if data.nbytes:
-                self._pwrite(self._data_start + start, data.reshape(-1).view(np.uint8).data)
+            if not raw.nbytes:
+                pass
+            elif self._in_order and at == self._pos:
+                self._gather(raw)
+            else:
+                if self._in_order:
+                    self._scatter()
+                self._pwrite(at, raw.data)
         except OSError as err:
             raise output_error(err, f"cannot write tensor {name!r}", str(self.path)) from err
         self._written.add(name)
+
+
+def _buffered(fd: int) -> None:
+    drop_direct(fd)
+
+
+def _done(fut: Future[None] | None) -> bool:
+    return fut is None or fut.done()

@@ -138,3 +138,53 @@ def reserve(fd: int, size: int) -> None:
             # works, a full disk then shows up at the write. A full disk here is reported.
             if err.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS):
                 raise
+
+
+ALIGN = 4096
+"""Direct I/O granularity: memory address, file offset and length are multiples of this (the
+largest logical block size in common use; a multiple of every smaller one)."""
+
+
+def open_output(path: Path, direct: bool | None) -> tuple[int, bool]:
+    """Create ``path`` for writing, bypassing the page cache where asked for and possible."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+    o_direct = getattr(os, "O_DIRECT", 0)
+    if direct is not False and o_direct:
+        try:
+            return os.open(path, flags | o_direct, 0o644), True
+        except OSError as err:
+            if err.errno != errno.EINVAL:  # EINVAL: this file system has no direct I/O
+                raise
+    return os.open(path, flags, 0o644), False
+
+
+def pwrite_all(fd: int, data: memoryview, pos: int) -> None:
+    """Write all of ``data`` at file offset ``pos`` of ``fd``.
+
+    pwrite may write less than asked (Linux caps one call near 2 GiB). A file system that
+    refuses a direct write after all (EINVAL on an ``O_DIRECT`` descriptor) gets it buffered:
+    direct I/O is turned off on ``fd`` and the write retried.
+    """
+    mv, at = data, pos
+    while mv:
+        try:
+            k = os.pwrite(fd, mv, at)
+        except OSError as err:
+            if err.errno != errno.EINVAL or not drop_direct(fd):
+                raise
+            continue
+        if k <= 0:
+            raise OSError(0, "no progress")
+        mv, at = mv[k:], at + k
+
+
+def drop_direct(fd: int) -> bool:
+    """Turn direct I/O off on ``fd``; False when it was not on (the error is another one)."""
+    import fcntl
+
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    o_direct = getattr(os, "O_DIRECT", 0)
+    if not flags & o_direct:
+        return False
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~o_direct)
+    return True

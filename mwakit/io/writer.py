@@ -8,7 +8,6 @@ more than the tensor being written.
 
 from __future__ import annotations
 
-import errno
 import os
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -20,33 +19,24 @@ import torch
 
 from mwakit.errors import OutputError
 from mwakit.io.arena import Arena
-from mwakit.io.durable import KICK_BYTES, BackgroundSync, reserve
+from mwakit.io.durable import (
+    ALIGN,
+    KICK_BYTES,
+    BackgroundSync,
+    open_output,
+    pwrite_all,
+    reserve,
+)
 from mwakit.io.filelayout import Entry, header_bytes
 from mwakit.io.header import DTYPE_NAMES
 from mwakit.io.oserror import output_error
 
-_ALIGN = 4096
-"""Direct I/O granularity: memory address, file offset and length are multiples of this (the
-largest logical block size in common use; a multiple of every smaller one)."""
 _IN_FLIGHT = 256 << 20
 """Bytes handed to the syncer's thread and not written yet, at most (then `write` waits)."""
 
 
 def _up(n: int) -> int:
-    return -(-n // _ALIGN) * _ALIGN
-
-
-def _open_output(path: Path, direct: bool | None) -> tuple[int, bool]:
-    """Create ``path`` for writing, bypassing the page cache where asked for and possible."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
-    o_direct = getattr(os, "O_DIRECT", 0)
-    if direct is not False and o_direct:
-        try:
-            return os.open(path, flags | o_direct, 0o644), True
-        except OSError as err:
-            if err.errno != errno.EINVAL:  # EINVAL: this file system has no direct I/O
-                raise
-    return os.open(path, flags, 0o644), False
+    return -(-n // ALIGN) * ALIGN
 
 
 class StreamingWriter:
@@ -107,7 +97,7 @@ class StreamingWriter:
         self._in_flight_bytes = 0
         self._size = self._data_start + max((e for _, e in self._offsets.values()), default=0)
         try:
-            self._fd, self._direct = _open_output(path, direct)
+            self._fd, self._direct = open_output(path, direct)
             # Sizing the file now means the data section reads as zeros until written; reserving
             # its blocks means a full disk shows up here, not halfway through a long merge.
             reserve(self._fd, self._size)
@@ -161,10 +151,10 @@ class StreamingWriter:
         dtype = getattr(torch, DTYPE_NAMES[code])
         start, end = self._offsets[name]
         n = end - start
-        raw = self._arena.take(n + _ALIGN)
+        raw = self._arena.take(n + ALIGN)
         # Start at an address congruent to the file offset: the whole blocks then lie aligned
         # in memory, as direct I/O wants, and the dtype's own alignment follows (offsets are).
-        skip = (self._data_start + start - raw.data_ptr()) % _ALIGN
+        skip = (self._data_start + start - raw.data_ptr()) % ALIGN
         return raw[skip : skip + n].view(dtype).reshape(shape)
 
     def _job(self, fn: Callable[[int], None], fd: int | None = None) -> None:
@@ -181,19 +171,7 @@ class StreamingWriter:
         n = data.numel()
 
         def write(fd: int) -> None:
-            mv: memoryview = data.numpy().data
-            at = pos
-            while mv:
-                try:
-                    # pwrite may write less than asked (Linux caps one call near 2 GiB).
-                    k = os.pwrite(fd, mv, at)
-                except OSError as err:
-                    if err.errno != errno.EINVAL or not _drop_direct(fd):
-                        raise
-                    continue  # the file system refused direct I/O after all: buffered then
-                if k <= 0:
-                    raise OSError(0, "no progress")
-                mv, at = mv[k:], at + k
+            pwrite_all(fd, data.numpy().data, pos)
 
         if self._syncer is None:
             write(self._fd)  # type: ignore[arg-type]
@@ -219,14 +197,14 @@ class StreamingWriter:
             return
         end = pos + n
         lo = min(_up(pos), end)  # [pos, lo): the part of a block shared with what precedes
-        hi = max(end // _ALIGN * _ALIGN, lo)  # [hi, end): the part shared with what follows
+        hi = max(end // ALIGN * ALIGN, lo)  # [hi, end): the part shared with what follows
         if lo > pos:
             self._edge(pos, data[: lo - pos])
         if hi > lo:
             body = data[lo - pos : hi - pos]
-            if body.data_ptr() % _ALIGN:
-                raw = self._arena.take(hi - lo + _ALIGN)
-                skip = -raw.data_ptr() % _ALIGN
+            if body.data_ptr() % ALIGN:
+                raw = self._arena.take(hi - lo + ALIGN)
+                skip = -raw.data_ptr() % ALIGN
                 body = raw[skip : skip + hi - lo].copy_(body)
             self._pwrite(lo, body)
         if end > hi:
@@ -234,16 +212,16 @@ class StreamingWriter:
 
     def _edge(self, pos: int, piece: torch.Tensor) -> None:
         """Gather ``piece`` into its block; write the block once all its bytes are there."""
-        blk = pos // _ALIGN * _ALIGN
+        blk = pos // ALIGN * ALIGN
         if blk in self._edges:
             buf, filled = self._edges[blk]
         else:
-            raw = torch.zeros(2 * _ALIGN, dtype=torch.uint8)
-            skip = -raw.data_ptr() % _ALIGN
-            buf, filled = raw[skip : skip + _ALIGN], 0
+            raw = torch.zeros(2 * ALIGN, dtype=torch.uint8)
+            skip = -raw.data_ptr() % ALIGN
+            buf, filled = raw[skip : skip + ALIGN], 0
         buf[pos - blk : pos - blk + piece.numel()].copy_(piece)
         filled += piece.numel()
-        if filled < min(_ALIGN, self._size - blk):
+        if filled < min(ALIGN, self._size - blk):
             self._edges[blk] = (buf, filled)
             return
         self._edges.pop(blk, None)
@@ -310,15 +288,3 @@ class StreamingWriter:
                 f"{', '.join(missing[:5])}{more}",
                 where=str(self.path),
             )
-
-
-def _drop_direct(fd: int) -> bool:
-    """Turn direct I/O off on ``fd``; False when it was not on (the error is another one)."""
-    import fcntl
-
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    o_direct = getattr(os, "O_DIRECT", 0)
-    if not flags & o_direct:
-        return False
-    fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~o_direct)
-    return True

@@ -285,3 +285,71 @@ def test_the_executor_module_does_not_import_torch() -> None:
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
     assert factors.__name__ == "mwakit.executors.factors"
+
+
+@pytest.mark.parametrize("order", ["file", "reversed", "shuffled", "one-late"])
+@pytest.mark.parametrize("syncer", [False, True])
+@pytest.mark.parametrize("direct", [True, False])
+def test_output_file_is_the_torch_writers_whatever_the_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, order: str, syncer: bool, direct: bool
+) -> None:
+    import random
+
+    from mwakit.io import durable
+    from mwakit.io.durable import ALIGN, BackgroundSync
+    from mwakit.io.writer import StreamingWriter
+
+    # Stages of two blocks: tensors straddle stages and blocks; one spans several stages.
+    monkeypatch.setattr(factors, "_STAGE", 2 * ALIGN)
+    if not direct:
+        real = durable.open_output
+        monkeypatch.setattr(factors, "open_output", lambda p, d: real(p, False))
+    g = torch.Generator().manual_seed(0)
+    ts = {
+        f"t{i:02d}": torch.randn(n, generator=g).to(dt)
+        for i, (n, dt) in enumerate(
+            [(1, torch.float32), (700, torch.bfloat16), (5 * ALIGN, torch.float32)]
+            + [(37 * k + 1, torch.float16) for k in range(12)]
+            + [(0, torch.float32), (2 * ALIGN, torch.float32)]
+        )
+    }
+    entries = [(k, _code(t), tuple(t.shape)) for k, t in ts.items()]
+    meta = {"format": "pt", "note": "x"}
+    want = tmp_path / "want.safetensors"
+    with StreamingWriter(want, entries, meta) as w:
+        for k, t in ts.items():
+            w.write(k, t)
+    from mwakit.io.filelayout import header_bytes
+
+    _, offsets = header_bytes(entries, meta)
+    names = sorted(ts, key=lambda k: offsets[k][0])  # file order
+    if order == "reversed":
+        names = names[::-1]
+    elif order == "shuffled":
+        random.Random(1).shuffle(names)
+    elif order == "one-late":
+        names = names[:3] + names[4:] + names[3:4]
+    got = tmp_path / "got.safetensors"
+    with BackgroundSync() as s:
+        with factors._Output(got, entries, meta, s if syncer else None) as out:
+            for k in names:
+                t = ts[k]
+                out.write(k, t.view(torch.uint8).numpy() if t.numel() else np.empty(0, np.uint8))
+        s.join()
+    assert got.read_bytes() == want.read_bytes()
+
+
+def _code(t: torch.Tensor) -> str:
+    return {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[t.dtype]
+
+
+def test_output_missing_a_tensor_is_an_output_error(tmp_path: Path) -> None:
+    from mwakit.errors import OutputError
+
+    entries = [("a", "F32", (3,)), ("b", "F32", (2,))]
+    path = tmp_path / "x.safetensors"
+    with (
+        pytest.raises(OutputError, match="never written"),
+        factors._Output(path, entries, {}, None) as out,
+    ):
+        out.write("a", np.zeros(3, np.float32))
