@@ -345,6 +345,12 @@ def _run_full(
     tensors = ld.get(task.inputs)
     into = alloc(key) if alloc is not None and ld.device.type == "cpu" else None
     fused = plan.method.merge is weighted_sum and task.aux is None and key not in stats.thresholds
+    if fused and plan.kind == "adapter" and task.base is None:
+        # An adapter's full tensors (modules_to_save, biases, DoRA magnitudes) are summed term
+        # by term as its factors are (`factor_sum`, no fused multiply-add), so the torch-free
+        # executor of factor averages (`mwakit.executors.factors`) writes the same bytes.
+        out = factor_sum(tensors, task.weights, dtype, key)
+        return {key: ld.finish(out, task.out.dtype, task.inputs, key, into=into)}
     if into is not None and fused:
         # A weighted sum straight into the writer's buffer, block by block: the same bytes as
         # the merge + cast below, without their tensor-sized temporaries (`weighted_sum_into`).

@@ -92,7 +92,9 @@ def test_live_tensor_count_stays_bounded(tmp_path: Path, modules: int) -> None:
         if i % 8 == 0:
             peak = max(peak, _live_tensors() - baseline)
 
-    res = mwakit.run(_recipe(tmp_path, folders), on_task=on_task)
+    # float64: the torch executor (a float32 factor average runs in NumPy, without torch
+    # tensors; its bound is `tests/executors/test_factors.py`'s).
+    res = mwakit.run(_recipe(tmp_path, folders, dtype="float64"), on_task=on_task)
     assert res.stats.tasks == modules + 2
     # One group is 2 factors × 4 checkpoints plus its outputs, and the reader holds the next
     # group read ahead (8 more); nothing accumulates across groups, so the bound does not grow

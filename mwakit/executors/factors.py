@@ -48,7 +48,16 @@ from mwakit.io.durable import (
 from mwakit.io.filelayout import Entry, header_bytes
 from mwakit.io.files import InputFiles
 from mwakit.io.oserror import output_error
-from mwakit.planner import LoraTask, Plan, Task, TensorRef, out_metadata, output_entries
+from mwakit.methods.linear import weighted_sum
+from mwakit.planner import (
+    FullTask,
+    OutTensor,
+    Plan,
+    Task,
+    TensorRef,
+    out_metadata,
+    output_entries,
+)
 
 __all__ = ["execute_factors", "fits"]
 
@@ -70,7 +79,8 @@ def fits(plan: Plan) -> bool:
     """Whether this executor runs ``plan`` (same bytes as `mwakit.execute.execute`).
 
     A factor-space LoRA merge by a linear method, on the CPU, computed in float32, bfloat16 or
-    float16, reading and writing those dtypes, with no side inputs (Fisher and the like).
+    float16, reading and writing those dtypes, with no side inputs (Fisher and the like); its
+    full tensors (``modules_to_save``, biases) are weighted sums too, its integer ones copies.
     """
     r = plan.recipe
     if plan.kind != "adapter" or not plan.method.linear or not plan.tasks:
@@ -78,13 +88,19 @@ def fits(plan: Plan) -> bool:
     if r.device not in ("cpu", "auto") or r.dtype not in _COMPUTE or r.executor == "ray":
         return False
     for task in plan.tasks:
-        if not isinstance(task, LoraTask) or task.mode != "factors":
+        if isinstance(task, FullTask):
+            if task.copy:
+                continue  # an integer tensor: its bytes are copied from the first checkpoint
+            if task.base is not None or task.aux or plan.method.merge is not weighted_sum:
+                return False
+            outs: tuple[OutTensor, ...] = (task.out,)
+        elif task.mode != "factors" or task.aux_a or task.aux_b:
             return False
-        if task.aux_a or task.aux_b:
-            return False
+        else:
+            outs = task.outputs
         if any(ref.info.dtype not in _CODES for ref in task.inputs):
             return False
-        if any(o.dtype not in _CODES for o in task.outputs):
+        if any(o.dtype not in _CODES for o in outs):
             return False
     return True
 
@@ -147,14 +163,21 @@ def _run(
     bufs = _Buffers()
     tasks = plan.tasks
     for i, task in enumerate(tasks):
-        assert isinstance(task, LoraTask)
-        fold = [w * s / task.out_scaling for w, s in zip(task.weights, task.scalings, strict=True)]
-        groups: list[tuple[Sequence[TensorRef], Sequence[float], Any]] = [
-            (task.a, task.weights, task.out_a),
-            (task.b, fold, task.out_b),
-        ]
-        if task.bias is not None and task.out_bias is not None:
-            groups.append((task.bias, fold, task.out_bias))
+        groups: list[tuple[Sequence[TensorRef], Sequence[float], OutTensor]]
+        if isinstance(task, FullTask) and task.copy:
+            raw = _read(files, task.inputs[0], observer, bufs)  # as the torch executor copies
+            out.write(task.out.key, raw)
+            stats.bytes_written += raw.nbytes
+            groups = []
+        elif isinstance(task, FullTask):
+            groups = [(task.inputs, task.weights, task.out)]
+        else:
+            fold = [
+                w * s / task.out_scaling for w, s in zip(task.weights, task.scalings, strict=True)
+            ]
+            groups = [(task.a, task.weights, task.out_a), (task.b, fold, task.out_b)]
+            if task.bias is not None and task.out_bias is not None:
+                groups.append((task.bias, fold, task.out_bias))
         for refs, ws, o in groups:
             total = _sum(files, refs, ws, observer, bufs)
             written = _round(_round(total, compute), o.dtype)
@@ -162,7 +185,7 @@ def _run(
                 raise _NotFinite(o.key)
             out.write(o.key, written)
             stats.bytes_written += written.nbytes
-        refs = task.inputs
+        refs = task.inputs  # no side inputs, no base (`fits`)
         stats.max_live_inputs = max(stats.max_live_inputs, len(refs))
         stats.bytes_read += sum(r.info.nbytes for r in refs)
         stats.tasks += 1

@@ -21,6 +21,7 @@ from mwakit.errors import SourceError, TensorError
 from mwakit.execute import execute
 from mwakit.executors import factors
 from mwakit.executors.factors import _round, execute_factors, fits
+from mwakit.planner import FullTask
 from mwakit.recipe import parse_recipe
 
 from ..conftest import trainer_state, write_trainer_state
@@ -159,13 +160,31 @@ def test_plans_it_does_not_take(tmp_path: Path) -> None:
         execute_factors(mwakit.plan(_recipe(tmp_path, folders, **ties)), tmp_path)
 
 
-def test_modules_to_save_go_to_torch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_modules_to_save_and_integer_buffers_too(tmp_path: Path, dtype: torch.dtype) -> None:
+    from ..test_execute import write_adapter
+
+    for i in range(3):
+        write_adapter(tmp_path / f"c{i}", modules=4, seed=i, loss=1.0 + i, dtype=dtype)
+    folders = [tmp_path / f"c{i}" for i in range(3)]
+    plan = mwakit.plan(_recipe(tmp_path, folders, device="cpu", out_dtype="bfloat16"))
+    kinds = {type(t).__name__ + ("-copy" if getattr(t, "copy", False) else "") for t in plan.tasks}
+    assert kinds == {"LoraTask", "FullTask", "FullTask-copy"}  # lm_head, and an int buffer
+    assert fits(plan)
+    got, want = _run_both(plan, tmp_path)
+    assert got == want
+
+
+def test_a_full_tensor_with_a_base_goes_to_torch(tmp_path: Path) -> None:
     from ..test_execute import write_adapter
 
     for i in range(2):
         write_adapter(tmp_path / f"c{i}", modules=2, seed=i, loss=1.0 + i)
     plan = mwakit.plan(_recipe(tmp_path, [tmp_path / "c0", tmp_path / "c1"], device="cpu"))
-    assert not fits(plan)  # lm_head is a full tensor: the torch executor merges it
+    full = next(t for t in plan.tasks if isinstance(t, FullTask) and not t.copy)
+    odd = dataclasses.replace(full, base=full.inputs[0])
+    assert fits(plan)
+    assert not fits(dataclasses.replace(plan, tasks=(*plan.tasks, odd)))
 
 
 @settings(max_examples=60, deadline=None)
@@ -249,6 +268,34 @@ def test_progress_and_stats(tmp_path: Path) -> None:
     assert stats.device == "cpu" and stats.tasks == want.tasks == len(plan.tasks)
     assert (stats.bytes_read, stats.bytes_written) == (want.bytes_read, want.bytes_written)
     assert stats.max_live_inputs == want.max_live_inputs == 6  # A, B, bias of 2 checkpoints
+
+
+def test_memory_stays_at_one_module_whatever_the_module_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tracemalloc
+
+    from mwakit.io.durable import ALIGN
+
+    from ..test_execute import write_adapter
+
+    monkeypatch.setattr(factors, "_STAGE", 4 * ALIGN)  # small stages: the peak is the modules'
+    peaks = {}
+    for modules in (8, 64):
+        folders = [tmp_path / f"{modules}-c{i}" for i in range(4)]
+        for i, f in enumerate(folders):
+            write_adapter(f, modules=modules, seed=i, loss=1.0 + i, dim=1024, r=8)
+        plan = mwakit.plan(_recipe(tmp_path, folders, device="cpu"))
+        assert fits(plan)
+        out = tmp_path / f"o{modules}"
+        out.mkdir()
+        tracemalloc.start()
+        execute_factors(plan, out)
+        peaks[modules] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    # 8× the modules (16 MiB read instead of 2), the same peak: one module's inputs (4 × 64
+    # KiB), its sums and the staging buffers, never the whole adapter.
+    assert peaks[64] < 1.25 * peaks[8] < (2 << 20), peaks
 
 
 def test_mwakit_run_merges_lora_factors_without_importing_torch(tmp_path: Path) -> None:
