@@ -40,6 +40,7 @@ from mwakit.io.durable import (
     ALIGN,
     KICK_BYTES,
     BackgroundSync,
+    InFlight,
     drop_direct,
     open_output,
     pwrite_all,
@@ -65,8 +66,6 @@ _CODES = ("F32", "BF16", "F16")
 """Input and output dtypes this executor reads and writes."""
 _COMPUTE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 """Compute dtypes (the recipe's ``dtype``) it rounds to, as safetensors codes."""
-_IN_FLIGHT = 256 << 20
-"""Output bytes handed to the syncer's thread and not written yet, at most."""
 
 Observer = Callable[[Path, int, Any], None]
 
@@ -363,8 +362,7 @@ class _Output:
         self._size = self._data_start + max((e for _, e in self._offsets.values()), default=0)
         self._written: set[str] = set()
         self._unsynced = 0
-        self._in_flight: deque[tuple[Future[None], int]] = deque()
-        self._in_flight_bytes = 0
+        self._in_flight = InFlight()
         self._in_order = True  # every write so far came in file order: they are gathered
         self._pos = 0  # where the next byte goes while they do
         self._stage: np.ndarray | None = None  # gathering [self._stage_at, self._pos)
@@ -430,12 +428,7 @@ class _Output:
         if fut is None:
             return None
         n = data.nbytes
-        self._in_flight.append((fut, n))
-        self._in_flight_bytes += n
-        while self._in_flight_bytes > _IN_FLIGHT:
-            done, k = self._in_flight.popleft()
-            done.result()  # errors are the syncer's to report, at join
-            self._in_flight_bytes -= k
+        self._in_flight.add(fut, n)
         if not self._direct:
             self._unsynced += n
             if self._syncer is not None and self._unsynced >= KICK_BYTES:

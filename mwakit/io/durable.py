@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -188,3 +189,35 @@ def drop_direct(fd: int) -> bool:
         return False
     fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~o_direct)
     return True
+
+
+IN_FLIGHT = 256 << 20
+"""Bytes handed to a syncer's thread and not written yet, at most (then the writer waits)."""
+
+
+class InFlight:
+    """The writes a writer handed to a syncer's thread and that may not be done yet, bounded
+    in bytes: the memory they hold is released only once they are written.
+
+    Args:
+        limit: Bytes in flight beyond which `add` waits for the oldest writes.
+    """
+
+    def __init__(self, limit: int = IN_FLIGHT) -> None:
+        self._writes: deque[tuple[Future[None], int]] = deque()
+        self._bytes = 0
+        self._limit = limit
+
+    def add(self, fut: Future[None], nbytes: int) -> None:
+        """Count one more write of ``nbytes``; wait while more than the limit is in flight."""
+        self._writes.append((fut, nbytes))
+        self._bytes += nbytes
+        while self._bytes > self._limit:
+            done, k = self._writes.popleft()
+            done.result()  # errors are the syncer's to report, at join
+            self._bytes -= k
+
+    def clear(self) -> None:
+        """Forget the writes (the file is being discarded)."""
+        self._writes.clear()
+        self._bytes = 0

@@ -9,9 +9,7 @@ more than the tensor being written.
 from __future__ import annotations
 
 import os
-from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from pathlib import Path
 from types import TracebackType
 
@@ -23,6 +21,7 @@ from mwakit.io.durable import (
     ALIGN,
     KICK_BYTES,
     BackgroundSync,
+    InFlight,
     open_output,
     pwrite_all,
     reserve,
@@ -30,9 +29,6 @@ from mwakit.io.durable import (
 from mwakit.io.filelayout import Entry, header_bytes
 from mwakit.io.header import DTYPE_NAMES
 from mwakit.io.oserror import output_error
-
-_IN_FLIGHT = 256 << 20
-"""Bytes handed to the syncer's thread and not written yet, at most (then `write` waits)."""
 
 
 def _up(n: int) -> int:
@@ -93,8 +89,7 @@ class StreamingWriter:
         self._own_arena = arena is None
         self._arena = Arena() if arena is None else arena
         self._edges: dict[int, tuple[torch.Tensor, int]] = {}  # block → (its bytes, filled)
-        self._in_flight: deque[tuple[Future[None], int]] = deque()
-        self._in_flight_bytes = 0
+        self._in_flight = InFlight()
         self._size = self._data_start + max((e for _, e in self._offsets.values()), default=0)
         try:
             self._fd, self._direct = open_output(path, direct)
@@ -177,12 +172,7 @@ class StreamingWriter:
             write(self._fd)  # type: ignore[arg-type]
             return
         fut = self._syncer.submit(write, self._fd, self.path)  # type: ignore[arg-type]
-        self._in_flight.append((fut, n))
-        self._in_flight_bytes += n
-        while self._in_flight_bytes > _IN_FLIGHT:
-            done, k = self._in_flight.popleft()
-            done.result()  # errors are the syncer's to report, at join
-            self._in_flight_bytes -= k
+        self._in_flight.add(fut, n)
 
     def _put(self, pos: int, data: torch.Tensor) -> None:
         """Write the uint8 tensor ``data`` at file offset ``pos`` (buffered or direct)."""
