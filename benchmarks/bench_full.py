@@ -31,7 +31,9 @@ against 14.0 s fsynced (18.4 s not): 0.73× (0.55×; another run 12.4 s vs 17.0 
 Re-measured on a 2-core box whose two cores run two vector-bound processes at full speed (Dec 7
 2026, `--k 5 --methods ties --skip-whole --fsync-ref`, one run each): linear 13.2 s against
 16.7 s fsynced (0.79×), TIES 41.8 s against 199 s (0.21×; block threads and the cheaper
-consensus, 64 s before), TIES ÷ mwakit linear 3.17×.
+consensus, 64 s before), TIES ÷ mwakit linear 3.17×. Dec 8 (same box and command, sha256 on
+two helper threads): linear 11.4 s against 11.8 s fsynced and 13.1 s not (0.97×), TIES 40.4 s
+against 189 s (0.21×), TIES ÷ linear 3.56×.
 
 Usage::
 
