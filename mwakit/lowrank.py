@@ -67,9 +67,9 @@ def factor_sum(
     The sum starts from the first term with a non-zero weight and adds each next one. A term
     is the input in the accumulator's dtype times w_i rounded to it, rounded; each addition
     rounds: two IEEE roundings per term, never a fused multiply-add (torch's
-    ``add_(t, alpha=w)`` fuses where its vector kernels do and not in their tails). So the sum
-    is the same bits on every device and in `mwakit.executors.factors`, which computes it with
-    NumPy (no torch import) and must write the same bytes.
+    ``add_(t, alpha=w)`` fuses in its vector kernels). So the sum does not depend on a
+    kernel's choice to fuse, and `mwakit.executors.factors`, which computes it with NumPy (no
+    torch import), writes the same bytes.
     """
     if not ts:
         raise ValueError(f"no {what} tensors to average")
