@@ -14,9 +14,9 @@ nearest even with integer arithmetic as torch rounds it; float16 is NumPy's own 
 The output file has `mwakit.io.filelayout`'s layout, as the torch writer's.
 
 What it does not take stays with `mwakit.execute` (`fits` says which): another method or
-space, float64, a device other than ``cpu``/``auto`` (a factor average is memory-bound: on a
-GPU the copies would cost more than the sums, and the bytes do not depend on the device), side
-inputs. A result that is not finite is handed to the torch executor too, which names the
+space, float64, a device other than ``cpu``/``auto`` (``auto`` runs here: a factor average is
+memory-bound, and on a GPU the host-to-device copies would cost more than the sums), side
+inputs, a base. A result that is not finite is handed to the torch executor too, which names the
 culprit (or the dtype that cannot hold it) exactly as it always has.
 """
 
