@@ -1,11 +1,12 @@
 """Factor averages without torch: the executor of linear merges of LoRA factors, in NumPy.
 
-A linear merge of adapters in factor space (``mwa``, ``linear``, ``task_arithmetic``, … with
-``lora_space: factors``, the default) is, per module, Ā = Σ_i w_i A_i and
-B̄ = Σ_i (w_i s_i / s_out) B_i (`mwakit.lowrank.factors_average`): a few multiply-adds per
-input byte. Importing torch costs more than the whole merge (1.6 s on the benchmark box,
-where the merge of ten Llama-3-8B-shaped r16 adapters takes under a second), so `mwakit run`
-computes these plans here, with NumPy, and never imports torch.
+A linear merge of adapters in factor space (``mwa`` or ``linear`` with ``lora_space:
+factors``, the default) is, per module, Ā = Σ_i w_i A_i and B̄ = Σ_i (w_i s_i / s_out) B_i
+(`mwakit.lowrank.factors_average`), and Σ_i w_i t_i for its full tensors (``modules_to_save``,
+biases; integer buffers are copied): a few multiply-adds per input byte. Importing torch
+costs more than the whole merge (1.6 s on the benchmark box, where the merge of ten
+Llama-3-8B-shaped r16 adapters takes under a second), so `mwakit run` computes these plans
+here, with NumPy, and never imports torch.
 
 Same bytes as the torch executor (tested, input for input): the arithmetic is
 `mwakit.lowrank.factor_sum`'s — in float32, each term the input widened exactly, times w_i
