@@ -311,6 +311,7 @@ def test_mwakit_run_merges_lora_factors_without_importing_torch(tmp_path: Path) 
         f"r = CliRunner().invoke(main, ['run', '-q', '{recipe}'])\n"
         "assert r.exit_code == 0, r.output\n"
         "assert 'torch' not in sys.modules\n"
+        "assert 'matplotlib' not in sys.modules\n"  # the card's plot is drawn with Pillow
     )
     env = {"HF_HUB_OFFLINE": "1", "MWAKIT_CACHE": "off", "PATH": "/usr/bin:/bin"}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120, env=env)
