@@ -28,25 +28,28 @@ Re-measured on a 2-core box whose two cores run two vector-bound processes at fu
 ≈ 1.7 s (both), and the sha256 of the inputs ran on one thread beside the merge.
 
 Since the factor average runs without torch (`mwakit/executors/factors.py`, NumPy, direct-I/O
-output; Dec 8 2026, same box, full grid, best of 3; the range is over four runs):
+output) and the card's plot is drawn with Pillow in-process (Dec 8 2026, same box, full grid,
+best of 3; the last run, and the range over two runs of this code):
 
     r   K dtype   in MB |  ref s  mwakit s | mw/ref (range)   | mw MiB / ref MiB
-    16  5  fp32     839 |   1.77      1.38 | 0.78 (0.76–0.78) | 0.19
-    16 10  fp32    1678 |   2.07      1.95 | 0.94 (0.94–0.97) | 0.14
-    16  5  bf16     420 |   1.87      1.21 | 0.65 (0.60–0.65) | 0.30
-    16 10  bf16     839 |   2.36      1.62 | 0.69 (0.68–0.80) | 0.20
-    64  5  fp32    3356 |   4.07      3.01 | 0.74 (0.72–1.25) | 0.09
-    64 10  fp32    6711 |   4.91      5.07 | 1.03 (1.03–1.38) | 0.05
-    64  5  bf16    1678 |   3.61      2.49 | 0.69 (0.67–0.84) | 0.10
-    64 10  bf16    3356 |   4.89      3.75 | 0.77 (0.74–0.90) | 0.06
+    16  5  fp32     839 |   1.67      1.01 | 0.61 (0.58–0.61) | 0.19
+    16 10  fp32    1678 |   1.87      1.55 | 0.83 (0.83–0.85) | 0.14
+    16  5  bf16     420 |   1.85      0.87 | 0.47 (0.47–0.52) | 0.30
+    16 10  bf16     839 |   1.96      1.29 | 0.66 (0.58–0.66) | 0.19
+    64  5  fp32    3356 |   3.87      2.70 | 0.70 (0.69–0.70) | 0.09
+    64 10  fp32    6711 |   4.02      4.86 | 1.21 (1.01–1.21) | 0.05
+    64  5  bf16    1678 |   3.61      2.07 | 0.57 (0.57–0.59) | 0.10
+    64 10  bf16    3356 |   5.06      3.55 | 0.70 (0.70–0.75) | 0.06
 
-(the first run wrote the output buffered, the second timed r 64 only; the reference's own
-best-of-3 varies by up to 2× between runs, 2.31–4.68 s for r 64, K 5, fp32, and 3.66–4.91 s
-for K 10). r 64, K 10, fp32 misses the target in every run, bound by the fingerprints: sha256
-runs at 1.23 GB/s per core here (`openssl speed` agrees), so hashing the 6.7 GB takes 5.4
-CPU-s, three quarters of the 7.3 CPU-s the two cores have during a 3.66 s reference; reading
-(a copy from the page cache, ~1.5 CPU-s), summing (~1.6) and the plot's child process (~0.85)
-come on top (mwakit's CPU: 9.1–9.5 s). Without hashing the same merge takes 2.8–3.0 s.
+Four earlier runs, with the plot drawn by matplotlib in a child interpreter (0.8–1.0 CPU-s),
+gave 0.60–0.97× on the r 16 rows and 1.03–1.38× on r 64, K 10, fp32; the reference's own
+best-of-3 varies between runs (3.66–4.91 s on that row). r 64, K 10, fp32 misses the target,
+bound by the fingerprints: sha256 runs at 1.23 GB/s per core here (`openssl speed` agrees), so
+hashing the 6.7 GB takes 5.4 CPU-s of the 8.0 CPU-s the two cores have during a 4.0 s
+reference; reading (a copy from the page cache, ~1.5 CPU-s) and summing (~1.0) come on top
+(mwakit's CPU: 8.4–8.7 s). Without hashing the same merge takes 2.6 s. Reading and summing
+span by span (while the read has the bytes in cache) saved 0.4 CPU-s without hashing and
+nothing with it, so it was not kept.
 A second part times delta-space re-factorisation of 10 rank-16 adapters to rank 16 with
 QR + small SVD, against a dense SVD of one module extrapolated to all modules.
 
