@@ -40,18 +40,19 @@ def one_of_each(shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
 
 @contextmanager
 def counting_reads() -> Iterator[list[tuple[Path, int]]]:
-    """Every (file, offset) a `PreadReader` reads from disk while the block runs."""
-    from mwakit.io.reader import PreadReader
+    """Every (file, offset) read from disk while the block runs (`InputFiles.read_into`, the
+    one place bytes are read: `PreadReader`'s and the NumPy executor's)."""
+    from mwakit.io.files import InputFiles
 
     reads: list[tuple[Path, int]] = []
-    orig = PreadReader.read_into
+    orig = InputFiles.read_into
 
-    def counting(self: PreadReader, p: Path, offset: int, out: memoryview) -> None:
+    def counting(self: InputFiles, p: Path, offset: int, out: memoryview) -> None:
         reads.append((p, offset))
         orig(self, p, offset, out)
 
-    PreadReader.read_into = counting  # type: ignore[method-assign]
+    InputFiles.read_into = counting  # type: ignore[method-assign]
     try:
         yield reads
     finally:
-        PreadReader.read_into = orig  # type: ignore[method-assign]
+        InputFiles.read_into = orig  # type: ignore[method-assign]
