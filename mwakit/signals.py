@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
@@ -62,3 +62,23 @@ def terminate_on_signals() -> Iterator[None]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def deferred_signals() -> Callable[[], None]:
+    """Hold SIGINT, SIGTERM and SIGHUP back from this (main) thread until the returned
+    function is called; one that arrived meanwhile is then delivered.
+
+    For a few statements that must not be cut apart (a folder created and the ``try`` that
+    removes it on failure entered): a signal between them would skip the cleanup. Where
+    signals cannot be masked (not the main thread, no ``pthread_sigmask``) nothing is held.
+    """
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None or threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    held = {signal.SIGINT, *_signals()}
+    before = mask(signal.SIG_BLOCK, held)
+
+    def release() -> None:
+        mask(signal.SIG_SETMASK, before)
+
+    return release

@@ -43,6 +43,7 @@ from typing import Any
 from mwakit.errors import OutputError
 from mwakit.io.layout import MODEL_SIDE_FILES
 from mwakit.io.oserror import output_error
+from mwakit.signals import deferred_signals
 
 MANIFEST = ".mwakit-manifest.json"
 """Written into every output: the files and folders mwakit put there."""
@@ -580,12 +581,20 @@ def atomic_output_dir(target: Path, overwrite: bool, inputs: Iterable[Path] = ()
     if parent.is_dir():
         recover(target)
         check_target(target, overwrite, inputs)  # recovery may have restored an output
+    # A signal between creating the folder and entering the ``try`` that removes it would leave
+    # it behind: signals wait until then (one that came meanwhile is raised inside the try).
+    release = deferred_signals()
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = _make_temp(target, "tmp")
     except OSError as err:
+        release()
         raise output_error(err, "cannot create output folder", str(target)) from err
+    except BaseException:
+        release()
+        raise
     try:
+        release()
         try:
             yield tmp
         except OSError as err:
