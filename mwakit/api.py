@@ -6,8 +6,8 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +29,7 @@ from mwakit.io.hashing import StreamHasher
 from mwakit.io.layout import MODEL_SIDE_FILES, inside_folder, side_files
 from mwakit.planner import LoraTask, Plan, Task
 from mwakit.recipe import HubTarget, Recipe, dump_recipe, load_recipe
+from mwakit.signals import signals_held
 from mwakit.sources import discover
 from mwakit.validate import checked_plan
 
@@ -262,7 +263,7 @@ def run(
         return RunResult(path=target, plan=p, stats=stats, commit_url=url)
     with (
         atomic_output_dir(target, r.output.overwrite, input_paths(p)) as tmp,
-        ThreadPoolExecutor(1) as pool,
+        _Assets(write_assets, p) as assets,
         BackgroundSync() as syncer,
     ):
         # The inputs the merge reads are fingerprinted from the bytes it reads (one read, not
@@ -272,10 +273,11 @@ def run(
         ray = r.executor == "ray"
         to_stream = streamed_files(p)
         hasher = StreamHasher([] if ray else to_stream)
-        assets = pool.submit(write_assets, p, tmp, to_stream)
+        assets.start(tmp, to_stream)
         try:
             if ray:
-                from mwakit.executors.ray import execute_ray
+                with signals_held():  # see _execute_local
+                    from mwakit.executors.ray import execute_ray
 
                 stats = execute_ray(
                     p, tmp, address=r.executor_address, on_task=on_task, hash_files=to_stream
@@ -285,7 +287,6 @@ def run(
             streamed = {**hasher.finish(), **stats.digests}
         except BaseException:
             hasher.close()
-            assets.cancel()
             raise
         for f, digest in streamed.items():
             remember_digest(f, digest)
@@ -317,6 +318,54 @@ def run(
     return RunResult(path=target, plan=p, stats=stats, commit_url=url)
 
 
+class _Assets:
+    """`write_assets` on a daemon thread beside the merge (a context manager).
+
+    On a clean exit the thread is joined (`result`). After an error — Ctrl-C included — it is
+    given `_ASSETS_GRACE` seconds and then abandoned rather than waited for forever: a signal
+    whose handler raised inside an import of the main thread can leave the global import lock
+    held, and this thread's next import would never return (seen under load in the signal
+    tests). It writes nothing the cleanup depends on: into a removed folder its plot fails.
+    """
+
+    def __init__(self, fn: Callable[..., dict[Path, str]], plan: Plan) -> None:
+        self._fn, self._plan = fn, plan
+        self._out: dict[Path, str] = {}
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _Assets:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        t = self._thread
+        # Not started (a signal inside start) means nothing to wait for.
+        if t is not None and exc_type is not None and t.ident is not None:
+            t.join(_ASSETS_GRACE)
+
+    def start(self, tmp: Path, streamed: Collection[Path]) -> None:
+        def work() -> None:
+            try:
+                self._out = self._fn(self._plan, tmp, streamed)
+            except BaseException as err:  # re-raised by result()
+                self._error = err
+
+        self._thread = threading.Thread(target=work, name="mwakit-assets", daemon=True)
+        self._thread.start()
+
+    def result(self) -> dict[Path, str]:
+        """The digests `write_assets` made (its error, if it failed)."""
+        assert self._thread is not None
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._out
+
+
+_ASSETS_GRACE = 10.0
+"""Seconds a failed run waits for the assets thread before it goes on cleaning up."""
+
+
 def _execute_local(
     p: Plan,
     tmp: Path,
@@ -324,15 +373,19 @@ def _execute_local(
     hasher: StreamHasher,
     syncer: BackgroundSync,
 ) -> ExecStats:
-    from mwakit.executors import factors
+    # Imported with signals held: the card's thread imports at the same time (see
+    # `signals_held`); a Ctrl-C meanwhile is raised once the import is done.
+    with signals_held():
+        from mwakit.executors import factors
 
-    if factors.fits(p):
+        numpy = factors.fits(p)
+        if not numpy:
+            from mwakit.execute import execute  # torch is imported only when a merge runs
+    if numpy:
         # A factor average: NumPy computes it in less time than torch takes to import.
         return factors.execute_factors(
             p, tmp, on_task=on_task, observer=hasher.observe, syncer=syncer
         )
-    from mwakit.execute import execute  # torch is imported only when a merge runs
-
     return execute(p, tmp, on_task=on_task, observer=hasher.observe, syncer=syncer)
 
 

@@ -82,3 +82,18 @@ def deferred_signals() -> Callable[[], None]:
         mask(signal.SIG_SETMASK, before)
 
     return release
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """`deferred_signals` over a block: what arrives during it is delivered at its end.
+
+    For imports made while other threads may import too: a signal whose handler raises inside
+    importlib's locking can leave the global import lock held, and every other thread's next
+    import then waits forever (seen: the card's thread, while the CLI waited for it to finish).
+    """
+    release = deferred_signals()
+    try:
+        yield
+    finally:
+        release()
