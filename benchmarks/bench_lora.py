@@ -46,8 +46,9 @@ gave 0.60–0.97× on the r 16 rows and 1.03–1.38× on r 64, K 10, fp32; the r
 best-of-3 varies between runs (3.66–4.91 s on that row). r 64, K 10, fp32 misses the target,
 bound by the fingerprints: sha256 runs at 1.23 GB/s per core here (`openssl speed` agrees), so
 hashing the 6.7 GB takes 5.4 CPU-s of the 8.0 CPU-s the two cores have during a 4.0 s
-reference; reading (a copy from the page cache, ~1.5 CPU-s) and summing (~1.0) come on top
-(mwakit's CPU: 8.4–8.7 s). Without hashing the same merge takes 2.6 s. Reading and summing
+reference; reading (a copy from the page cache, ~1.5 CPU-s), summing, writing and start-up
+(~1.5 together, the rest of mwakit's 8.4–8.7 CPU-s) come on top. Without hashing its execution
+(start-up not counted) takes 2.2–2.6 s. Reading and summing
 span by span (while the read has the bytes in cache) saved 0.4 CPU-s without hashing and
 nothing with it, so it was not kept.
 A second part times delta-space re-factorisation of 10 rank-16 adapters to rank 16 with

@@ -378,10 +378,10 @@ def _execute_local(
     with signals_held():
         from mwakit.executors import factors
 
-        numpy = factors.fits(p)
-        if not numpy:
+        torch_free = factors.fits(p)
+        if not torch_free:
             from mwakit.execute import execute  # torch is imported only when a merge runs
-    if numpy:
+    if torch_free:
         # A factor average: NumPy computes it in less time than torch takes to import.
         return factors.execute_factors(
             p, tmp, on_task=on_task, observer=hasher.observe, syncer=syncer

@@ -198,7 +198,9 @@ def _run(
 class _Buffers:
     """Read buffers, recycled once nothing views them any more (the hasher may hold one until
     it is hashed): fresh memory costs a page fault per page, more than the read itself (see
-    `mwakit.io.arena`, the torch reader's equivalent)."""
+    `mwakit.io.arena`, the torch reader's equivalent, which counts torch storage references;
+    this counts NumPy ones). Measured on ten r64 fp32 adapters: 3.4 s against 4.9 s with a
+    fresh array per read (5.4–5.6 s against 6.4–6.7 s with hashing)."""
 
     def __init__(self, keep_free: int = 256 << 20) -> None:
         self._bufs: list[tuple[np.ndarray, int]] = []  # (buffer, refcount when idle), LRU first
